@@ -1,0 +1,116 @@
+"""The ``dng`` command: a thin front that dispatches to one ``@hydra.main`` per command.
+
+``--key=value`` is sugar for the Hydra override ``key=value``. Config choices and values are
+checked here, before Hydra creates any output folder, so bad input costs one line and no files.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from dng_cli import UserError
+
+HYDRA_FLAGS = {"-m", "--multirun", "--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i",
+               "--resolve", "--package", "-p", "--run", "-r", "--shell-completion", "-sc",
+               "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--version"}
+
+
+@dataclass(frozen=True)
+class Command:
+    config: str
+    module: str
+    main: str
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "sample": Command("sample", "dng_cli.commands.sample", "main",
+                      "draw guided samples: image grid, samples.npz, posterior/scale trajectories + plot"),
+    "evaluate": Command("evaluate", "dng_cli.commands.evaluate", "main",
+                        "sample N, classify and score: forbidden rate, class balance (KL), FID -> metrics.json"),
+    "report": Command("report", "dng_cli.commands.report", "main",
+                      "collect every metrics.json below a folder: report.csv/.md and Pareto plots"),
+    "train": Command("", "dng_cli.commands.train", "", "train a model: `dng train ddpm` or `dng train classifier`"),
+    "data": Command("data", "dng_cli.commands.data", "main",
+                    "fetch a dataset (mnist, fashion_mnist, cifar10) with offline fallbacks"),
+    "sd": Command("sd", "dng_cli.commands.sd", "main",
+                  "Stable Diffusion with a negative prompt removed by np, sld or dng"),
+}
+TRAIN = {"ddpm": Command("train_ddpm", "dng_cli.commands.train", "main_ddpm", "train a DDPM"),
+         "classifier": Command("train_classifier", "dng_cli.commands.train", "main_classifier", "train the classifier")}
+
+USAGE = """usage: dng <command> [key=value | --key=value ...] [-m] [--help]
+
+Dynamic Negative Guidance of diffusion models (Koulischer et al., ICLR 2025).
+
+commands:
+{commands}
+
+examples:
+  dng sample method=dng method.forbidden=[0]
+  dng evaluate --method=dng
+  dng evaluate -m method=np,sld,dng method.guidance_scale=1,3,10
+  dng evaluate -m experiment=mnist_paper
+  dng report outputs/multirun/evaluate/<sweep>
+  dng train ddpm steps=6000
+  dng data mnist
+"""
+
+
+def usage() -> str:
+    lines = "\n".join(f"  {name:<10} {cmd.help}" for name, cmd in COMMANDS.items())
+    return USAGE.format(commands=lines)
+
+
+def rewrite(args: list[str]) -> list[str]:
+    """``--key=value`` -> ``key=value``; Hydra's own flags pass through unchanged."""
+    out = []
+    for arg in args:
+        if arg.startswith("--") and "=" in arg and arg.split("=", 1)[0] not in HYDRA_FLAGS:
+            arg = arg[2:]
+        out.append(arg)
+    return out
+
+
+def _error(message: str) -> None:
+    print(f"dng: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    name, args = argv[0], argv[1:]
+    if name not in COMMANDS:
+        _error(f"unknown command {name!r}: allowed are {', '.join(COMMANDS)}")
+    cmd = COMMANDS[name]
+    if name == "train":
+        if not args or args[0] not in TRAIN:
+            _error(f"train needs a target: allowed are {', '.join(TRAIN)} (got {args[0] if args else 'nothing'!r})")
+        cmd, args = TRAIN[args[0]], args[1:]
+    elif name == "data":
+        if args and "=" not in args[0] and not args[0].startswith("-"):
+            args = [f"dataset={args[0]}"] + args[1:]
+    elif name == "report":
+        if args and "=" not in args[0] and not args[0].startswith("-"):
+            args = [f"dir={args[0]}"] + args[1:]
+    args = rewrite(args)
+    try:
+        from dng_cli.validate import check
+        check(cmd.config, args)
+    except UserError as err:
+        _error(str(err))
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    module = importlib.import_module(cmd.module)
+    sys.argv = [f"dng {name}"] + args
+    getattr(module, cmd.main)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""One module per CLI command; each exposes ``run(cfg, output_dir)`` and a Hydra ``main``."""

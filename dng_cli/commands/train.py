@@ -1,0 +1,233 @@
+"""``dng train ddpm|classifier``: the networks behind the shipped assets, trained by our own code.
+
+DDPM: ε-prediction loss (Ho et al. 2020, Eq. 14), label dropout to the null label (classifier-free
+guidance training, Ho & Salimans 2022), EMA of the weights, AdamW with linear warm-up. Every random
+draw of step s comes from a generator seeded by (seed, s), so ``resume=true`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from dng_cli import UserError
+from dng_cli.commands.common import atomic_save, entry, hardware, plain, setup_torch, write_json
+from dng_cli.data import load_tensors
+from dng_cli.models import Classifier, build_unet
+from dng_cli.schedule import NoiseSchedule
+
+log = logging.getLogger(__name__)
+
+
+class Batches:
+    """Deterministic drop-last batches: batch s is a pure function of (seed, s)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if batch_size > n:
+            raise UserError(f"batch_size={batch_size} is invalid: the training set has only {n} images")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.per_epoch = n // batch_size
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, j = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        return self._perm[j * self.batch_size:(j + 1) * self.batch_size]
+
+
+def _check_train_cfg(cfg: DictConfig) -> None:
+    for key in ("steps", "batch_size", "checkpoint_every"):
+        if int(cfg[key]) <= 0:
+            raise UserError(f"{key}={cfg[key]} is invalid: it must be a positive integer")
+    if not 0.0 <= float(cfg.get("label_dropout", 0.0)) < 1.0:
+        raise UserError(f"label_dropout={cfg.label_dropout} is invalid: it must lie in [0, 1)")
+
+
+# ------------------------------------------------------------------------------- checkpointing
+def save_checkpoint(path: Path, model, ema, opt, step: int, loss: float) -> None:
+    from safetensors.torch import save_file
+
+    def save(tmp: str) -> None:
+        tmp = Path(tmp)
+        tmp.mkdir()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+        sd = opt.state_dict()
+        tensors = {f"{i}.{k}": v.contiguous() for i, s in sd["state"].items() for k, v in s.items()}
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "loss": loss, "param_groups": sd["param_groups"]}))
+
+    atomic_save(path, save)
+
+
+def load_checkpoint(path: Path, model, ema, opt) -> tuple[int, float]:
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "state.json").read_text())
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    ema.load_state_dict(load_file(str(path / "ema.safetensors")))
+    opt_state: dict[int, dict] = {}
+    for key, value in load_file(str(path / "optimizer.safetensors")).items():
+        i, name = key.split(".", 1)
+        opt_state.setdefault(int(i), {})[name] = value
+    opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    return int(state["step"]), float(state["loss"])
+
+
+def _output_dir(cfg: DictConfig, output_dir: Path) -> Path:
+    return Path(cfg.output_dir) if cfg.get("output_dir") else output_dir
+
+
+# -------------------------------------------------------------------------------------- DDPM
+def run_ddpm(cfg: DictConfig, output_dir: Path) -> dict:
+    """Train a (class-conditional) DDPM; writes ``checkpoint/`` and the EMA model in ``ema/``."""
+    _check_train_cfg(cfg)
+    out = _output_dir(cfg, output_dir)
+    device = setup_torch(cfg.device, cfg.get("num_threads"))
+    classes = list(cfg.dataset.classes) if cfg.dataset.get("classes") is not None else None
+    images, labels = load_tensors(cfg.dataset.name, cfg.dataset.root, "train", classes)
+    images, labels = images.to(device), labels.to(device)
+    arch = plain(cfg.model.unet)
+    if cfg.conditional:
+        arch["num_class_embeds"] = int(cfg.dataset.num_classes) + 1
+    else:
+        arch.pop("num_class_embeds", None)
+    model = build_unet(arch, seed=cfg.seed).to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = NoiseSchedule.linear(cfg.schedule.num_train_timesteps, cfg.schedule.beta_start, cfg.schedule.beta_end)
+    abar = schedule.alphas_cumprod.float().to(device)
+    null_label = int(cfg.dataset.num_classes)
+
+    step, loss_value, t_start = 0, float("nan"), time.time()
+    ckpt = out / "checkpoint"
+    if cfg.resume and (ckpt / "state.json").exists():
+        step, loss_value = load_checkpoint(ckpt, model, ema, opt)
+        log.info("resumed from %s at step %d", ckpt, step)
+    batches = Batches(len(images), int(cfg.batch_size), int(cfg.seed))
+    bar = tqdm(total=int(cfg.steps), initial=step, disable=not cfg.progress, desc="train ddpm")
+    running = None
+    while step < cfg.steps:
+        g = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + step)
+        idx = batches.indices(step)
+        x0, y = images[idx], labels[idx]
+        t = torch.randint(0, len(schedule), (len(idx),), generator=g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        drop = (torch.rand(len(idx), generator=g) < cfg.label_dropout).to(device)
+        a = abar[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        class_labels = torch.where(drop, torch.full_like(y, null_label), y) if cfg.conditional else None
+        pred = model(x_t, t, class_labels=class_labels, return_dict=False)[0]
+        loss = F.mse_loss(pred, noise)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        decay = min(float(cfg.ema_decay), (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        step += 1
+        loss_value = loss.item()
+        running = loss_value if running is None else 0.98 * running + 0.02 * loss_value
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.4f}")
+        if step % cfg.log_every == 0:
+            log.info("step %d loss %.5f (ema %.5f) lr %.2e", step, loss_value, running, opt.param_groups[0]["lr"])
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint(ckpt, model, ema, opt, step, loss_value)
+            _save_ema(out, ema, cfg, step, running, time.time() - t_start, len(images), classes)
+    bar.close()
+    return {"step": step, "loss": loss_value, "output_dir": str(out)}
+
+
+def _save_ema(out: Path, ema, cfg: DictConfig, step: int, loss: float | None, wall: float, n: int, classes) -> None:
+    card = {
+        "kind": "ddpm", "conditional": bool(cfg.conditional), "steps": step, "final_loss_ema": loss,
+        "data": {"dataset": cfg.dataset.name, "split": "train", "images": n, "classes": classes},
+        "wall_time_s_this_session": round(wall, 1), "hardware": hardware(), "config": plain(cfg),
+    }
+
+    def save(tmp: str) -> None:
+        ema.save_pretrained(tmp, safe_serialization=True)
+        (Path(tmp) / "card.json").write_text(json.dumps(card, indent=2))
+
+    atomic_save(out / "ema", save)
+
+
+# -------------------------------------------------------------------------------- classifier
+def evaluate_classifier(model: Classifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            correct += (model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum().item()
+    return correct / len(images)
+
+
+def run_classifier(cfg: DictConfig, output_dir: Path) -> dict:
+    """Train the small CNN (its penultimate layer is the FID feature space); writes ``classifier/``."""
+    for key in ("epochs", "batch_size"):
+        if int(cfg[key]) <= 0:
+            raise UserError(f"{key}={cfg[key]} is invalid: it must be a positive integer")
+    out = _output_dir(cfg, output_dir)
+    device = setup_torch(cfg.device, cfg.get("num_threads"))
+    x, y = load_tensors(cfg.dataset.name, cfg.dataset.root, "train")
+    xt, yt = load_tensors(cfg.dataset.name, cfg.dataset.root, "test")
+    if cfg.get("max_train") and cfg.max_train < len(x):
+        x, y = x[: cfg.max_train], y[: cfg.max_train]
+    x, y, xt, yt = x.to(device), y.to(device), xt.to(device), yt.to(device)
+    torch.manual_seed(cfg.seed)
+    model = Classifier(in_channels=int(cfg.dataset.channels), num_classes=int(cfg.dataset.num_classes),
+                       width=int(cfg.width), feature_dim=int(cfg.feature_dim)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batches = Batches(len(x), int(cfg.batch_size), int(cfg.seed))
+    total = batches.per_epoch * int(cfg.epochs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total)
+    t_start = time.time()
+    bar = tqdm(range(total), disable=not cfg.progress, desc="train classifier")
+    for step in bar:
+        g = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + step)
+        idx = batches.indices(step)
+        xb = x[idx]
+        if cfg.shift:  # random translation by up to `shift` pixels
+            s = int(cfg.shift)
+            dx, dy = torch.randint(-s, s + 1, (2,), generator=g).tolist()
+            xb = torch.roll(F.pad(xb, (s, s, s, s), value=-1.0), (dy, dx), (2, 3))[..., s:-s, s:-s]
+        model.train()
+        loss = F.cross_entropy(model(xb), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    accuracy = evaluate_classifier(model, xt, yt)
+    log.info("test accuracy %.4f", accuracy)
+    card = {"kind": "classifier", "test_accuracy": accuracy, "epochs": int(cfg.epochs), "steps": total,
+            "data": {"dataset": cfg.dataset.name, "train_images": len(x), "test_images": len(xt)},
+            "wall_time_s": round(time.time() - t_start, 1), "hardware": hardware(), "config": plain(cfg)}
+
+    def save(tmp: str) -> None:
+        model.cpu().save_pretrained(tmp)
+        (Path(tmp) / "card.json").write_text(json.dumps(card, indent=2))
+
+    atomic_save(out / "classifier", save)
+    return {"test_accuracy": accuracy, "output_dir": str(out)}
+
+
+main_ddpm = entry("train_ddpm", run_ddpm)
+main_classifier = entry("train_classifier", run_classifier)

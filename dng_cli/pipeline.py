@@ -1,0 +1,160 @@
+"""From a composed config to samples: guidance, schedule, model, eps_fn and batched generation.
+
+Shared by ``dng sample`` and ``dng evaluate``. Sample i always starts from x_T drawn by its own
+generator seeded ``seed + i`` and draws every later noise from it too, so a sample does not depend
+on the batch size or on which other samples are drawn, and methods are compared on identical noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, ListConfig
+
+from dng_cli import UserError
+from dng_cli.guidance import METHODS
+from dng_cli.models import SHIPPED, ClassConditionalEps, PairEps, build_unet, load_ddpm
+from dng_cli.sampler import SampleOutput, randn, sample
+from dng_cli.schedule import VARIANCES, NoiseSchedule
+
+
+def forbidden_classes(method_cfg: DictConfig, num_classes: int) -> list[int]:
+    raw = method_cfg.get("forbidden", [])
+    raw = list(raw) if isinstance(raw, (list, tuple, ListConfig)) else [raw]
+    if not raw:
+        raise UserError("method.forbidden=[] is invalid: name at least one forbidden class")
+    out = []
+    for c in raw:
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < num_classes:
+            raise UserError(f"method.forbidden class {c!r} is out of range: allowed are 0..{num_classes - 1}")
+        if c in out:
+            raise UserError(f"method.forbidden class {c} is given twice")
+        out.append(c)
+    return out
+
+
+def build_guidance(method_cfg: DictConfig):
+    name = method_cfg.get("name")
+    if name not in METHODS:
+        raise UserError(f"method={name!r} is unknown: allowed are {', '.join(METHODS)}")
+    kwargs = {k: v for k, v in method_cfg.items() if k not in ("name", "forbidden")}
+    try:
+        return METHODS[name](**kwargs)
+    except TypeError as err:
+        raise UserError(f"method {name}: {err}") from None
+
+
+def build_schedule(sampler_cfg: DictConfig) -> NoiseSchedule:
+    if sampler_cfg.variance not in VARIANCES:
+        raise UserError(f"sampler.variance={sampler_cfg.variance!r} is invalid: allowed are {', '.join(VARIANCES)}")
+    base = NoiseSchedule.linear(int(sampler_cfg.num_train_timesteps), float(sampler_cfg.beta_start), float(sampler_cfg.beta_end))
+    steps = sampler_cfg.steps
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise UserError(f"sampler.steps={steps!r} is invalid: it must be an integer in [1, {len(base)}]")
+    return base.respace(steps)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{name}={value!r} is invalid: it must be a positive integer")
+    return value
+
+
+def check_model_cfg(model_cfg: DictConfig) -> None:
+    kind = model_cfg.get("kind")
+    if kind == "conditional":
+        path = SHIPPED[model_cfg.path] / "ddpm" if str(model_cfg.path) in SHIPPED else Path(str(model_cfg.path))
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.path={str(model_cfg.path)!r} is not a checkpoint folder (save_pretrained folder "
+                            f"with config.json) nor a shipped name ({', '.join(SHIPPED)})")
+    elif kind == "pair":
+        for p in [model_cfg.unconditional, *model_cfg.forbidden_models.values()]:
+            if not (Path(str(p)) / "config.json").is_file():
+                raise UserError(f"model path {str(p)!r} is not a checkpoint folder (save_pretrained folder with config.json)")
+    elif kind != "random":
+        raise UserError(f"model.kind={kind!r} is invalid: allowed are conditional, pair, random")
+
+
+def check_run_cfg(cfg: DictConfig) -> None:
+    """Everything `dng sample` / `dng evaluate` can check before loading anything heavy."""
+    build_guidance(cfg.method)
+    forbidden_classes(cfg.method, int(cfg.dataset.num_classes))
+    build_schedule(cfg.sampler)
+    _positive_int("n_samples", cfg.n_samples)
+    _positive_int("sampler.batch_size", cfg.sampler.batch_size)
+    check_model_cfg(cfg.model)
+
+
+@dataclass
+class Generator:
+    """A loaded model with its eps_fn for one method, ready to draw samples."""
+
+    eps_fn: object
+    schedule: NoiseSchedule
+    guidance: object
+    shape: tuple[int, ...]
+    device: torch.device
+    variance: str
+
+
+def load_model(model_cfg: DictConfig, device: torch.device):
+    """The network(s) of a model config: one UNet, or (unconditional, {class: UNet}) in pair mode."""
+    if model_cfg.kind == "conditional":
+        return load_ddpm(str(model_cfg.path)).to(device)
+    if model_cfg.kind == "random":
+        from omegaconf import OmegaConf
+
+        return build_unet(OmegaConf.to_container(model_cfg.unet), seed=int(model_cfg.seed)).eval().requires_grad_(False).to(device)
+    uncond = load_ddpm(str(model_cfg.unconditional)).to(device)
+    return uncond, {int(c): load_ddpm(str(p)).to(device) for c, p in model_cfg.forbidden_models.items()}
+
+
+def make_eps_fn(network, model_cfg: DictConfig, forbidden: list[int], guidance, label: int | None = None):
+    classes = forbidden if guidance.needs_conditional else []
+    if model_cfg.kind == "pair":
+        uncond, per_class = network
+        missing = [c for c in classes if c not in per_class]
+        if missing:
+            raise UserError(f"pair model has no forbidden-class model for class {missing[0]}: "
+                            f"model.forbidden_models has {sorted(per_class)}")
+        return PairEps(uncond, [per_class[c] for c in classes])
+    return ClassConditionalEps(network, classes, label=label)
+
+
+def build(cfg: DictConfig, device: torch.device, network=None, label: int | None = None) -> Generator:
+    guidance = build_guidance(cfg.method)
+    forbidden = forbidden_classes(cfg.method, int(cfg.dataset.num_classes))
+    network = network if network is not None else load_model(cfg.model, device)
+    eps_fn = make_eps_fn(network, cfg.model, forbidden, guidance, label)
+    shape = (int(cfg.dataset.channels), int(cfg.dataset.image_size), int(cfg.dataset.image_size))
+    return Generator(eps_fn, build_schedule(cfg.sampler), guidance, shape, device, cfg.sampler.variance)
+
+
+def generate(gen: Generator, seeds: list[int], progress: bool = False) -> SampleOutput:
+    """Draw one batch: sample j from ``torch.Generator().manual_seed(seeds[j])`` alone."""
+    gens = [torch.Generator(device=gen.device).manual_seed(int(s)) for s in seeds]
+    x_T = randn((len(seeds), *gen.shape), gens, device=gen.device)
+    with torch.inference_mode():
+        return sample(gen.eps_fn, gen.schedule, gen.guidance, x_T, generator=gens, progress=progress,
+                      variance=gen.variance)
+
+
+def generate_all(gen: Generator, seeds: list[int], batch_size: int, progress: bool = True):
+    """Batched ``generate`` over all seeds, concatenated (images, posterior, scale on the CPU)."""
+    from tqdm.auto import tqdm
+
+    outs = []
+    for i in tqdm(range(0, len(seeds), batch_size), total=math.ceil(len(seeds) / batch_size),
+                  disable=not progress, desc="batches"):
+        out = generate(gen, seeds[i:i + batch_size], progress=False)
+        outs.append(SampleOutput(out.images.cpu(), out.posterior.cpu(), out.scale.cpu(), out.timesteps))
+    return SampleOutput(torch.cat([o.images for o in outs]), torch.cat([o.posterior for o in outs], 1),
+                        torch.cat([o.scale for o in outs], 1), outs[0].timesteps)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 [0, 255] (the format every metric and file uses)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -1,0 +1,91 @@
+"""Figures: sample grids, the guidance-scale / posterior trajectory (the paper's Figure 2 view),
+class histograms and Pareto fronts. Headless (Agg); each writes one PNG atomically."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dng_cli.commands.common import atomic_save  # noqa: E402
+
+
+def save_grid(images_uint8: torch.Tensor, path: Path, nrow: int | None = None) -> None:
+    """uint8 [N, C, H, W] -> one PNG grid."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    n = images_uint8.shape[0]
+    grid = make_grid(images_uint8, nrow=nrow or max(1, int(math.ceil(math.sqrt(n)))), padding=2, pad_value=255)
+    array = grid.permute(1, 2, 0).numpy()
+    img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    atomic_save(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def _save_fig(fig, path: Path) -> None:
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def guidance_plot(timesteps: torch.Tensor, scale: torch.Tensor, posterior: torch.Tensor, path: Path,
+                  title: str = "", n_individual: int = 6) -> None:
+    """λ_t and p(c | x_t…x_T) along the reverse process: the mean and a few individual samples."""
+    t = timesteps.numpy()
+    post = posterior.sum(-1) if posterior.dim() == 3 else posterior
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, values, label in ((axes[0], scale, "effective guidance scale $\\lambda_t$"),
+                              (axes[1], post, "posterior $p(c\\,|\\,x_t,\\dots,x_T)$")):
+        v = values.numpy()
+        for j in range(min(n_individual, v.shape[1])):
+            ax.plot(t, v[:, j], lw=0.8, alpha=0.6)
+        ax.plot(t, v.mean(1), color="k", lw=2, label="mean")
+        ax.set_xlabel("timestep t")
+        ax.set_ylabel(label)
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
+    if title:
+        fig.suptitle(title)
+    _save_fig(fig, path)
+
+
+def histogram_plot(histogram: Sequence[float], forbidden: Sequence[int], path: Path, title: str = "") -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    colors = ["tab:red" if c in forbidden else "tab:blue" for c in range(len(histogram))]
+    ax.bar(range(len(histogram)), histogram, color=colors)
+    kept = len(histogram) - len(forbidden)
+    if kept > 0:
+        ax.axhline(1.0 / kept, color="k", ls="--", lw=1, label="uniform over kept classes")
+        ax.legend()
+    ax.set_xticks(range(len(histogram)))
+    ax.set_xlabel("predicted class (red: forbidden)")
+    ax.set_ylabel("fraction of samples")
+    ax.set_title(title)
+    _save_fig(fig, path)
+
+
+def pareto_plot(rows: list[dict], y_key: str, y_label: str, path: Path) -> None:
+    """Forbidden % on x (with CI bars), ``y_key`` on y, one curve per method ordered by scale."""
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for method in sorted({r["method"] for r in rows}):
+        pts = sorted((r for r in rows if r["method"] == method and r.get(y_key) is not None),
+                     key=lambda r: (r.get("guidance_scale") or 0.0))
+        if not pts:
+            continue
+        x = np.array([100 * r["forbidden_rate"] for r in pts])
+        lo = np.array([100 * r["forbidden_rate_ci"][0] for r in pts])
+        hi = np.array([100 * r["forbidden_rate_ci"][1] for r in pts])
+        y = np.array([r[y_key] for r in pts], dtype=float)
+        ax.errorbar(x, y, xerr=[x - lo, hi - x], marker="o", capsize=3, label=method)
+    ax.set_xlabel("forbidden class generated (%)")
+    ax.set_ylabel(y_label)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save_fig(fig, path)

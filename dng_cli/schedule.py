@@ -1,0 +1,68 @@
+"""DDPM noise schedules and exact respacing (Ho et al. 2020; Nichol & Dhariwal 2021, Sec. 4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dng_cli import UserError
+
+VARIANCES = ("large", "small")
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """A DDPM chain: per step its original timestep, β and ᾱ (float64, ascending in time).
+
+    ``timesteps[k]`` is the original timestep τ_k whose ᾱ is kept; ``betas[k]`` is the β of the
+    chain itself, so a respaced schedule is an exact DDPM chain of its own:
+    β'_k = 1 - ᾱ_{τ_k} / ᾱ_{τ_{k-1}}, with ᾱ_{τ_0} := 1.
+    """
+
+    timesteps: torch.Tensor  # LongTensor[K], original timesteps
+    betas: torch.Tensor  # float64[K]
+    alphas_cumprod: torch.Tensor  # float64[K]
+    num_train_timesteps: int
+
+    @classmethod
+    def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "NoiseSchedule":
+        """The linear β schedule of Ho et al. (2020): β_t from beta_start to beta_end over T steps."""
+        if T < 1:
+            raise UserError(f"num_train_timesteps={T} is invalid: it must be a positive integer")
+        if not (0.0 < beta_start <= beta_end < 1.0):
+            raise UserError(f"beta_start={beta_start}, beta_end={beta_end} are invalid: need 0 < beta_start <= beta_end < 1")
+        betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        return cls(torch.arange(T), betas, torch.cumprod(1.0 - betas, 0), T)
+
+    def __len__(self) -> int:
+        return int(self.timesteps.numel())
+
+    def respace(self, steps: int) -> "NoiseSchedule":
+        """Keep ᾱ at ``steps`` evenly spaced timesteps (first and last included) and rebuild β'."""
+        T = len(self)
+        if not isinstance(steps, int) or isinstance(steps, bool) or not (1 <= steps <= T):
+            raise UserError(f"steps={steps} is invalid: it must be an integer in [1, {T}]")
+        idx = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()
+        if steps == 1:
+            idx = torch.tensor([T - 1])
+        abar = self.alphas_cumprod[idx]
+        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        return NoiseSchedule(self.timesteps[idx], 1.0 - abar / abar_prev, abar, self.num_train_timesteps)
+
+    @property
+    def alphas_cumprod_prev(self) -> torch.Tensor:
+        return torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
+
+    def variances(self, kind: str = "large") -> torch.Tensor:
+        """Reverse-kernel variance σ_k²: "large" = β'_k, "small" = β̃_k = β'_k (1-ᾱ_{k-1}) / (1-ᾱ_k)."""
+        if kind == "large":
+            return self.betas.clone()
+        if kind == "small":
+            return self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        raise UserError(f"variance={kind!r} is invalid: allowed are {', '.join(VARIANCES)}")
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Forward process q(x_t | x_0) at original timesteps t (used in training)."""
+        abar = self.alphas_cumprod.to(x0.device)[t].to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise

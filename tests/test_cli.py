@@ -1,0 +1,93 @@
+"""The `dng` front: help, --key=value sugar, and bad input (one line, non-zero exit, no files)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from dng_cli import cli
+
+
+def test_help_lists_commands(capsys):
+    cli.main(["--help"])
+    out = capsys.readouterr().out
+    for name in ("sample", "evaluate", "report", "train", "data"):
+        assert f"  {name}" in out
+
+
+def test_rewrite_sugar():
+    assert cli.rewrite(["--method=dng", "-m", "--multirun", "a=b", "--cfg", "job"]) == ["method=dng", "-m", "--multirun", "a=b", "--cfg", "job"]
+
+
+def _fails(capsys, argv, match):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert match in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,match", [
+    (["method=foo"], "'foo'"),
+    (["method.forbidden=[10]"], "10"),
+    (["method.forbidden=[-1]"], "-1"),
+    (["method=dng", "method.p_max=1.0"], "p_max=1.0"),
+    (["method=dng", "method.p_max=1e-7"], "p_max"),
+    (["method=dng", "method.prior=0"], "prior=0"),
+    (["method=dng", "method.prior=1.5"], "prior=1.5"),
+    (["sampler.steps=0"], "steps=0"),
+    (["sampler.steps=1001"], "steps=1001"),
+    (["method=dng", "method.temperature=-1"], "temperature=-1"),
+    (["model=mnist", "model.path=/nonexistent/ckpt"], "/nonexistent/ckpt"),
+    (["sampler.variance=medium"], "medium"),
+    (["no_such_key=1"], "no_such_key"),
+])
+def test_sample_bad_inputs(capsys, tmp_path, args, match):
+    run_dir = tmp_path / "run"
+    model = [] if any(a.startswith("model=") for a in args) else ["model=tiny_random"]
+    _fails(capsys, ["sample", *model, f"hydra.run.dir={run_dir}", *args], match)
+    assert not run_dir.exists()
+
+
+def test_unknown_command(capsys):
+    _fails(capsys, ["frobnicate"], "frobnicate")
+
+
+def test_corrupt_checkpoint(capsys, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"_class_name": "UNet2DModel", "sample_size": 28}')
+    (ckpt / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    run_dir = tmp_path / "run"
+    _fails(capsys, ["sample", f"model.path={ckpt}", f"hydra.run.dir={run_dir}", "sampler.steps=2", "n_samples=2"], str(ckpt))
+    assert not run_dir.exists()
+
+
+@pytest.mark.e2e
+def test_sample_subprocess_writes_all_outputs(tmp_path):
+    run_dir = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "dng_cli.cli", "sample", "model=tiny_random", "sampler.steps=2",
+                          "n_samples=6", "sampler.batch_size=4", "sampler.progress=false", f"hydra.run.dir={run_dir}"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    for name in ("samples.png", "samples.npz", "trajectory.csv", "guidance.png"):
+        assert (run_dir / name).is_file(), name
+    import numpy as np
+
+    data = np.load(run_dir / "samples.npz")
+    assert data["images"].shape == (6, 1, 28, 28) and data["images"].dtype == np.uint8
+    assert list(data["seeds"]) == list(range(6))
+    lines = (run_dir / "trajectory.csv").read_text().strip().splitlines()
+    assert lines[0].startswith("step,timestep,posterior_mean") and len(lines) == 3
+
+
+@pytest.mark.e2e
+def test_bad_input_subprocess_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "dng_cli.cli", "sample", "--method=dng", "--method.p_max=2",
+                          f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert len(res.stderr.strip().splitlines()) == 1 and "p_max=2" in res.stderr
+    assert not run_dir.exists()
