@@ -20,9 +20,10 @@ CONFIG_PATH = "pkg://dng_cli.configs"
 log = logging.getLogger("dng")
 
 
-def entry(config_name: str, run: Callable[[DictConfig, Path], Any]):
+def entry(config_name: str, run: Callable[[DictConfig, Path], Any], cleanup: bool = True):
     """A ``@hydra.main`` function for ``run``: one-line errors for bad input, failures of a multirun
-    job logged (``error.txt``) without stopping the other jobs."""
+    job logged (``error.txt``) without stopping the other jobs. With ``cleanup``, a run dir that holds
+    nothing but Hydra's own files is removed after a bad-input error (no half-written outputs)."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -40,11 +41,18 @@ def entry(config_name: str, run: Callable[[DictConfig, Path], Any]):
                 (output_dir / "error.txt").write_text(f"{type(err).__name__}: {err}\n")
                 return None
             if isinstance(err, UserError):
-                shutil.rmtree(output_dir, ignore_errors=True)
+                if cleanup:
+                    remove_if_only_hydra(output_dir)
                 fail(str(err))
             raise
 
     return main
+
+
+def remove_if_only_hydra(path: Path) -> None:
+    """Delete ``path`` when all it holds is Hydra's bookkeeping (.hydra/, *.log): never user results."""
+    if path.is_dir() and all(e.name == ".hydra" or e.suffix == ".log" for e in path.iterdir()):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -70,6 +78,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        _default_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -82,11 +91,20 @@ def atomic_save(path: Path, save: Callable[[str], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
     try:
         save(str(tmp))
+        _default_mode(tmp)
         if path.is_dir():
             shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def _default_mode(path: Path) -> None:
+    """mkdtemp/mkstemp create private (0700/0600) entries; give results the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -1,0 +1,130 @@
+"""``dng evaluate``: the paper's experiment for one configuration — sample N, classify, score.
+
+Writes metrics.json (atomically; a finished run is skipped when re-run in the same folder),
+samples.png and histogram.png. Metric definitions live in ``dng_cli.metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from dng_cli import UserError, metrics, pipeline, validate
+from dng_cli.commands.common import entry, plain, setup_torch, write_json
+from dng_cli.models import SHIPPED, load_classifier
+
+log = logging.getLogger(__name__)
+
+
+def check_cfg(cfg: DictConfig) -> None:
+    pipeline.check_run_cfg(cfg)
+    if cfg.metrics.fid.features not in metrics.FEATURES:
+        raise UserError(f"metrics.fid.features={cfg.metrics.fid.features!r} is unknown: allowed are "
+                        f"{', '.join(metrics.FEATURES)}")
+    if cfg.metrics.fid.split not in ("train", "test"):
+        raise UserError(f"metrics.fid.split={cfg.metrics.fid.split!r} is invalid: allowed are train, test")
+
+
+def _classifier_path(name: str) -> Path:
+    return SHIPPED[name] / "classifier" if name in SHIPPED else Path(name)
+
+
+def fid_reference(cfg: DictConfig, net, classifier_name: str) -> dict:
+    """Per-class reference accumulators: shipped, cached, or computed from the dataset (then cached)."""
+    fcfg = cfg.metrics.fid
+    key = metrics.features_key(fcfg.features, _classifier_path(classifier_name) if fcfg.features == "classifier" else None)
+    name = f"{cfg.dataset.name}-{fcfg.split}-{key}.npz"
+    candidates = [SHIPPED[cfg.dataset.name] / "fid" / name] if cfg.dataset.name in SHIPPED else []
+    candidates.append(Path(fcfg.cache_dir) / name)
+    for path in candidates:
+        if path.is_file():
+            return metrics.load_stats(path)
+    from dng_cli.data import load_tensors
+
+    log.info("computing FID reference statistics %s", name)
+    images, labels = load_tensors(cfg.dataset.name, cfg.dataset.root, fcfg.split)
+    stats = metrics.per_class_stats(net, pipeline.to_uint8(images), labels, int(cfg.dataset.num_classes))
+    metrics.save_stats(candidates[-1], stats)
+    return stats
+
+
+@torch.inference_mode()
+def classify(classifier, images_uint8: torch.Tensor, batch_size: int = 500):
+    """(predicted classes, penultimate features) of uint8 images."""
+    preds, feats = [], []
+    for i in range(0, len(images_uint8), batch_size):
+        x = images_uint8[i:i + batch_size].float() / 127.5 - 1.0
+        f = classifier.features(x)
+        feats.append(f)
+        preds.append(classifier.head(f).argmax(1))
+    return torch.cat(preds), torch.cat(feats)
+
+
+def run(cfg: DictConfig, output_dir: Path) -> dict:
+    check_cfg(cfg)
+    metrics_path = output_dir / "metrics.json"
+    if cfg.skip_existing and metrics_path.is_file():
+        log.info("%s exists: skipping finished run", metrics_path)
+        return json.loads(metrics_path.read_text())
+    device = setup_torch(cfg.sampler.device, cfg.sampler.get("num_threads"))
+    num_classes = int(cfg.dataset.num_classes)
+    forbidden = pipeline.forbidden_classes(cfg.method, num_classes)
+    classifier = load_classifier(cfg.model.classifier)
+    net = metrics.feature_network(cfg.metrics.fid.features, classifier, cfg.metrics.fid.get("inception_weights"))
+    stats = fid_reference(cfg, net, cfg.model.classifier)
+
+    gen = pipeline.build(cfg, device)
+    n = int(cfg.n_samples)
+    seeds = [int(cfg.sampler.seed) + i for i in range(n)]
+    t0 = time.time()
+    out = pipeline.generate_all(gen, seeds, int(cfg.sampler.batch_size), progress=bool(cfg.sampler.progress))
+    wall = time.time() - t0
+    images = pipeline.to_uint8(out.images)
+
+    preds, feats = classify(classifier, images)
+    if cfg.metrics.fid.features != "classifier":
+        with torch.inference_mode():
+            feats = torch.cat([net(images[i:i + 250]) for i in range(0, n, 250)])
+    counts = metrics.class_histogram(preds, num_classes)
+    result = {
+        "method": cfg.method.name,
+        "forbidden": forbidden,
+        "guidance_scale": cfg.method.get("guidance_scale"),
+        **metrics.forbidden_rate(counts, forbidden),
+        "kl_uniform": metrics.kl_uniform(counts, forbidden, float(cfg.metrics.kl_smoothing)),
+        "fid": metrics.fid_from_features(feats, metrics.reference_stats(stats, forbidden)) if n > 1 else None,
+        "fid_full": metrics.fid_from_features(feats, metrics.reference_stats(stats)) if n > 1 else None,
+        "fid_features": metrics.features_key(cfg.metrics.fid.features, _classifier_path(cfg.model.classifier)
+                                             if cfg.metrics.fid.features == "classifier" else None),
+        "fid_reference": {"dataset": cfg.dataset.name, "split": cfg.metrics.fid.split, "excluded": forbidden},
+        "histogram": [c / n for c in counts],
+        "histogram_counts": counts,
+        "mean_final_posterior": float(out.posterior[-1].sum(-1).mean()) if out.posterior.dim() == 3 else float(out.posterior[-1].mean()),
+        "mean_guidance_scale": float(out.scale.mean()),
+        "n_samples": n,
+        "steps": int(cfg.sampler.steps),
+        "seed": int(cfg.sampler.seed),
+        "wall_time_s": round(wall, 3),
+        "images_per_s": n / wall,
+        "config": plain(cfg),
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    from dng_cli.plots import histogram_plot, save_grid
+
+    save_grid(images[:100], output_dir / "samples.png", nrow=10)
+    histogram_plot(result["histogram"], forbidden, output_dir / "histogram.png",
+                   title=f"{cfg.method.name} (scale {result['guidance_scale']}), forbidden {forbidden}")
+    write_json(metrics_path, result)  # last: its presence marks the run finished
+    log.info("forbidden %.2f%% [%.2f, %.2f], KL %.4f, FID %.3f (full %.3f), %.1f images/s -> %s",
+             100 * result["forbidden_rate"], *(100 * v for v in result["forbidden_rate_ci"]), result["kl_uniform"],
+             result["fid"] or float("nan"), result["fid_full"] or float("nan"), result["images_per_s"], output_dir)
+    return result
+
+
+validate.VALIDATORS["evaluate"] = check_cfg
+main = entry("evaluate", run)

@@ -1,0 +1,183 @@
+"""Every metric, defined once: forbidden rate (Wilson CI), class balance (smoothed KL), FID.
+
+FID uses torchmetrics' ``FrechetInceptionDistance`` with a custom feature network (the classifier's
+penultimate layer, offline) or Inception-v3 (2048-d) where its weights exist. Reference statistics
+are kept per class as float64 accumulators (Σf, Σffᵀ, n), so the statistics of a split without any
+set of classes are exact sums of the kept classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from dng_cli import UserError
+
+FEATURES = ("classifier", "inception")
+INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion k/n (Wilson 1927)."""
+    if n <= 0:
+        raise ValueError("n must be positive")
+    p = k / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def class_histogram(predictions: torch.Tensor, num_classes: int) -> list[int]:
+    return torch.bincount(predictions.long().flatten(), minlength=num_classes).tolist()
+
+
+def forbidden_rate(counts: Sequence[int], forbidden: Sequence[int]) -> dict:
+    """Fraction classified as any forbidden class, its Wilson CI, and the rate of each class."""
+    n = int(sum(counts))
+    k = int(sum(counts[c] for c in forbidden))
+    return {"forbidden_rate": k / n, "forbidden_rate_ci": list(wilson_interval(k, n)),
+            "forbidden_rate_per_class": {str(c): counts[c] / n for c in forbidden}}
+
+
+def kl_uniform(counts: Sequence[int], forbidden: Sequence[int] = (), smoothing: float = 1.0) -> float:
+    """KL(target ‖ generated): target uniform over the kept classes (0 on forbidden ones); generated
+    = the class histogram over ALL classes with add-``smoothing`` counts, so it is finite. Forbidden
+    samples therefore also cost balance (they take mass from the kept classes)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    kept = [c for c in range(len(counts)) if c not in set(forbidden)]
+    if not kept:
+        raise UserError("every class is forbidden: class balance is undefined")
+    generated = (counts + smoothing) / (counts.sum() + smoothing * len(counts))
+    target = 1.0 / len(kept)
+    return float(sum(target * math.log(target / generated[c]) for c in kept))
+
+
+# ------------------------------------------------------------------------------------------ FID
+class ClassifierFeatures(nn.Module):
+    """uint8 images [B, C, H, W] -> the classifier's penultimate features (FID feature space)."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+        self.num_features = int(classifier.config["feature_dim"])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 127.5 - 1.0
+        return self.classifier.features(x)
+
+
+class InceptionGray(nn.Module):
+    """torchmetrics' Inception on uint8 images, grayscale repeated to RGB."""
+
+    def __init__(self, weights_path: str | None):
+        super().__init__()
+        try:
+            from torchmetrics.image.fid import NoTrainInceptionV3
+        except Exception:  # pragma: no cover
+            raise UserError("metrics.fid.features=inception needs torch-fidelity: pip install torch-fidelity") from None
+        from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+        if not _TORCH_FIDELITY_AVAILABLE:
+            raise UserError("metrics.fid.features=inception needs torch-fidelity: pip install torch-fidelity")
+        hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
+        path = Path(weights_path) if weights_path else hub
+        if not path.is_file():
+            raise UserError(f"Inception weights {INCEPTION_WEIGHTS} not found: place it at {hub} or pass "
+                            f"metrics.fid.inception_weights=/path/to/{INCEPTION_WEIGHTS} (download: "
+                            f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS})")
+        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                      feature_extractor_weights_path=str(path))
+        self.num_features = 2048
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[1] == 1:
+            images = images.repeat(1, 3, 1, 1)
+        return self.net(images)
+
+
+def feature_network(features: str, classifier: nn.Module | None = None, inception_weights: str | None = None) -> nn.Module:
+    if features == "classifier":
+        if classifier is None:
+            raise UserError("metrics.fid.features=classifier needs a classifier (model.classifier)")
+        return ClassifierFeatures(classifier).eval()
+    if features == "inception":
+        return InceptionGray(inception_weights).eval()
+    raise UserError(f"metrics.fid.features={features!r} is unknown: allowed are {', '.join(FEATURES)}")
+
+
+def features_key(features: str, classifier_path: Path | None = None) -> str:
+    """Names the feature space: "inception" or "classifier-<sha256[:12] of its weights>"."""
+    if features == "classifier" and classifier_path is not None:
+        h = hashlib.sha256((Path(classifier_path) / "model.safetensors").read_bytes()).hexdigest()[:12]
+        return f"classifier-{h}"
+    return features
+
+
+@torch.inference_mode()
+def per_class_stats(net: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                    batch_size: int = 500) -> dict[str, np.ndarray]:
+    """Float64 accumulators per class: sum [K, D], cov_sum [K, D, D], n [K]."""
+    d = int(net.num_features)
+    s = torch.zeros(num_classes, d, dtype=torch.float64)
+    cs = torch.zeros(num_classes, d, d, dtype=torch.float64)
+    n = torch.zeros(num_classes, dtype=torch.float64)
+    for i in range(0, len(images_uint8), batch_size):
+        f = net(images_uint8[i:i + batch_size]).double()
+        y = labels[i:i + batch_size]
+        for c in y.unique().tolist():
+            fc = f[y == c]
+            s[c] += fc.sum(0)
+            cs[c] += fc.t() @ fc
+            n[c] += len(fc)
+    return {"sum": s.numpy(), "cov_sum": cs.numpy(), "n": n.numpy()}
+
+
+def save_stats(path: Path, stats: dict[str, np.ndarray]) -> None:
+    from dng_cli.commands.common import atomic_save
+
+    atomic_save(path, lambda tmp: np.savez(open(tmp, "wb"), **stats))
+
+
+def load_stats(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in ("sum", "cov_sum", "n")}
+
+
+def reference_stats(stats: dict[str, np.ndarray], exclude: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(Σf, Σffᵀ, n) of the split without the ``exclude`` classes."""
+    keep = [c for c in range(len(stats["n"])) if c not in set(exclude)]
+    return (torch.from_numpy(stats["sum"][keep].sum(0)), torch.from_numpy(stats["cov_sum"][keep].sum(0)),
+            float(stats["n"][keep].sum()))
+
+
+def fid_metric(net: nn.Module, reference: tuple[torch.Tensor, torch.Tensor, float]):
+    """A torchmetrics FrechetInceptionDistance whose real side is preloaded from accumulators."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=net, reset_real_features=False, normalize=False)
+    s, cs, n = reference
+    fid.real_features_sum = s.clone()
+    fid.real_features_cov_sum = cs.clone()
+    fid.real_features_num_samples = torch.tensor(int(n))
+    return fid
+
+
+@torch.inference_mode()
+def fid_from_features(fake_features: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor, float]) -> float:
+    """FID of precomputed fake features against reference accumulators (torchmetrics' formula)."""
+    from torchmetrics.image.fid import _compute_fid
+
+    s, cs, n = reference
+    mu_r = s / n
+    cov_r = (cs - n * torch.outer(mu_r, mu_r)) / (n - 1)
+    f = fake_features.double()
+    mu_f = f.mean(0)
+    cov_f = torch.cov(f.t())
+    return float(_compute_fid(mu_r, cov_r, mu_f, cov_f))

@@ -1,0 +1,80 @@
+"""Metrics against hand-computed values."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dng_cli import UserError, metrics
+from dng_cli.models import Classifier
+
+
+def test_wilson_hand_computed():
+    lo, hi = metrics.wilson_interval(5, 100)
+    assert lo == pytest.approx(0.021543, abs=1e-5) and hi == pytest.approx(0.111750, abs=1e-5)
+    lo, hi = metrics.wilson_interval(0, 50)
+    assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(1.959964**2 / (50 + 1.959964**2), rel=1e-6)
+
+
+def test_forbidden_rate_and_per_class():
+    out = metrics.forbidden_rate([3, 1, 6, 0], [0, 3])
+    assert out["forbidden_rate"] == 0.3
+    assert out["forbidden_rate_per_class"] == {"0": 0.3, "3": 0.0}
+    assert out["forbidden_rate_ci"][0] < 0.3 < out["forbidden_rate_ci"][1]
+
+
+def test_kl_smoothed_hand_computed():
+    assert metrics.kl_uniform([0, 10, 10], [0], smoothing=1.0) == pytest.approx(math.log(23 / 22))
+    assert metrics.kl_uniform([5, 5, 5, 5], [], smoothing=1.0) == pytest.approx(0.0, abs=1e-12)
+    assert math.isfinite(metrics.kl_uniform([0, 0, 20], [], smoothing=1.0))
+    with pytest.raises(UserError):
+        metrics.kl_uniform([1, 1], [0, 1])
+
+
+def _features():
+    torch.manual_seed(0)
+    clf = Classifier(width=4, feature_dim=8).eval()
+    images = torch.randint(0, 256, (200, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(200) % 10
+    return metrics.ClassifierFeatures(clf), images, labels
+
+
+def test_fid_identical_sets_is_zero_and_matches_torchmetrics():
+    net, images, labels = _features()
+    stats = metrics.per_class_stats(net, images, labels, 10, batch_size=64)
+    with torch.inference_mode():
+        feats = net(images)
+    ref = metrics.reference_stats(stats)
+    assert metrics.fid_from_features(feats, ref) == pytest.approx(0.0, abs=1e-6)
+    # the same value through torchmetrics' FrechetInceptionDistance with the preloaded reference
+    other = torch.randint(0, 128, (100, 1, 28, 28), dtype=torch.uint8)
+    fid = metrics.fid_metric(net, ref)
+    fid.update(other, real=False)
+    with torch.inference_mode():
+        ours = metrics.fid_from_features(net(other), ref)
+    assert float(fid.compute()) == pytest.approx(ours, rel=1e-4)
+    assert ours > 0
+
+
+def test_reference_excludes_classes_exactly(tmp_path):
+    net, images, labels = _features()
+    stats = metrics.per_class_stats(net, images, labels, 10)
+    metrics.save_stats(tmp_path / "s.npz", stats)
+    loaded = metrics.load_stats(tmp_path / "s.npz")
+    s, cs, n = metrics.reference_stats(loaded, exclude=[0, 3])
+    keep = ~torch.isin(labels, torch.tensor([0, 3]))
+    with torch.inference_mode():
+        f = net(images[keep]).double()
+    assert n == keep.sum().item()
+    assert torch.allclose(s, f.sum(0)) and torch.allclose(cs, f.t() @ f)
+
+
+def test_unknown_features():
+    with pytest.raises(UserError, match="'nope'"):
+        metrics.feature_network("nope")
+
+
+def test_inception_without_weights_names_the_file(tmp_path):
+    with pytest.raises(UserError, match=metrics.INCEPTION_WEIGHTS):
+        metrics.feature_network("inception", inception_weights=str(tmp_path / "missing.pth"))
