@@ -39,7 +39,7 @@ def check_choices(args: list[str]) -> None:
                     raise UserError(f"{key}={option!r} is unknown: allowed are {', '.join(groups[key])}")
 
 
-def compose(config_name: str, overrides: list[str]) -> DictConfig:
+def compose(config_name: str, overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -47,7 +47,7 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module("dng_cli.configs", version_base="1.3"):
-            return hydra_compose(config_name, overrides=overrides)
+            return hydra_compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
     except UserError:
         raise
     except Exception as err:

@@ -19,12 +19,36 @@ def gmm():
     return GaussianMixtureEps([[0.0, 1.5], [-2.0, -1.0], [2.0, -1.0]], [0.3, 0.42, 0.28], 0.25)
 
 
-def compose_cfg(config_name: str, overrides: list[str]):
+def compose_cfg(config_name: str, overrides: list[str], return_hydra_config: bool = False):
     from dng_cli.validate import compose
 
-    return compose(config_name, overrides)
+    return compose(config_name, overrides, return_hydra_config)
 
 
 @pytest.fixture
 def compose():
     return compose_cfg
+
+
+def make_idx_dataset(root: Path, folder: str = "MNIST", n_train: int = 64, n_test: int = 40, seed: int = 0) -> Path:
+    """A tiny synthetic dataset in torchvision's MNIST layout (class-dependent blobs, uint8)."""
+    import numpy as np
+
+    from dng_cli.data import IDX_FILES, write_idx
+
+    rng = np.random.default_rng(seed)
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 40, size=(n, 28, 28))
+        for i, c in enumerate(labels):
+            images[i, 2 + 2 * c: 6 + 2 * c, 4:24] = 255
+        write_idx(raw / IDX_FILES[split][0], images.astype(np.uint8))
+        write_idx(raw / IDX_FILES[split][1], labels.astype(np.uint8))
+    return root
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path):
+    return make_idx_dataset(tmp_path / "data")

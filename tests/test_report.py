@@ -1,0 +1,46 @@
+"""`dng report` on fixture metrics files, and on a folder with no runs."""
+
+import csv
+import json
+
+import pytest
+
+from dng_cli import cli
+
+
+def _metrics(method, scale, rate, kl, fid):
+    return {"method": method, "forbidden": [0], "guidance_scale": scale, "forbidden_rate": rate,
+            "forbidden_rate_ci": [max(0.0, rate - 0.02), rate + 0.02], "kl_uniform": kl, "fid": fid,
+            "fid_full": fid + 1, "fid_features": "classifier-abc", "n_samples": 100, "steps": 25,
+            "images_per_s": 3.5}
+
+
+def test_report_on_fixture_runs(tmp_path, capsys):
+    runs = {"a/method=np": _metrics("np", 1.0, 0.05, 0.2, 3.0), "a/method=dng": _metrics("dng", 5.0, 0.01, 0.05, 1.5),
+            "b/method=np,s=2": _metrics("np", 2.0, 0.02, 0.4, 6.0)}
+    for name, m in runs.items():
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "metrics.json").write_text(json.dumps(m))
+    cli.main(["report", str(tmp_path)])
+    rows = list(csv.DictReader((tmp_path / "report.csv").open()))
+    assert [(r["method"], float(r["guidance_scale"])) for r in rows] == [("dng", 5.0), ("np", 1.0), ("np", 2.0)]
+    assert float(rows[0]["forbidden_rate"]) == 0.01 and float(rows[2]["fid"]) == 6.0
+    md = (tmp_path / "report.md").read_text()
+    assert "| dng | 0 | 5 | 25 | 100 | 1.0 (0.0–3.0) | 0.050 | 1.5 | 2.5 | 3.5 |" in md
+    assert "classifier-abc" in md
+    assert (tmp_path / "pareto_kl.png").stat().st_size > 0 and (tmp_path / "pareto_fid.png").stat().st_size > 0
+
+
+def test_report_no_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["report", str(tmp_path)])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no runs" in err and str(tmp_path) in err
+    assert tmp_path.is_dir() and not any(tmp_path.iterdir())
+
+
+def test_report_missing_dir(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["report", str(tmp_path / "nope")])
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,57 @@
+"""Multirun sweeps: submitit_local on the tiny model, resume, a failing job, SLURM composition."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def test_slurm_launcher_composes(compose):
+    cfg = compose("evaluate", ["launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.launcher.gpus_per_node == 1
+    assert cfg.sampler.device == "auto"
+
+
+def test_local_launcher_composes(compose):
+    cfg = compose("evaluate", ["launcher=local"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("LocalLauncher")
+
+
+def test_paper_experiment_grid(compose):
+    cfg = compose("evaluate", ["experiment=mnist_paper", "method=sld", "grid_index=3"], return_hydra_config=True)
+    assert cfg.method.guidance_scale == cfg.grids.sld[3]
+    assert cfg.hydra.sweeper.params.method == "np,sld,dng"
+
+
+def _sweep(sweep_dir, *extra):
+    return subprocess.run([sys.executable, "-m", "dng_cli.cli", "evaluate", "-m", "launcher=local", "model=tiny_random",
+                           "n_samples=4", "sampler.steps=2", "sampler.batch_size=4", "sampler.progress=false",
+                           f"hydra.sweep.dir={sweep_dir}", *extra], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.e2e
+def test_submitit_local_sweep_resume_and_failure(tmp_path):
+    sweep = tmp_path / "sweep"
+    res = _sweep(sweep, "method=np,dng")
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = sorted(sweep.glob("*/metrics.json"))
+    assert [p.parent.name.split(",")[0] for p in runs] == ["method=dng", "method=np"]
+    stamps = [p.stat().st_mtime_ns for p in runs]
+    res = _sweep(sweep, "method=np,dng")  # same sweep dir: finished runs are skipped
+    assert res.returncode == 0
+    assert [p.stat().st_mtime_ns for p in runs] == stamps
+    # one failing job (p_max=2 is invalid) logs its error; the other finishes
+    sweep2 = tmp_path / "sweep2"
+    res = _sweep(sweep2, "method=dng", "method.p_max=0.5,2.0")
+    ok = [p for p in sweep2.iterdir() if "method.p_max=0.5" in p.name]
+    bad = [p for p in sweep2.iterdir() if "method.p_max=2.0" in p.name]
+    assert len(ok) == 1 and (ok[0] / "metrics.json").is_file()
+    assert len(bad) == 1 and "p_max=2.0" in (bad[0] / "error.txt").read_text()
+    assert not (bad[0] / "metrics.json").exists()
+    from dng_cli import cli
+
+    cli.main(["report", str(sweep)])
+    assert (sweep / "report.md").is_file()
+    assert json.loads(runs[0].read_text())["method"] == "dng"
