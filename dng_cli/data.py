@@ -157,6 +157,12 @@ def prepare(name: str, root: str | Path, download: bool = True) -> Path:
         return root
     if tv_name == "CIFAR10" and (root / "cifar-10-batches-py").is_dir():
         return root
+    if tv_name == "CIFAR10" and (root / "cifar-10-python.tar.gz").is_file():
+        import tarfile
+
+        with tarfile.open(root / "cifar-10-python.tar.gz") as tar:
+            tar.extractall(root, filter="data")
+        return root
     import torchvision
 
     if download:
@@ -181,6 +187,22 @@ def prepare(name: str, root: str | Path, download: bool = True) -> Path:
     return root
 
 
+def _cifar_arrays(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10's python batches read directly (torchvision's reader also demands the official md5s)."""
+    folder = root / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    xs, ys = [], []
+    for name in names:
+        if not (folder / name).is_file():
+            raise UserError(f"CIFAR-10 file {folder / name} is missing: run `dng data cifar10` with internet or "
+                            f"extract cifar-10-python.tar.gz under {root}")
+        with open(folder / name, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(batch[b"labels"]))
+    return torch.from_numpy(np.concatenate(xs)), torch.as_tensor(np.concatenate(ys), dtype=torch.long)
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -194,15 +216,14 @@ def load_tensors(name: str, root: str | Path, split: str = "train", classes: lis
         raise UserError(f"split={split!r} is invalid: allowed are train, test")
     if prepare_if_missing:
         prepare(name, root)
-    import torchvision
+    if tv_name == "CIFAR10":
+        data, labels = _cifar_arrays(Path(root), split)
+    else:
+        import torchvision
 
-    ds = getattr(torchvision.datasets, tv_name)(str(root), train=split == "train", download=False)
-    data = ds.data if isinstance(ds.data, torch.Tensor) else torch.from_numpy(np.asarray(ds.data))
-    if data.dim() == 3:
-        data = data.unsqueeze(1)
-    else:  # CIFAR: N,H,W,C
-        data = data.permute(0, 3, 1, 2)
-    labels = torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
+        ds = getattr(torchvision.datasets, tv_name)(str(root), train=split == "train", download=False)
+        data = ds.data.unsqueeze(1)
+        labels = torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
     if classes is not None:
         keep = torch.isin(labels, torch.as_tensor(list(classes), dtype=torch.long))
         data, labels = data[keep], labels[keep]

@@ -66,6 +66,15 @@ def check(config_name: str, args: list[str]) -> None:
         return  # sweeps: each job validates itself and a failing one is logged, not fatal
     overrides = [a for a in args if not a.startswith("hydra.") and not a.startswith("-")]
     cfg = compose(config_name, overrides)
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise UserError(f"{key} has no value: set it with {key}=..." if key and "Missing" in type(err).__name__
+                        else str(err).strip().splitlines()[0]) from None
     validator = VALIDATORS.get(config_name)
     if validator is not None:
         validator(cfg)

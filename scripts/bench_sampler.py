@@ -1,0 +1,126 @@
+"""Sampler benchmark: images/s of none, NP, SLD and DNG against the raw network time and against a
+reference-style loop (the official implementation's structure: two separate network calls per step,
+posterior updated in linear space with exp).
+
+    python scripts/bench_sampler.py            # batch 128, 50 steps, 3 interleaved repeats
+    python scripts/bench_sampler.py --quick    # batch 128, 10 steps, 2 repeats (< 5 min on 2 CPU cores)
+
+Prints a table, then as its LAST line one JSON object with the time ratios
+dng_over_np, np_over_raw, dng_over_raw and speedup_vs_reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from dng_cli.guidance import DynamicNegativeGuidance, NegativePrompting, NoGuidance, SafeLatentDiffusion
+from dng_cli.models import ClassConditionalEps, load_ddpm
+from dng_cli.sampler import sample
+from dng_cli.schedule import NoiseSchedule
+
+
+def raw_network(unet, x, schedule, copies: int) -> None:
+    """The same forwards as the sampler (one batched call of copies·B per step), nothing else."""
+    b = x.shape[0]
+    xx = x.repeat(copies, 1, 1, 1)
+    labels = torch.tensor([10] + [0] * (copies - 1)).repeat_interleave(b)
+    for t in schedule.timesteps.flip(0).tolist():
+        unet(xx, torch.full((copies * b,), t), class_labels=labels, return_dict=False)
+
+
+def reference_loop(unet, x, schedule, lam=5.0, prior=0.01, temp=0.2, offset=2e-4, p_min=1e-6, p_max=0.8):
+    """The official implementation's structure: eps_u and eps_c from two calls, p kept in linear space."""
+    b = x.shape[0]
+    null, forb = torch.full((b,), 10), torch.full((b,), 0)
+    p = torch.full((b,), prior)
+    abar = schedule.alphas_cumprod.float()
+    betas = schedule.betas.float()
+    abar_prev = torch.cat([torch.ones(1), abar[:-1]])
+    post_var = betas * (1 - abar_prev) / (1 - abar)
+    for k in reversed(range(len(schedule))):
+        t = torch.full((b,), int(schedule.timesteps[k]))
+        eps_u = unet(x, t, class_labels=null).sample
+        eps_c = unet(x, t, class_labels=forb).sample
+        w = (lam * p / (1 - p)).view(-1, 1, 1, 1)
+        eps = eps_u - w * (eps_c - eps_u)
+        coef = betas[k] / torch.sqrt(1 - abar[k])
+        mean = (x - coef * eps) / torch.sqrt(1 - betas[k])
+        if k > 0:
+            x_next = mean + torch.sqrt(betas[k]) * torch.randn_like(x)
+            mu_u = (x - coef * eps_u) / torch.sqrt(1 - betas[k])
+            mu_c = (x - coef * eps_c) / torch.sqrt(1 - betas[k])
+            d = ((x_next - mu_c) ** 2).sum((1, 2, 3)) - ((x_next - mu_u) ** 2).sum((1, 2, 3))
+            p = torch.clamp(p * torch.exp(-temp * d / (2 * post_var[k]) + offset), p_min, p_max)
+        else:
+            x_next = mean
+        x = x_next
+    return x
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mnist")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.steps, args.repeats = 10, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unet = load_ddpm(args.model)
+    schedule = NoiseSchedule.linear().respace(args.steps)
+    x_T = torch.randn(args.batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    eps_u_only = ClassConditionalEps(unet, [])
+    eps_pair = ClassConditionalEps(unet, [0])
+    def gens():  # one generator per sample, as `dng sample` / `dng evaluate` draw
+        return [torch.Generator().manual_seed(i) for i in range(args.batch)]
+
+    cases = {
+        "raw 1x": lambda: raw_network(unet, x_T, schedule, 1),
+        "raw 2x": lambda: raw_network(unet, x_T, schedule, 2),
+        "none": lambda: sample(eps_u_only, schedule, NoGuidance(), x_T, gens(), False),
+        "np": lambda: sample(eps_pair, schedule, NegativePrompting(1.0), x_T, gens(), False),
+        "sld": lambda: sample(eps_pair, schedule, SafeLatentDiffusion(1.0), x_T, gens(), False),
+        "dng": lambda: sample(eps_pair, schedule, DynamicNegativeGuidance(), x_T, gens(), False),
+        "reference": lambda: reference_loop(unet, x_T, schedule),
+    }
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    with torch.inference_mode():
+        raw_network(unet, x_T[:8], NoiseSchedule.linear().respace(2), 2)  # warm-up
+    for _ in range(args.repeats):  # interleaved: every case once per round
+        for name, fn in cases.items():
+            ctx = torch.no_grad() if name == "reference" else torch.inference_mode()
+            with ctx:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    best = {k: min(v) for k, v in times.items()}
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, batch {args.batch}, steps {args.steps}, repeats {args.repeats} (min)")
+    print(f"{'case':<10} {'seconds':>9} {'images/s':>9} {'net evals/s':>12}")
+    for name, t in best.items():
+        evals = (1 if name in ("raw 1x", "none") else 2) * args.batch * args.steps
+        print(f"{name:<10} {t:9.3f} {args.batch / t:9.2f} {evals / t:12.1f}")
+    result = {
+        "dng_over_np": best["dng"] / best["np"],
+        "np_over_raw": best["np"] / best["raw 2x"],
+        "dng_over_raw": best["dng"] / best["raw 2x"],
+        "sld_over_raw": best["sld"] / best["raw 2x"],
+        "none_over_raw": best["none"] / best["raw 1x"],
+        "speedup_vs_reference": best["reference"] / best["dng"],
+        "images_per_s": {k: args.batch / v for k, v in best.items()},
+        "batch": args.batch, "steps": args.steps, "repeats": args.repeats, "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

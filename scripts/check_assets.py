@@ -1,0 +1,96 @@
+"""Report on the shipped MNIST assets (a report, not a test).
+
+    dng data mnist && python scripts/check_assets.py               # full: ~10 min on 2 CPU cores
+    python scripts/check_assets.py --per-class 20 --unguided 300   # smaller
+
+Prints: classifier test accuracy; class-conditional samples at 50 steps classified as their label
+(target >= 95%); unguided (null label) samples: class-histogram KL to uniform (target <= 0.03) and FID
+vs the test split; network throughput at batch 128 (target >= 150 image-evaluations/s).
+Last line: one JSON object with all numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from dng_cli import metrics
+from dng_cli.commands.evaluate import classify
+from dng_cli.data import load_tensors
+from dng_cli.models import SHIPPED, ClassConditionalEps, load_classifier, load_ddpm
+from dng_cli.pipeline import to_uint8
+from dng_cli.sampler import randn, sample
+from dng_cli.schedule import NoiseSchedule
+
+
+def draw(unet, label, seeds, steps, batch=128):
+    out = []
+    schedule = NoiseSchedule.linear().respace(steps)
+    eps_fn = ClassConditionalEps(unet, [], label=label)
+    for i in range(0, len(seeds), batch):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + batch]]
+        with torch.inference_mode():
+            out.append(sample(eps_fn, schedule, None, randn((len(gens), 1, 28, 28), gens), gens, progress=False).images)
+    return to_uint8(torch.cat(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--per-class", type=int, default=50)
+    ap.add_argument("--unguided", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--root", default="data")
+    args = ap.parse_args()
+    unet, clf = load_ddpm("mnist"), load_classifier("mnist")
+    report: dict = {}
+
+    x, y = load_tensors("mnist", args.root, "test")
+    preds, _ = classify(clf, to_uint8(x))
+    report["classifier_test_accuracy"] = (preds == y).double().mean().item()
+
+    t0 = time.time()
+    correct = 0
+    for c in range(10):
+        imgs = draw(unet, c, list(range(1000 * c, 1000 * c + args.per_class)), args.steps)
+        correct += (classify(clf, imgs)[0] == c).sum().item()
+    report["conditional_accuracy"] = correct / (10 * args.per_class)
+    report["conditional_samples"] = 10 * args.per_class
+
+    imgs = draw(unet, None, list(range(args.unguided)), args.steps)
+    preds, feats = classify(clf, imgs)
+    counts = metrics.class_histogram(preds, 10)
+    stats = metrics.load_stats(next((SHIPPED["mnist"] / "fid").glob("mnist-test-classifier-*.npz")))
+    report["unguided_kl_uniform"] = metrics.kl_uniform(counts, [])
+    report["unguided_histogram"] = [c / len(preds) for c in counts]
+    report["unguided_fid_vs_test"] = metrics.fid_from_features(feats, metrics.reference_stats(stats))
+    report["unguided_samples"] = args.unguided
+    report["sampling_wall_s"] = round(time.time() - t0, 1)
+
+    xb = torch.randn(128, 1, 28, 28)
+    t = torch.full((128,), 500)
+    lab = torch.full((128,), 10)
+    with torch.inference_mode():
+        unet(xb, t, class_labels=lab)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            unet(xb, t, class_labels=lab)
+        report["network_image_evals_per_s"] = 5 * 128 / (time.perf_counter() - t0)
+    report["ddpm_params"] = sum(p.numel() for p in unet.parameters())
+    report["steps"] = args.steps
+    report["threads"] = torch.get_num_threads()
+
+    print(f"classifier test accuracy      {100 * report['classifier_test_accuracy']:.2f}%  (target >= 99.0%)")
+    print(f"conditional accuracy @{args.steps} st.  {100 * report['conditional_accuracy']:.1f}%  (target >= 95%, "
+          f"{report['conditional_samples']} samples)")
+    print(f"unguided KL to uniform        {report['unguided_kl_uniform']:.4f}  (target <= 0.03, {args.unguided} samples)")
+    print(f"unguided FID vs test split    {report['unguided_fid_vs_test']:.3f}  (classifier features)")
+    print(f"network throughput            {report['network_image_evals_per_s']:.0f} image-evals/s at batch 128 "
+          f"(target >= 150; {report['threads']} threads)")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
