@@ -35,6 +35,14 @@ class NoiseSchedule:
         betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
         return cls(torch.arange(T), betas, torch.cumprod(1.0 - betas, 0), T)
 
+    @classmethod
+    def from_betas(cls, betas) -> "NoiseSchedule":
+        """Any β sequence, e.g. Stable Diffusion's "scaled_linear" (√β linear from √0.00085 to √0.012)."""
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        if betas.dim() != 1 or not bool(((betas > 0) & (betas < 1)).all()):
+            raise UserError("betas must be a 1-d sequence in (0, 1)")
+        return cls(torch.arange(len(betas)), betas, torch.cumprod(1.0 - betas, 0), len(betas))
+
     def __len__(self) -> int:
         return int(self.timesteps.numel())
 
