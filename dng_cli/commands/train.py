@@ -55,7 +55,7 @@ def _check_train_cfg(cfg: DictConfig) -> None:
 
 
 # ------------------------------------------------------------------------------- checkpointing
-def save_checkpoint(path: Path, model, ema, opt, step: int, loss: float) -> None:
+def save_checkpoint(path: Path, model, ema, opt, step: int, loss: float, wall_time_s: float = 0.0) -> None:
     from safetensors.torch import save_file
 
     def save(tmp: str) -> None:
@@ -66,12 +66,13 @@ def save_checkpoint(path: Path, model, ema, opt, step: int, loss: float) -> None
         sd = opt.state_dict()
         tensors = {f"{i}.{k}": v.contiguous() for i, s in sd["state"].items() for k, v in s.items()}
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"step": step, "loss": loss, "param_groups": sd["param_groups"]}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "loss": loss, "wall_time_s": wall_time_s,
+                                                   "param_groups": sd["param_groups"]}))
 
     atomic_save(path, save)
 
 
-def load_checkpoint(path: Path, model, ema, opt) -> tuple[int, float]:
+def load_checkpoint(path: Path, model, ema, opt) -> tuple[int, float, float]:
     from safetensors.torch import load_file
 
     state = json.loads((path / "state.json").read_text())
@@ -82,7 +83,7 @@ def load_checkpoint(path: Path, model, ema, opt) -> tuple[int, float]:
         i, name = key.split(".", 1)
         opt_state.setdefault(int(i), {})[name] = value
     opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-    return int(state["step"]), float(state["loss"])
+    return int(state["step"]), float(state["loss"]), float(state.get("wall_time_s", 0.0))
 
 
 def _output_dir(cfg: DictConfig, output_dir: Path) -> Path:
@@ -110,10 +111,10 @@ def run_ddpm(cfg: DictConfig, output_dir: Path) -> dict:
     abar = schedule.alphas_cumprod.float().to(device)
     null_label = int(cfg.dataset.num_classes)
 
-    step, loss_value, t_start = 0, float("nan"), time.time()
+    step, loss_value, wall_before, t_start = 0, float("nan"), 0.0, time.time()
     ckpt = out / "checkpoint"
     if cfg.resume and (ckpt / "state.json").exists():
-        step, loss_value = load_checkpoint(ckpt, model, ema, opt)
+        step, loss_value, wall_before = load_checkpoint(ckpt, model, ema, opt)
         log.info("resumed from %s at step %d", ckpt, step)
     batches = Batches(len(images), int(cfg.batch_size), int(cfg.seed))
     bar = tqdm(total=int(cfg.steps), initial=step, disable=not cfg.progress, desc="train ddpm")
@@ -149,8 +150,9 @@ def run_ddpm(cfg: DictConfig, output_dir: Path) -> dict:
         if step % cfg.log_every == 0:
             log.info("step %d loss %.5f (ema %.5f) lr %.2e", step, loss_value, running, opt.param_groups[0]["lr"])
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save_checkpoint(ckpt, model, ema, opt, step, loss_value)
-            _save_ema(out, ema, cfg, step, running, time.time() - t_start, len(images), classes)
+            wall = wall_before + time.time() - t_start
+            save_checkpoint(ckpt, model, ema, opt, step, loss_value, wall)
+            _save_ema(out, ema, cfg, step, running, wall, len(images), classes)
     bar.close()
     return {"step": step, "loss": loss_value, "output_dir": str(out)}
 
@@ -159,7 +161,7 @@ def _save_ema(out: Path, ema, cfg: DictConfig, step: int, loss: float | None, wa
     card = {
         "kind": "ddpm", "conditional": bool(cfg.conditional), "steps": step, "final_loss_ema": loss,
         "data": {"dataset": cfg.dataset.name, "split": "train", "images": n, "classes": classes},
-        "wall_time_s_this_session": round(wall, 1), "hardware": hardware(), "config": plain(cfg),
+        "wall_time_s": round(wall, 1), "hardware": hardware(), "config": plain(cfg),
     }
 
     def save(tmp: str) -> None:
