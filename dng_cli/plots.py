@@ -74,8 +74,8 @@ def histogram_plot(histogram: Sequence[float], forbidden: Sequence[int], path: P
 def pareto_plot(rows: list[dict], y_key: str, y_label: str, path: Path) -> None:
     """Forbidden % on x (with CI bars), ``y_key`` on y, one curve per method ordered by scale."""
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for method in sorted({r["method"] for r in rows}):
-        pts = sorted((r for r in rows if r["method"] == method and r.get(y_key) is not None),
+    for method in sorted({r["label"] for r in rows}):
+        pts = sorted((r for r in rows if r["label"] == method and r.get(y_key) is not None),
                      key=lambda r: (r.get("guidance_scale") or 0.0))
         if not pts:
             continue

@@ -23,6 +23,7 @@ def test_report_on_fixture_runs(tmp_path, capsys):
         (tmp_path / name / "metrics.json").write_text(json.dumps(m))
     cli.main(["report", str(tmp_path)])
     rows = list(csv.DictReader((tmp_path / "report.csv").open()))
+    assert rows[0]["label"] == "dng"  # label falls back to the method name
     assert [(r["method"], float(r["guidance_scale"])) for r in rows] == [("dng", 5.0), ("np", 1.0), ("np", 2.0)]
     assert float(rows[0]["forbidden_rate"]) == 0.01 and float(rows[2]["fid"]) == 6.0
     md = (tmp_path / "report.md").read_text()

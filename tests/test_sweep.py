@@ -22,7 +22,7 @@ def test_local_launcher_composes(compose):
 def test_paper_experiment_grid(compose):
     cfg = compose("evaluate", ["experiment=mnist_paper", "method=sld", "grid_index=3"], return_hydra_config=True)
     assert cfg.method.guidance_scale == cfg.grids.sld[3]
-    assert cfg.hydra.sweeper.params.method == "np,sld,dng"
+    assert cfg.hydra.sweeper.params.method == "np,sld,dng_fewstep"
 
 
 def _sweep(sweep_dir, *extra):

@@ -53,6 +53,17 @@ def fid_reference(cfg: DictConfig, net, classifier_name: str) -> dict:
     return stats
 
 
+def method_label(cfg: DictConfig) -> str:
+    """The method config chosen (e.g. "dng_fewstep"), falling back to the method's name."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("method")
+        if choice:
+            return str(choice)
+    return str(cfg.method.name)
+
+
 @torch.inference_mode()
 def classify(classifier, images_uint8: torch.Tensor, batch_size: int = 500):
     """(predicted classes, penultimate features) of uint8 images."""
@@ -93,6 +104,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     counts = metrics.class_histogram(preds, num_classes)
     result = {
         "method": cfg.method.name,
+        "label": method_label(cfg),
         "forbidden": forbidden,
         "guidance_scale": cfg.method.get("guidance_scale"),
         **metrics.forbidden_rate(counts, forbidden),

@@ -14,7 +14,7 @@ from dng_cli import UserError, validate
 from dng_cli.commands.common import atomic_write_text, entry
 
 log = logging.getLogger(__name__)
-COLUMNS = ["method", "forbidden", "guidance_scale", "steps", "n_samples", "forbidden_rate", "forbidden_rate_lo",
+COLUMNS = ["label", "method", "forbidden", "guidance_scale", "steps", "n_samples", "forbidden_rate", "forbidden_rate_lo",
            "forbidden_rate_hi", "kl_uniform", "fid", "fid_full", "fid_features", "images_per_s", "run"]
 
 
@@ -27,9 +27,9 @@ def collect(root: Path) -> list[dict]:
             log.warning("skipping unreadable %s", path)
             continue
         lo, hi = m["forbidden_rate_ci"]
-        rows.append({**m, "forbidden_rate_lo": lo, "forbidden_rate_hi": hi,
+        rows.append({**m, "label": m.get("label", m["method"]), "forbidden_rate_lo": lo, "forbidden_rate_hi": hi,
                      "run": str(path.parent.relative_to(root)) or "."})
-    rows.sort(key=lambda r: (r["method"], str(r.get("forbidden")), r.get("guidance_scale") or 0.0, r["run"]))
+    rows.sort(key=lambda r: (r["label"], str(r.get("forbidden")), r.get("guidance_scale") or 0.0, r["run"]))
     return rows
 
 
@@ -47,7 +47,7 @@ def markdown(rows: list[dict]) -> str:
     head = "| method | forbidden | scale | steps | N | forbidden % (95% CI) | KL | FID | FID (full) | images/s |\n"
     head += "|---|---|---|---|---|---|---|---|---|---|\n"
     lines = [
-        f"| {r['method']} | {_fmt(r['forbidden'])} | {_fmt(r.get('guidance_scale'))} | {r['steps']} | {r['n_samples']} "
+        f"| {r['label']} | {_fmt(r['forbidden'])} | {_fmt(r.get('guidance_scale'))} | {r['steps']} | {r['n_samples']} "
         f"| {100 * r['forbidden_rate']:.1f} ({100 * r['forbidden_rate_lo']:.1f}–{100 * r['forbidden_rate_hi']:.1f}) "
         f"| {r['kl_uniform']:.3f} | {_fmt(r['fid'])} | {_fmt(r['fid_full'])} | {r['images_per_s']:.1f} |"
         for r in rows
