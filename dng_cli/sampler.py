@@ -22,7 +22,7 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 @dataclass
 class SampleOutput:
     images: torch.Tensor  # [B, ...] final x_0 (not clamped)
-    posterior: torch.Tensor  # [steps, B] or [steps, B, K]: p(c | x_{t-1..T}) after each step (prior if untracked)
+    posterior: torch.Tensor  # [steps, B] or [steps, B, K]: p(c | x_{t-1..T}) after each step (0 if untracked)
     scale: torch.Tensor  # [steps, B]: effective guidance scale λ_t used at each step
     timesteps: torch.Tensor  # [steps]: original timesteps, in sampling order
 
@@ -69,7 +69,7 @@ def sample(eps_fn: EpsFn, schedule: NoiseSchedule, guidance=None, x_T: torch.Ten
         if state is None:
             num_classes = eps_c.shape[0] if eps_c is not None else 1
             state = guidance.start(x, num_classes)
-            posterior = x.new_empty((steps, batch, num_classes))
+            posterior = x.new_zeros((steps, batch, num_classes))
             scale = x.new_empty((steps, batch))
         eps, scale[i] = guidance(eps_u, eps_c, i, state)
         c_x = (1.0 - betas[k]) ** -0.5  # 1/√(1-β'_k)
@@ -83,8 +83,6 @@ def sample(eps_fn: EpsFn, schedule: NoiseSchedule, guidance=None, x_T: torch.Ten
                 guidance.update(state, x_next, mu_u, mu_c, upd[k])
         if guidance.tracks_posterior:
             posterior[i] = state["log_posterior"].exp()
-        else:
-            posterior[i] = 0.0
         x = x_next
     if num_classes == 1:
         posterior = posterior.squeeze(-1)
