@@ -23,7 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--steps", default="10,25,50,100,250,1000")
-    ap.add_argument("--methods", default="dng,np")
+    ap.add_argument("--methods", default="dng_fewstep,np")
     ap.add_argument("--np-scale", type=float, default=1.0)
     ap.add_argument("--dng-scale", type=float, default=5.0)
     ap.add_argument("--out", default="outputs/bench_steps")
@@ -33,22 +33,22 @@ def main() -> None:
     steps = [int(s) for s in args.steps.split(",")]
     rows = []
     for method in args.methods.split(","):
-        scale = args.dng_scale if method == "dng" else args.np_scale
+        scale = args.dng_scale if method.startswith("dng") else args.np_scale
         for k in steps:
             cfg = compose("evaluate", [f"method={method}", f"method.guidance_scale={scale}", f"n_samples={args.n}",
                                        f"sampler.steps={k}", f"sampler.batch_size={args.batch}", "sampler.progress=false"])
-            m = evaluate.run(cfg, out / f"{method}-{k}")
+            m = {**evaluate.run(cfg, out / f"{method}-{k}"), "label": method}
             rows.append(m)
             print(f"{method:>4} {k:5d} steps: forbidden {100 * m['forbidden_rate']:5.2f}% KL {m['kl_uniform']:.4f} "
                   f"FID {m['fid']:.3f} wall {m['wall_time_s']:.0f}s", flush=True)
     lines = ["| method | steps | N | forbidden % (95% CI) | KL | FID | wall s | Δ vs max steps (forbidden pp, KL %, FID %) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ref = max((x for x in rows if x["method"] == r["method"]), key=lambda x: x["steps"])
+        ref = max((x for x in rows if x["label"] == r["label"]), key=lambda x: x["steps"])
         dk = 100 * (r["kl_uniform"] - ref["kl_uniform"]) / ref["kl_uniform"]
         df = 100 * (r["fid"] - ref["fid"]) / ref["fid"]
         dp = 100 * (r["forbidden_rate"] - ref["forbidden_rate"])
-        lines.append(f"| {r['method']} | {r['steps']} | {r['n_samples']} | {100 * r['forbidden_rate']:.1f} "
+        lines.append(f"| {r['label']} | {r['steps']} | {r['n_samples']} | {100 * r['forbidden_rate']:.1f} "
                      f"({100 * r['forbidden_rate_ci'][0]:.1f}–{100 * r['forbidden_rate_ci'][1]:.1f}) | "
                      f"{r['kl_uniform']:.4f} | {r['fid']:.3f} | {r['wall_time_s']:.0f} | {dp:+.1f} pp, {dk:+.0f}%, {df:+.0f}% |")
     table = "\n".join(lines) + "\n"
@@ -61,7 +61,7 @@ def main() -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for method in args.methods.split(","):
-        pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["steps"])
+        pts = sorted((r for r in rows if r["label"] == method), key=lambda r: r["steps"])
         x = [r["steps"] for r in pts]
         for ax, key, label in zip(axes, ("forbidden_rate", "kl_uniform", "fid"), ("forbidden rate", "KL", "FID")):
             ax.plot(x, [r[key] for r in pts], marker="o", label=method)
@@ -71,7 +71,7 @@ def main() -> None:
             ax.grid(alpha=0.3)
     axes[0].legend()
     fig.savefig(out / "bench_steps.png", dpi=120, bbox_inches="tight")
-    print(json.dumps({"rows": [{k: r[k] for k in ("method", "steps", "forbidden_rate", "kl_uniform", "fid",
+    print(json.dumps({"rows": [{k: r[k] for k in ("label", "steps", "forbidden_rate", "kl_uniform", "fid",
                                                   "wall_time_s")} for r in rows]}))
 
 
