@@ -112,7 +112,8 @@ def load_model(model_cfg: DictConfig, device: torch.device):
     return uncond, {int(c): load_ddpm(str(p)).to(device) for c, p in model_cfg.forbidden_models.items()}
 
 
-def make_eps_fn(network, model_cfg: DictConfig, forbidden: list[int], guidance, label: int | None = None):
+def make_eps_fn(network, model_cfg: DictConfig, forbidden: list[int], guidance, label: int | None = None,
+                channels_last: bool = False):
     classes = forbidden if guidance.needs_conditional else []
     if model_cfg.kind == "pair":
         uncond, per_class = network
@@ -120,15 +121,15 @@ def make_eps_fn(network, model_cfg: DictConfig, forbidden: list[int], guidance, 
         if missing:
             raise UserError(f"pair model has no forbidden-class model for class {missing[0]}: "
                             f"model.forbidden_models has {sorted(per_class)}")
-        return PairEps(uncond, [per_class[c] for c in classes])
-    return ClassConditionalEps(network, classes, label=label)
+        return PairEps(uncond, [per_class[c] for c in classes], channels_last=channels_last)
+    return ClassConditionalEps(network, classes, label=label, channels_last=channels_last)
 
 
 def build(cfg: DictConfig, device: torch.device, network=None, label: int | None = None) -> Generator:
     guidance = build_guidance(cfg.method)
     forbidden = forbidden_classes(cfg.method, int(cfg.dataset.num_classes))
     network = network if network is not None else load_model(cfg.model, device)
-    eps_fn = make_eps_fn(network, cfg.model, forbidden, guidance, label)
+    eps_fn = make_eps_fn(network, cfg.model, forbidden, guidance, label, bool(cfg.sampler.get("channels_last", False)))
     shape = (int(cfg.dataset.channels), int(cfg.dataset.image_size), int(cfg.dataset.image_size))
     return Generator(eps_fn, build_schedule(cfg.sampler), guidance, shape, device, cfg.sampler.variance)
 

@@ -24,10 +24,10 @@ from dng_cli.sampler import sample
 from dng_cli.schedule import NoiseSchedule
 
 
-def raw_network(unet, x, schedule, copies: int) -> None:
+def raw_network(unet, x, schedule, copies: int, memory_format=torch.contiguous_format) -> None:
     """The same forwards as the sampler (one batched call of copies·B per step), nothing else."""
     b = x.shape[0]
-    xx = x.repeat(copies, 1, 1, 1)
+    xx = x.repeat(copies, 1, 1, 1).contiguous(memory_format=memory_format)
     labels = torch.tensor([10] + [0] * (copies - 1)).repeat_interleave(b)
     for t in schedule.timesteps.flip(0).tolist():
         unet(xx, torch.full((copies * b,), t), class_labels=labels, return_dict=False)
@@ -70,31 +70,35 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                    help="run our sampler in NCHW (the reference loop always is)")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.repeats = 10, 2
     if args.threads:
         torch.set_num_threads(args.threads)
     unet = load_ddpm(args.model)
+    unet_ref = load_ddpm(args.model)  # plain NCHW copy for the reference loop
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     schedule = NoiseSchedule.linear().respace(args.steps)
     x_T = torch.randn(args.batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    eps_u_only = ClassConditionalEps(unet, [])
-    eps_pair = ClassConditionalEps(unet, [0])
+    eps_u_only = ClassConditionalEps(unet, [], channels_last=args.channels_last)
+    eps_pair = ClassConditionalEps(unet, [0], channels_last=args.channels_last)
     def gens():  # one generator per sample, as `dng sample` / `dng evaluate` draw
         return [torch.Generator().manual_seed(i) for i in range(args.batch)]
 
     cases = {
-        "raw 1x": lambda: raw_network(unet, x_T, schedule, 1),
-        "raw 2x": lambda: raw_network(unet, x_T, schedule, 2),
+        "raw 1x": lambda: raw_network(unet, x_T, schedule, 1, fmt),
+        "raw 2x": lambda: raw_network(unet, x_T, schedule, 2, fmt),
         "none": lambda: sample(eps_u_only, schedule, NoGuidance(), x_T, gens(), False),
         "np": lambda: sample(eps_pair, schedule, NegativePrompting(1.0), x_T, gens(), False),
         "sld": lambda: sample(eps_pair, schedule, SafeLatentDiffusion(1.0), x_T, gens(), False),
         "dng": lambda: sample(eps_pair, schedule, DynamicNegativeGuidance(), x_T, gens(), False),
-        "reference": lambda: reference_loop(unet, x_T, schedule),
+        "reference": lambda: reference_loop(unet_ref, x_T, schedule),
     }
     times: dict[str, list[float]] = {k: [] for k in cases}
     with torch.inference_mode():
-        raw_network(unet, x_T[:8], NoiseSchedule.linear().respace(2), 2)  # warm-up
+        raw_network(unet, x_T[:8], NoiseSchedule.linear().respace(2), 2, fmt)  # warm-up
     for _ in range(args.repeats):  # interleaved: every case once per round
         for name, fn in cases.items():
             ctx = torch.no_grad() if name == "reference" else torch.inference_mode()
@@ -104,7 +108,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in times.items()}
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, batch {args.batch}, steps {args.steps}, repeats {args.repeats} (min)")
+          f"threads {torch.get_num_threads()}, channels_last {args.channels_last}, batch {args.batch}, steps {args.steps}, repeats {args.repeats} (min)")
     print(f"{'case':<10} {'seconds':>9} {'images/s':>9} {'net evals/s':>12}")
     for name, t in best.items():
         evals = (1 if name in ("raw 1x", "none") else 2) * args.batch * args.steps
@@ -117,7 +121,7 @@ def main() -> None:
         "none_over_raw": best["none"] / best["raw 1x"],
         "speedup_vs_reference": best["reference"] / best["dng"],
         "images_per_s": {k: args.batch / v for k, v in best.items()},
-        "batch": args.batch, "steps": args.steps, "repeats": args.repeats, "threads": torch.get_num_threads(),
+        "batch": args.batch, "steps": args.steps, "channels_last": args.channels_last, "repeats": args.repeats, "threads": torch.get_num_threads(),
     }
     print(json.dumps(result))
 

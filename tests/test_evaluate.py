@@ -64,3 +64,12 @@ def test_evaluate_bad_inputs(capsys, tmp_path, args, match):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and match in err, err
     assert not run_dir.exists()
+
+
+def test_channels_last_matches_default(compose):
+    outs = []
+    for fmt in ("false", "true"):
+        cfg = compose("evaluate", TINY + ["method=dng", f"sampler.channels_last={fmt}"])
+        outs.append(pipeline.generate_all(pipeline.build(cfg, torch.device("cpu")), [0, 1, 2], 3, progress=False))
+    assert torch.allclose(outs[0].images, outs[1].images, rtol=1e-3, atol=1e-2)
+    assert torch.allclose(outs[0].posterior, outs[1].posterior, rtol=1e-3, atol=1e-6)
