@@ -126,7 +126,14 @@ class DynamicNegativeGuidance(NoGuidance):
         self.prior, self.offset, self.p_min, self.p_max = float(prior), float(offset), float(p_min), float(p_max)
         self.update_variance = update_variance
 
+    def check_classes(self, num_classes: int) -> None:
+        """The priors of all forbidden classes together must stay below p_max (they share 1 - Σp)."""
+        if num_classes * self.prior >= self.p_max:
+            raise UserError(f"prior={self.prior} is invalid with {num_classes} forbidden classes: "
+                            f"{num_classes} x prior must be < p_max={self.p_max}")
+
     def start(self, x_T, num_classes):
+        self.check_classes(num_classes)
         return {"log_posterior": x_T.new_full((x_T.shape[0], num_classes), math.log(self.prior))}
 
     def weights(self, log_posterior: torch.Tensor) -> torch.Tensor:

@@ -80,8 +80,10 @@ def check_model_cfg(model_cfg: DictConfig) -> None:
 
 def check_run_cfg(cfg: DictConfig) -> None:
     """Everything `dng sample` / `dng evaluate` can check before loading anything heavy."""
-    build_guidance(cfg.method)
-    forbidden_classes(cfg.method, int(cfg.dataset.num_classes))
+    guidance = build_guidance(cfg.method)
+    forbidden = forbidden_classes(cfg.method, int(cfg.dataset.num_classes))
+    if hasattr(guidance, "check_classes"):
+        guidance.check_classes(len(forbidden))
     build_schedule(cfg.sampler)
     _positive_int("n_samples", cfg.n_samples)
     _positive_int("sampler.batch_size", cfg.sampler.batch_size)

@@ -42,6 +42,7 @@ def _fails(capsys, argv, match):
     (["method=dng", "method.temperature=-1"], "temperature=-1"),
     (["model=mnist", "model.path=/nonexistent/ckpt"], "/nonexistent/ckpt"),
     (["sampler.variance=medium"], "medium"),
+    (["method=dng_fewstep", "method.forbidden=[0,6,8]"], "3 forbidden classes"),
     (["no_such_key=1"], "no_such_key"),
 ])
 def test_sample_bad_inputs(capsys, tmp_path, args, match):
