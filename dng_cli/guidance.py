@@ -128,7 +128,7 @@ class DynamicNegativeGuidance(NoGuidance):
 
     def check_classes(self, num_classes: int) -> None:
         """The priors of all forbidden classes together must stay below p_max (they share 1 - Σp)."""
-        if num_classes * self.prior >= self.p_max:
+        if num_classes > 1 and num_classes * self.prior >= self.p_max:
             raise UserError(f"prior={self.prior} is invalid with {num_classes} forbidden classes: "
                             f"{num_classes} x prior must be < p_max={self.p_max}")
 
