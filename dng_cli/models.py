@@ -33,7 +33,8 @@ def build_unet(arch: dict[str, Any], seed: int | None = None):
     return UNet2DModel(**arch)
 
 
-def _resolve(name_or_path: str | Path, kind: str) -> Path:
+def resolve(name_or_path: str | Path, kind: str) -> Path:
+    """The folder of a shipped asset by name ("mnist") and kind ("ddpm", "classifier"), or the path itself."""
     name = str(name_or_path)
     if name in SHIPPED:
         return SHIPPED[name] / kind
@@ -46,7 +47,7 @@ def load_ddpm(name_or_path: str | Path):
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
-    path = _resolve(name_or_path, "ddpm")
+    path = resolve(name_or_path, "ddpm")
     if not (path / "config.json").is_file():
         raise UserError(f"model path {str(path)!r} is not a checkpoint folder: expected config.json and "
                         f"diffusion_pytorch_model.safetensors (a save_pretrained folder) or a shipped name ({', '.join(SHIPPED)})")
@@ -100,7 +101,7 @@ def load_classifier(name_or_path: str | Path) -> Classifier:
     """
     from safetensors.torch import load_file
 
-    path = _resolve(name_or_path, "classifier")
+    path = resolve(name_or_path, "classifier")
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise UserError(f"classifier path {str(path)!r} is not a classifier folder: expected config.json and "
                         f"model.safetensors, or a shipped name ({', '.join(SHIPPED)})")

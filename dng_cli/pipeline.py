@@ -16,7 +16,7 @@ from omegaconf import DictConfig, ListConfig
 
 from dng_cli import UserError
 from dng_cli.guidance import METHODS
-from dng_cli.models import SHIPPED, ClassConditionalEps, PairEps, build_unet, load_ddpm
+from dng_cli.models import SHIPPED, ClassConditionalEps, PairEps, build_unet, load_ddpm, resolve
 from dng_cli.sampler import SampleOutput, randn, sample
 from dng_cli.schedule import VARIANCES, NoiseSchedule
 
@@ -66,7 +66,7 @@ def _positive_int(name: str, value) -> int:
 def check_model_cfg(model_cfg: DictConfig) -> None:
     kind = model_cfg.get("kind")
     if kind == "conditional":
-        path = SHIPPED[model_cfg.path] / "ddpm" if str(model_cfg.path) in SHIPPED else Path(str(model_cfg.path))
+        path = resolve(str(model_cfg.path), "ddpm")
         if not (path / "config.json").is_file():
             raise UserError(f"model.path={str(model_cfg.path)!r} is not a checkpoint folder (save_pretrained folder "
                             f"with config.json) nor a shipped name ({', '.join(SHIPPED)})")

@@ -16,7 +16,7 @@ import torch
 
 from dng_cli import metrics
 from dng_cli.data import load_tensors
-from dng_cli.models import SHIPPED, load_classifier
+from dng_cli.models import SHIPPED, load_classifier, resolve
 from dng_cli.pipeline import to_uint8
 
 
@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--root", default="data")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    clf_path = SHIPPED[args.classifier] / "classifier" if args.classifier in SHIPPED else Path(args.classifier)
+    clf_path = resolve(args.classifier, "classifier")
     net = metrics.ClassifierFeatures(load_classifier(args.classifier))
     images, labels = load_tensors(args.dataset, args.root, args.split)
     stats = metrics.per_class_stats(net, to_uint8(images), labels, int(labels.max()) + 1)

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from dng_cli import UserError, metrics, pipeline, validate
 from dng_cli.commands.common import entry, plain, setup_torch, write_json
-from dng_cli.models import SHIPPED, load_classifier
+from dng_cli.models import SHIPPED, load_classifier, resolve
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +30,15 @@ def check_cfg(cfg: DictConfig) -> None:
         raise UserError(f"metrics.fid.split={cfg.metrics.fid.split!r} is invalid: allowed are train, test")
 
 
-def _classifier_path(name: str) -> Path:
-    return SHIPPED[name] / "classifier" if name in SHIPPED else Path(name)
+def features_key(cfg: DictConfig) -> str:
+    fcfg = cfg.metrics.fid
+    return metrics.features_key(fcfg.features, resolve(cfg.model.classifier, "classifier")
+                                if fcfg.features == "classifier" else None)
 
 
-def fid_reference(cfg: DictConfig, net, classifier_name: str) -> dict:
+def fid_reference(cfg: DictConfig, net, key: str) -> dict:
     """Per-class reference accumulators: shipped, cached, or computed from the dataset (then cached)."""
     fcfg = cfg.metrics.fid
-    key = metrics.features_key(fcfg.features, _classifier_path(classifier_name) if fcfg.features == "classifier" else None)
     name = f"{cfg.dataset.name}-{fcfg.split}-{key}.npz"
     candidates = [SHIPPED[cfg.dataset.name] / "fid" / name] if cfg.dataset.name in SHIPPED else []
     candidates.append(Path(fcfg.cache_dir) / name)
@@ -87,7 +88,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     forbidden = pipeline.forbidden_classes(cfg.method, num_classes)
     classifier = load_classifier(cfg.model.classifier)
     net = metrics.feature_network(cfg.metrics.fid.features, classifier, cfg.metrics.fid.get("inception_weights"))
-    stats = fid_reference(cfg, net, cfg.model.classifier)
+    fid_key = features_key(cfg)
+    stats = fid_reference(cfg, net, fid_key)
 
     gen = pipeline.build(cfg, device)
     n = int(cfg.n_samples)
@@ -111,8 +113,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         "kl_uniform": metrics.kl_uniform(counts, forbidden, float(cfg.metrics.kl_smoothing)),
         "fid": metrics.fid_from_features(feats, metrics.reference_stats(stats, forbidden)) if n > 1 else None,
         "fid_full": metrics.fid_from_features(feats, metrics.reference_stats(stats)) if n > 1 else None,
-        "fid_features": metrics.features_key(cfg.metrics.fid.features, _classifier_path(cfg.model.classifier)
-                                             if cfg.metrics.fid.features == "classifier" else None),
+        "fid_features": fid_key,
         "fid_reference": {"dataset": cfg.dataset.name, "split": cfg.metrics.fid.split, "excluded": forbidden},
         "histogram": [c / n for c in counts],
         "histogram_counts": counts,
