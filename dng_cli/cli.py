@@ -101,13 +101,13 @@ def main(argv: list[str] | None = None) -> None:
         if args and "=" not in args[0] and not args[0].startswith("-"):
             args = [f"dir={args[0]}"] + args[1:]
     args = rewrite(args)
+    module = importlib.import_module(cmd.module)  # registers the command's validator
     try:
         from dng_cli.validate import check
         check(cmd.config, args)
     except UserError as err:
         _error(str(err))
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
-    module = importlib.import_module(cmd.module)
     sys.argv = [f"dng {name}"] + args
     getattr(module, cmd.main)()
 

@@ -115,22 +115,62 @@ def load_classifier(name_or_path: str | Path) -> Classifier:
 
 
 # ------------------------------------------------------------------------------------- eps_fns
+class Network:
+    """One UNet as the sampler calls it: memory format, optional ``torch.compile`` and micro-batches.
+
+    ``max_batch`` splits a call into chunks of at most that many images (on a CPU a forward of 256
+    28x28 images is slower per image than two of 128: cache size); with ``compile`` every chunk is
+    padded to ``max_batch`` rows so the compiled graph sees one shape and never recompiles.
+    """
+
+    def __init__(self, unet, channels_last: bool = False, compile: bool = False, max_batch: int | None = None):
+        if max_batch is not None and int(max_batch) <= 0:
+            raise UserError(f"max_batch={max_batch} is invalid: it must be a positive integer or null")
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.unet = unet.to(memory_format=self.memory_format)
+        self.max_batch = int(max_batch) if max_batch else None
+        self.compiled = bool(compile)
+        self.forward = torch.compile(self.unet, dynamic=False) if compile else self.unet
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        n, m = x.shape[0], self.max_batch
+        if m is None or (n <= m and not self.compiled):
+            return self._run(x, t, class_labels)
+        outs = []
+        for i in range(0, n, m or n):
+            xs, ts = x[i:i + m], t[i:i + m]
+            ls = class_labels[i:i + m] if class_labels is not None else None
+            pad = (m - xs.shape[0]) if (self.compiled and m) else 0
+            if pad:
+                xs = torch.cat([xs, xs[:1].expand(pad, *xs.shape[1:])])
+                ts = torch.cat([ts, ts[:1].expand(pad)])
+                ls = torch.cat([ls, ls[:1].expand(pad)]) if ls is not None else None
+            outs.append(self._run(xs, ts, ls)[:xs.shape[0] - pad])
+        return torch.cat(outs)
+
+    def _run(self, x, t, class_labels):
+        x = x.contiguous(memory_format=self.memory_format)
+        return self.forward(x, t, class_labels=class_labels, return_dict=False)[0].contiguous()
+
+
 class ClassConditionalEps:
     """eps_fn of one class-conditional UNet2DModel (last class index = null label).
 
-    Per call ONE batched forward of ``[x; x; …]`` (1 + K copies) with labels ``[null; c_1; …; c_K]``.
-    ``label`` replaces the null label of the "unconditional" part (class-conditional sampling).
-    ``channels_last`` runs the network in NHWC memory format (1.45x faster on this project's 2-core
-    AVX2 CPU for the MNIST UNet at batch 256; see scripts/bench_sampler.py).
+    Per call ONE batched forward of ``[x; x; …]`` (1 + K copies) with labels ``[null; c_1; …; c_K]``
+    (split into chunks of ``max_batch`` when set). ``label`` replaces the null label of the
+    "unconditional" part (class-conditional sampling). ``channels_last`` runs the network in NHWC
+    memory format and ``compile`` through ``torch.compile`` (see scripts/bench_sampler.py for what
+    each buys on a given machine).
     """
 
-    def __init__(self, unet, forbidden: Sequence[int] = (), label: int | None = None, channels_last: bool = False):
-        self.unet = unet.to(memory_format=torch.channels_last) if channels_last else unet
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    def __init__(self, unet, forbidden: Sequence[int] = (), label: int | None = None, channels_last: bool = False,
+                 compile: bool = False, max_batch: int | None = None):
         num_embeds = getattr(unet.config, "num_class_embeds", None)
         if not num_embeds:
             raise UserError("model has no class embedding (num_class_embeds is empty): use model kind 'pair' "
                             "for unconditional checkpoints")
+        self.net = Network(unet, channels_last, compile, max_batch)
+        self.unet = self.net.unet
         self.num_classes = int(num_embeds) - 1
         self.null_label = self.num_classes
         for c in list(forbidden) + ([label] if label is not None else []):
@@ -149,8 +189,8 @@ class ClassConditionalEps:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor):
         k = 1 + len(self.forbidden)
-        xx = (x if k == 1 else x.repeat(k, *([1] * (x.dim() - 1)))).contiguous(memory_format=self.memory_format)
-        out = self.unet(xx, t.repeat(k), class_labels=self.labels(x.shape[0], x.device), return_dict=False)[0]
+        xx = x if k == 1 else x.repeat(k, *([1] * (x.dim() - 1)))
+        out = self.net(xx, t.repeat(k), self.labels(x.shape[0], x.device))
         out = out.reshape(k, *x.shape)
         return out[0], (out[1:] if k > 1 else None)
 
@@ -159,15 +199,13 @@ class PairEps:
     """eps_fn of separate networks (the paper's CIFAR-10 setting): an unconditional model for ε_u and
     one model trained on each forbidden class only for ε_c."""
 
-    def __init__(self, unconditional, forbidden_models: Sequence = (), channels_last: bool = False):
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.memory_format = fmt
-        self.unconditional = unconditional.to(memory_format=fmt)
-        self.forbidden_models = [m.to(memory_format=fmt) for m in forbidden_models]
+    def __init__(self, unconditional, forbidden_models: Sequence = (), channels_last: bool = False,
+                 compile: bool = False, max_batch: int | None = None):
+        self.unconditional = Network(unconditional, channels_last, compile, max_batch)
+        self.forbidden_models = [Network(m, channels_last, compile, max_batch) for m in forbidden_models]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor):
-        x = x.contiguous(memory_format=self.memory_format)
-        eps_u = self.unconditional(x, t, return_dict=False)[0].contiguous()
+        eps_u = self.unconditional(x, t)
         if not self.forbidden_models:
             return eps_u, None
-        return eps_u, torch.stack([m(x, t, return_dict=False)[0] for m in self.forbidden_models])
+        return eps_u, torch.stack([m(x, t) for m in self.forbidden_models])

@@ -87,6 +87,11 @@ def check_run_cfg(cfg: DictConfig) -> None:
     build_schedule(cfg.sampler)
     _positive_int("n_samples", cfg.n_samples)
     _positive_int("sampler.batch_size", cfg.sampler.batch_size)
+    if cfg.sampler.get("max_batch") is not None:
+        _positive_int("sampler.max_batch", cfg.sampler.max_batch)
+    for key in ("channels_last", "compile"):
+        if not isinstance(cfg.sampler.get(key, False), bool):
+            raise UserError(f"sampler.{key}={cfg.sampler.get(key)!r} is invalid: allowed are true, false")
     check_model_cfg(cfg.model)
 
 
@@ -115,7 +120,8 @@ def load_model(model_cfg: DictConfig, device: torch.device):
 
 
 def make_eps_fn(network, model_cfg: DictConfig, forbidden: list[int], guidance, label: int | None = None,
-                channels_last: bool = False):
+                channels_last: bool = False, compile: bool = False, max_batch: int | None = None):
+    speed = dict(channels_last=channels_last, compile=compile, max_batch=max_batch)
     classes = forbidden if guidance.needs_conditional else []
     if model_cfg.kind == "pair":
         uncond, per_class = network
@@ -123,15 +129,17 @@ def make_eps_fn(network, model_cfg: DictConfig, forbidden: list[int], guidance, 
         if missing:
             raise UserError(f"pair model has no forbidden-class model for class {missing[0]}: "
                             f"model.forbidden_models has {sorted(per_class)}")
-        return PairEps(uncond, [per_class[c] for c in classes], channels_last=channels_last)
-    return ClassConditionalEps(network, classes, label=label, channels_last=channels_last)
+        return PairEps(uncond, [per_class[c] for c in classes], **speed)
+    return ClassConditionalEps(network, classes, label=label, **speed)
 
 
 def build(cfg: DictConfig, device: torch.device, network=None, label: int | None = None) -> Generator:
     guidance = build_guidance(cfg.method)
     forbidden = forbidden_classes(cfg.method, int(cfg.dataset.num_classes))
     network = network if network is not None else load_model(cfg.model, device)
-    eps_fn = make_eps_fn(network, cfg.model, forbidden, guidance, label, bool(cfg.sampler.get("channels_last", False)))
+    s = cfg.sampler
+    eps_fn = make_eps_fn(network, cfg.model, forbidden, guidance, label, bool(s.get("channels_last", False)),
+                         bool(s.get("compile", False)), s.get("max_batch"))
     shape = (int(cfg.dataset.channels), int(cfg.dataset.image_size), int(cfg.dataset.image_size))
     return Generator(eps_fn, build_schedule(cfg.sampler), guidance, shape, device, cfg.sampler.variance)
 

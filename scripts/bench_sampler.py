@@ -5,14 +5,19 @@ posterior updated in linear space with exp).
     python scripts/bench_sampler.py            # batch 128, 50 steps, 3 interleaved repeats
     python scripts/bench_sampler.py --quick    # batch 128, 10 steps, 2 repeats (< 5 min on 2 CPU cores)
 
-Prints a table, then as its LAST line one JSON object with the time ratios
-dng_over_np, np_over_raw, dng_over_raw and speedup_vs_reference.
+Our sampler runs as `dng sample` does by default (channels_last, network calls of at most
+--max-batch images); "+compile" cases run the same with `sampler.compile=true` (torch.compile; its
+one-time compile is timed separately and not in the per-run times). Prints a table, then as its LAST
+line one JSON object with the time ratios dng_over_np, np_over_raw, dng_over_raw (eager, like for
+like), speedup_vs_reference (reference loop over our fastest DNG configuration) and
+speedup_vs_reference_eager.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -24,13 +29,13 @@ from dng_cli.sampler import sample
 from dng_cli.schedule import NoiseSchedule
 
 
-def raw_network(unet, x, schedule, copies: int, memory_format=torch.contiguous_format) -> None:
-    """The same forwards as the sampler (one batched call of copies·B per step), nothing else."""
+def raw_network(net, x, schedule, copies: int) -> None:
+    """The same network calls as the sampler (copies·B images per step through the same ``Network``), nothing else."""
     b = x.shape[0]
-    xx = x.repeat(copies, 1, 1, 1).contiguous(memory_format=memory_format)
+    xx = x.repeat(copies, 1, 1, 1)
     labels = torch.tensor([10] + [0] * (copies - 1)).repeat_interleave(b)
     for t in schedule.timesteps.flip(0).tolist():
-        unet(xx, torch.full((copies * b,), t), class_labels=labels, return_dict=False)
+        net(xx, torch.full((copies * b,), t), labels)
 
 
 def reference_loop(unet, x, schedule, lam=5.0, prior=0.01, temp=0.2, offset=2e-4, p_min=1e-6, p_max=0.8):
@@ -72,6 +77,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                     help="run our sampler in NCHW (the reference loop always is)")
+    ap.add_argument("--max-batch", type=int, default=128, help="images per network call (0: one call of 2B)")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile cases")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.repeats = 10, 2
@@ -79,26 +86,40 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     unet = load_ddpm(args.model)
     unet_ref = load_ddpm(args.model)  # plain NCHW copy for the reference loop
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    speed = dict(channels_last=args.channels_last, max_batch=args.max_batch or None)
     schedule = NoiseSchedule.linear().respace(args.steps)
     x_T = torch.randn(args.batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    eps_u_only = ClassConditionalEps(unet, [], channels_last=args.channels_last)
-    eps_pair = ClassConditionalEps(unet, [0], channels_last=args.channels_last)
+    eps_u_only = ClassConditionalEps(unet, [], **speed)
+    eps_pair = ClassConditionalEps(unet, [0], **speed)
+    net = eps_pair.net
     def gens():  # one generator per sample, as `dng sample` / `dng evaluate` draw
         return [torch.Generator().manual_seed(i) for i in range(args.batch)]
 
     cases = {
-        "raw 1x": lambda: raw_network(unet, x_T, schedule, 1, fmt),
-        "raw 2x": lambda: raw_network(unet, x_T, schedule, 2, fmt),
+        "raw 1x": lambda: raw_network(net, x_T, schedule, 1),
+        "raw 2x": lambda: raw_network(net, x_T, schedule, 2),
         "none": lambda: sample(eps_u_only, schedule, NoGuidance(), x_T, gens(), False),
         "np": lambda: sample(eps_pair, schedule, NegativePrompting(1.0), x_T, gens(), False),
         "sld": lambda: sample(eps_pair, schedule, SafeLatentDiffusion(1.0), x_T, gens(), False),
         "dng": lambda: sample(eps_pair, schedule, DynamicNegativeGuidance(), x_T, gens(), False),
         "reference": lambda: reference_loop(unet_ref, x_T, schedule),
     }
+    compile_s = None
+    if args.compile:
+        eps_pair_c = ClassConditionalEps(load_ddpm(args.model), [0], compile=True, **speed)
+        net_c = eps_pair_c.net
+        t0 = time.perf_counter()
+        with torch.inference_mode():  # the one-time compile (and first call)
+            raw_network(net_c, x_T, NoiseSchedule.linear().respace(1), 2)
+        compile_s = time.perf_counter() - t0
+        cases.update({
+            "raw 2x +compile": lambda: raw_network(net_c, x_T, schedule, 2),
+            "np +compile": lambda: sample(eps_pair_c, schedule, NegativePrompting(1.0), x_T, gens(), False),
+            "dng +compile": lambda: sample(eps_pair_c, schedule, DynamicNegativeGuidance(), x_T, gens(), False),
+        })
     times: dict[str, list[float]] = {k: [] for k in cases}
     with torch.inference_mode():
-        raw_network(unet, x_T[:8], NoiseSchedule.linear().respace(2), 2, fmt)  # warm-up
+        raw_network(net, x_T[:8], NoiseSchedule.linear().respace(2), 2)  # warm-up
     for _ in range(args.repeats):  # interleaved: every case once per round
         for name, fn in cases.items():
             ctx = torch.no_grad() if name == "reference" else torch.inference_mode()
@@ -107,8 +128,10 @@ def main() -> None:
                 fn()
                 times[name].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in times.items()}
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, channels_last {args.channels_last}, batch {args.batch}, steps {args.steps}, repeats {args.repeats} (min)")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, channels_last {args.channels_last}, max_batch {args.max_batch}, "
+          f"batch {args.batch}, steps {args.steps}, repeats {args.repeats} (min)"
+          + (f", compile {compile_s:.0f} s once" if compile_s is not None else ""))
     print(f"{'case':<10} {'seconds':>9} {'images/s':>9} {'net evals/s':>12}")
     for name, t in best.items():
         evals = (1 if name in ("raw 1x", "none") else 2) * args.batch * args.steps
@@ -119,7 +142,11 @@ def main() -> None:
         "dng_over_raw": best["dng"] / best["raw 2x"],
         "sld_over_raw": best["sld"] / best["raw 2x"],
         "none_over_raw": best["none"] / best["raw 1x"],
-        "speedup_vs_reference": best["reference"] / best["dng"],
+        "speedup_vs_reference": best["reference"] / min(best["dng"], best.get("dng +compile", float("inf"))),
+        "speedup_vs_reference_eager": best["reference"] / best["dng"],
+        "dng_over_np_compiled": best["dng +compile"] / best["np +compile"] if args.compile else None,
+        "dng_over_raw_compiled": best["dng +compile"] / best["raw 2x +compile"] if args.compile else None,
+        "compile_s": compile_s, "max_batch": args.max_batch,
         "images_per_s": {k: args.batch / v for k, v in best.items()},
         "batch": args.batch, "steps": args.steps, "channels_last": args.channels_last, "repeats": args.repeats, "threads": torch.get_num_threads(),
     }

@@ -44,11 +44,24 @@ def _fails(capsys, argv, match):
     (["sampler.variance=medium"], "medium"),
     (["method=dng_fewstep", "method.forbidden=[0,6,8]"], "3 forbidden classes"),
     (["no_such_key=1"], "no_such_key"),
+    (["sampler.max_batch=0"], "max_batch=0"),
+    (["sampler.compile=maybe"], "compile='maybe'"),
 ])
 def test_sample_bad_inputs(capsys, tmp_path, args, match):
     run_dir = tmp_path / "run"
     model = [] if any(a.startswith("model=") for a in args) else ["model=tiny_random"]
     _fails(capsys, ["sample", *model, f"hydra.run.dir={run_dir}", *args], match)
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["lr_schedule=linear"], "lr_schedule='linear'"),
+    (["init_from=/nonexistent/ema"], "/nonexistent/ema"),
+    (["steps=0"], "steps=0"),
+])
+def test_train_bad_inputs(capsys, tmp_path, args, match):
+    run_dir = tmp_path / "run"
+    _fails(capsys, ["train", "ddpm", f"hydra.run.dir={run_dir}", *args], match)
     assert not run_dir.exists()
 
 

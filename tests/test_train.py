@@ -31,6 +31,37 @@ def test_train_ddpm_and_resume_exactly(compose, tiny_mnist, tmp_path):
     assert (straight / "ema" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+def test_train_continues_from_weights(compose, tiny_mnist, tmp_path):
+    first = tmp_path / "first"
+    train.run_ddpm(_ddpm_cfg(compose, tiny_mnist, first, steps=2), first)
+    cont = tmp_path / "cont"
+    cfg = _ddpm_cfg(compose, tiny_mnist, cont, steps=4, init_from=str(first / "ema"), lr_schedule="cosine", seed=1)
+    model = train.build_unet(train.plain(cfg.model.unet) | {"num_class_embeds": 11}, seed=1)
+    train._init_from(cfg, model)  # the starting point is the earlier run's EMA, not the seed-1 init
+    source = load_ddpm(first / "ema").state_dict()
+    assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items())
+    train.run_ddpm(cfg, cont)
+    card = json.loads((cont / "ema" / "card.json").read_text())
+    assert card["steps"] == 4 and card["total_steps"] == 6 and card["init"]["init_from"] == str(first / "ema")
+    assert card["total_wall_time_s"] >= card["wall_time_s"]
+    # cosine: warm-up, then decays to 0 at `steps`
+    lrs = [train.learning_rate(cfg, s) for s in range(4)]
+    assert lrs[0] < lrs[1] == lrs[2] == cfg.lr > lrs[3] > 0
+    assert train.learning_rate(cfg, 4) == 0.0
+
+
+def test_train_init_from_other_architecture_is_an_error(compose, tiny_mnist, tmp_path):
+    import pytest
+
+    from dng_cli import UserError
+
+    first = tmp_path / "first"
+    train.run_ddpm(_ddpm_cfg(compose, tiny_mnist, first, steps=1, **{"model.unet.block_out_channels": "[8,8]"}), first)
+    cfg = _ddpm_cfg(compose, tiny_mnist, tmp_path / "b", steps=1, init_from=str(first / "ema"))
+    with pytest.raises(UserError, match="architecture"):
+        train.run_ddpm(cfg, tmp_path / "b")
+
+
 def test_train_unconditional_class_subset(compose, tiny_mnist, tmp_path):
     out = tmp_path / "class0"
     cfg = _ddpm_cfg(compose, tiny_mnist, out, steps=1, conditional="false", **{"dataset.classes": "[0]",

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from dng_cli import UserError
+from dng_cli import UserError, validate
 from dng_cli.commands.common import atomic_save, entry, hardware, plain, setup_torch, write_json
 from dng_cli.data import load_tensors
 from dng_cli.models import Classifier, build_unet
@@ -52,6 +52,8 @@ def _check_train_cfg(cfg: DictConfig) -> None:
             raise UserError(f"{key}={cfg[key]} is invalid: it must be a positive integer")
     if not 0.0 <= float(cfg.get("label_dropout", 0.0)) < 1.0:
         raise UserError(f"label_dropout={cfg.label_dropout} is invalid: it must lie in [0, 1)")
+    if cfg.get("lr_schedule", "constant") not in ("constant", "cosine"):
+        raise UserError(f"lr_schedule={cfg.lr_schedule!r} is invalid: allowed are constant, cosine")
 
 
 # ------------------------------------------------------------------------------- checkpointing
@@ -105,6 +107,7 @@ def run_ddpm(cfg: DictConfig, output_dir: Path) -> dict:
     else:
         arch.pop("num_class_embeds", None)
     model = build_unet(arch, seed=cfg.seed).to(device).train()
+    init = _init_from(cfg, model) if cfg.get("init_from") else None
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = NoiseSchedule.linear(cfg.schedule.num_train_timesteps, cfg.schedule.beta_start, cfg.schedule.beta_end)
@@ -132,7 +135,7 @@ def run_ddpm(cfg: DictConfig, output_dir: Path) -> dict:
         pred = model(x_t, t, class_labels=class_labels, return_dict=False)[0]
         loss = F.mse_loss(pred, noise)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+            group["lr"] = learning_rate(cfg, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -152,17 +155,49 @@ def run_ddpm(cfg: DictConfig, output_dir: Path) -> dict:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             wall = wall_before + time.time() - t_start
             save_checkpoint(ckpt, model, ema, opt, step, loss_value, wall)
-            _save_ema(out, ema, cfg, step, running, wall, len(images), classes)
+            _save_ema(out, ema, cfg, step, running, wall, len(images), classes, init)
     bar.close()
     return {"step": step, "loss": loss_value, "output_dir": str(out)}
 
 
-def _save_ema(out: Path, ema, cfg: DictConfig, step: int, loss: float | None, wall: float, n: int, classes) -> None:
+def learning_rate(cfg: DictConfig, step: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then constant or (``lr_schedule=cosine``) cosine to 0 at ``steps``."""
+    warm = max(1, int(cfg.warmup_steps))
+    if step < warm or cfg.get("lr_schedule", "constant") == "constant":
+        return float(cfg.lr) * min(1.0, (step + 1) / warm)
+    progress = (step - warm) / max(1, int(cfg.steps) - warm)
+    return float(cfg.lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _init_from(cfg: DictConfig, model) -> dict:
+    """Start from the weights of an earlier run's ``ema/`` folder (or a shipped name): continued training."""
+    from dng_cli.models import load_ddpm, resolve
+
+    source = load_ddpm(cfg.init_from)
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as err:
+        raise UserError(f"init_from={cfg.init_from!r} does not match model={cfg.model.name}'s architecture: "
+                        f"{str(err).splitlines()[0]}") from None
+    card_path = resolve(cfg.init_from, "ddpm") / "card.json"
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    return {"init_from": str(cfg.init_from), "steps": card.get("total_steps", card.get("steps")),
+            "batch_size": card.get("config", {}).get("batch_size"),
+            "wall_time_s": card.get("total_wall_time_s", card.get("wall_time_s", card.get("wall_time_s_this_session"))),
+            "hardware": card.get("hardware")}
+
+
+def _save_ema(out: Path, ema, cfg: DictConfig, step: int, loss: float | None, wall: float, n: int, classes,
+              init: dict | None = None) -> None:
     card = {
         "kind": "ddpm", "conditional": bool(cfg.conditional), "steps": step, "final_loss_ema": loss,
         "data": {"dataset": cfg.dataset.name, "split": "train", "images": n, "classes": classes},
         "wall_time_s": round(wall, 1), "hardware": hardware(), "config": plain(cfg),
     }
+    if init:  # continued training: totals over the whole lineage
+        card["init"] = init
+        card["total_steps"] = step + int(init.get("steps") or 0)
+        card["total_wall_time_s"] = round(wall + float(init.get("wall_time_s") or 0.0), 1)
 
     def save(tmp: str) -> None:
         ema.save_pretrained(tmp, safe_serialization=True)
@@ -231,5 +266,15 @@ def run_classifier(cfg: DictConfig, output_dir: Path) -> dict:
     return {"test_accuracy": accuracy, "output_dir": str(out)}
 
 
+def _check_ddpm_front(cfg: DictConfig) -> None:
+    _check_train_cfg(cfg)
+    if cfg.get("init_from"):
+        from dng_cli.models import resolve
+
+        if not (resolve(cfg.init_from, "ddpm") / "config.json").is_file():
+            raise UserError(f"init_from={cfg.init_from!r} is not a DDPM folder (config.json missing) or a shipped name")
+
+
+validate.VALIDATORS["train_ddpm"] = _check_ddpm_front
 main_ddpm = entry("train_ddpm", run_ddpm)
 main_classifier = entry("train_classifier", run_classifier)
