@@ -43,8 +43,12 @@ def main() -> None:
     ap.add_argument("--unguided", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--root", default="data")
+    ap.add_argument("--ddpm", default="mnist", help="a DDPM folder (e.g. a training run's ema/) instead of the shipped one")
+    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    unet, clf = load_ddpm("mnist"), load_classifier("mnist")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unet, clf = load_ddpm(args.ddpm), load_classifier("mnist")
     report: dict = {}
 
     x, y = load_tensors("mnist", args.root, "test")

@@ -77,7 +77,8 @@ def classify(classifier, images_uint8: torch.Tensor, batch_size: int = 500):
     return torch.cat(preds), torch.cat(feats)
 
 
-def run(cfg: DictConfig, output_dir: Path) -> dict:
+def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
+    """One evaluation; ``network``: an already loaded model (what ``pipeline.load_model`` returns) to reuse."""
     check_cfg(cfg)
     metrics_path = output_dir / "metrics.json"
     if cfg.skip_existing and metrics_path.is_file():
@@ -91,7 +92,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     fid_key = features_key(cfg)
     stats = fid_reference(cfg, net, fid_key)
 
-    gen = pipeline.build(cfg, device)
+    gen = pipeline.build(cfg, device, network)
     n = int(cfg.n_samples)
     seeds = [int(cfg.sampler.seed) + i for i in range(n)]
     t0 = time.time()
