@@ -67,6 +67,22 @@ def reference_loop(unet, x, schedule, lam=5.0, prior=0.01, temp=0.2, offset=2e-4
     return x
 
 
+def bookkeeping_ms(guidance, x_T, schedule, gens, with_conditional: bool, repeats: int = 5) -> float:
+    """Milliseconds per step the sampler spends OUTSIDE the network (noise, guidance, posterior, means):
+    the same ``sample`` call with an eps_fn that returns precomputed tensors. Deterministic enough to
+    compare methods where whole-run timings are dominated by the network's run-to-run noise."""
+    g = torch.Generator().manual_seed(1)
+    eps_u = torch.randn(x_T.shape, generator=g)
+    eps_c = torch.randn((1, *x_T.shape), generator=g) if with_conditional else None
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            sample(lambda x, t: (eps_u, eps_c), schedule, guidance, x_T, gens(), False)
+            best = min(best, time.perf_counter() - t0)
+    return 1000 * best / len(schedule)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mnist")
@@ -128,6 +144,11 @@ def main() -> None:
                 fn()
                 times[name].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in times.items()}
+    book = {"none": bookkeeping_ms(NoGuidance(), x_T, schedule, gens, False),
+            "np": bookkeeping_ms(NegativePrompting(1.0), x_T, schedule, gens, True),
+            "sld": bookkeeping_ms(SafeLatentDiffusion(1.0), x_T, schedule, gens, True),
+            "dng": bookkeeping_ms(DynamicNegativeGuidance(), x_T, schedule, gens, True)}
+    net_ms = 1000 * best["raw 2x"] / args.steps
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, channels_last {args.channels_last}, max_batch {args.max_batch}, "
           f"batch {args.batch}, steps {args.steps}, repeats {args.repeats} (min)"
@@ -136,6 +157,8 @@ def main() -> None:
     for name, t in best.items():
         evals = (1 if name in ("raw 1x", "none") else 2) * args.batch * args.steps
         print(f"{name:<10} {t:9.3f} {args.batch / t:9.2f} {evals / t:12.1f}")
+    print(f"outside the network, ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in book.items())
+          + f"  (network, 2 x {args.batch} images: {net_ms:.0f} ms per step)")
     result = {
         "dng_over_np": best["dng"] / best["np"],
         "np_over_raw": best["np"] / best["raw 2x"],
@@ -147,6 +170,9 @@ def main() -> None:
         "dng_over_np_compiled": best["dng +compile"] / best["np +compile"] if args.compile else None,
         "dng_over_raw_compiled": best["dng +compile"] / best["raw 2x +compile"] if args.compile else None,
         "compile_s": compile_s, "max_batch": args.max_batch,
+        "bookkeeping_ms_per_step": book,
+        "dng_over_np_bookkeeping": (net_ms + book["dng"]) / (net_ms + book["np"]),
+        "dng_over_raw_bookkeeping": (net_ms + book["dng"]) / net_ms,
         "images_per_s": {k: args.batch / v for k, v in best.items()},
         "batch": args.batch, "steps": args.steps, "channels_last": args.channels_last, "repeats": args.repeats, "threads": torch.get_num_threads(),
     }

@@ -1,0 +1,39 @@
+"""The benchmark scripts run end to end on tiny settings and print what their callers parse."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+
+def _last_json(args, tmp_path):
+    res = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_bench_sampler_tiny(tmp_path):
+    from dng_cli.models import build_unet
+
+    arch = dict(sample_size=28, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(4, 8),
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                norm_num_groups=4, num_class_embeds=11)
+    build_unet(arch, seed=0).save_pretrained(tmp_path / "tiny")
+    out = _last_json([str(REPO / "scripts" / "bench_sampler.py"), "--model", str(tmp_path / "tiny"), "--batch", "4",
+                      "--steps", "2", "--repeats", "1", "--no-compile", "--threads", "1"], tmp_path)
+    for key in ("dng_over_np", "np_over_raw", "dng_over_raw", "speedup_vs_reference", "dng_over_np_bookkeeping"):
+        assert out[key] > 0, key
+    assert set(out["bookkeeping_ms_per_step"]) == {"none", "np", "sld", "dng"}
+
+
+def test_bench_steps_tiny(tmp_path):
+    out = _last_json([str(REPO / "scripts" / "bench_steps.py"), "--n", "2", "--steps", "2,50", "--methods", "np",
+                      "--out", str(tmp_path / "bs")], tmp_path)
+    assert [r["steps"] for r in out["rows"]] == [2, 50]
+    assert set(out["within_10pct_at_50"]["np"]) == {"kl_uniform", "fid", "forbidden_rate_ci_overlap"}
+    assert (tmp_path / "bs" / "bench_steps.md").is_file() and (tmp_path / "bs" / "bench_steps.png").is_file()
