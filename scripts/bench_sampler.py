@@ -3,7 +3,7 @@ reference-style loop (the official implementation's structure: two separate netw
 posterior updated in linear space with exp).
 
     python scripts/bench_sampler.py            # batch 128, 50 steps, 3 interleaved repeats
-    python scripts/bench_sampler.py --quick    # batch 128, 10 steps, 2 repeats (< 5 min on 2 CPU cores)
+    python scripts/bench_sampler.py --quick    # batch 128, 6 steps, 2 repeats (< 5 min on 2 CPU cores)
 
 Our sampler runs as `dng sample` does by default (channels_last, network calls of at most
 --max-batch images); "+compile" cases run the same with `sampler.compile=true` (torch.compile; its
@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile cases")
     args = ap.parse_args()
     if args.quick:
-        args.steps, args.repeats = 10, 2
+        args.steps, args.repeats = 6, 2
     if args.threads:
         torch.set_num_threads(args.threads)
     unet = load_ddpm(args.model)
