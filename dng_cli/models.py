@@ -137,15 +137,15 @@ class Network:
         if m is None or (n <= m and not self.compiled):
             return self._run(x, t, class_labels)
         outs = []
-        for i in range(0, n, m or n):
+        for i in range(0, n, m):
             xs, ts = x[i:i + m], t[i:i + m]
             ls = class_labels[i:i + m] if class_labels is not None else None
-            pad = (m - xs.shape[0]) if (self.compiled and m) else 0
+            pad = m - xs.shape[0] if self.compiled else 0
             if pad:
                 xs = torch.cat([xs, xs[:1].expand(pad, *xs.shape[1:])])
                 ts = torch.cat([ts, ts[:1].expand(pad)])
                 ls = torch.cat([ls, ls[:1].expand(pad)]) if ls is not None else None
-            outs.append(self._run(xs, ts, ls)[:xs.shape[0] - pad])
+            outs.append(self._run(xs, ts, ls)[:m - pad])
         return torch.cat(outs)
 
     def _run(self, x, t, class_labels):

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from dng_cli import UserError, validate
 from dng_cli.commands.common import atomic_save, entry, hardware, plain, setup_torch, write_json
 from dng_cli.data import load_tensors
-from dng_cli.models import Classifier, build_unet
+from dng_cli.models import Classifier, build_unet, load_ddpm, resolve
 from dng_cli.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,6 @@ def learning_rate(cfg: DictConfig, step: int) -> float:
 
 def _init_from(cfg: DictConfig, model) -> dict:
     """Start from the weights of an earlier run's ``ema/`` folder (or a shipped name): continued training."""
-    from dng_cli.models import load_ddpm, resolve
-
     source = load_ddpm(cfg.init_from)
     try:
         model.load_state_dict(source.state_dict())
@@ -183,7 +181,7 @@ def _init_from(cfg: DictConfig, model) -> dict:
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
     return {"init_from": str(cfg.init_from), "steps": card.get("total_steps", card.get("steps")),
             "batch_size": card.get("config", {}).get("batch_size"),
-            "wall_time_s": card.get("total_wall_time_s", card.get("wall_time_s", card.get("wall_time_s_this_session"))),
+            "wall_time_s": card.get("total_wall_time_s", card.get("wall_time_s")),
             "hardware": card.get("hardware")}
 
 
@@ -269,8 +267,6 @@ def run_classifier(cfg: DictConfig, output_dir: Path) -> dict:
 def _check_ddpm_front(cfg: DictConfig) -> None:
     _check_train_cfg(cfg)
     if cfg.get("init_from"):
-        from dng_cli.models import resolve
-
         if not (resolve(cfg.init_from, "ddpm") / "config.json").is_file():
             raise UserError(f"init_from={cfg.init_from!r} is not a DDPM folder (config.json missing) or a shipped name")
 
