@@ -35,14 +35,14 @@ def randn(shape: Sequence[int], generator: Generators, device=None, dtype=torch.
 
 
 def sample(eps_fn: EpsFn, schedule: NoiseSchedule, guidance=None, x_T: torch.Tensor | None = None,
-           generator: Generators = None, progress: bool = True, variance: str = "large",
+           generator: Generators = None, progress: bool = True, variance: str = "small",
            shape: Sequence[int] | None = None) -> SampleOutput:
     """Run the reverse chain of ``schedule`` from ``x_T`` with ``guidance`` (default: none).
 
     ``eps_fn(x, t)``: ``t`` is a LongTensor[B] of ORIGINAL timesteps; returns ``eps_u`` [B, ...] and
     ``eps_c`` [B, ...] or [K, B, ...] for K forbidden classes (None is fine for ``NoGuidance``).
     ``generator``: one ``torch.Generator``, or one per sample so results do not depend on batching.
-    ``variance``: "large" (σ² = β') or "small" (σ² = β̃).
+    ``variance``: "small" (σ² = β̃, the default: better at few steps) or "large" (σ² = β', the official code's).
     """
     guidance = guidance if guidance is not None else NoGuidance()
     if x_T is None:

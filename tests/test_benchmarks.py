@@ -35,5 +35,10 @@ def test_bench_steps_tiny(tmp_path):
     out = _last_json([str(REPO / "scripts" / "bench_steps.py"), "--n", "2", "--steps", "2,50", "--methods", "np",
                       "--out", str(tmp_path / "bs")], tmp_path)
     assert [r["steps"] for r in out["rows"]] == [2, 50]
-    assert set(out["within_10pct_at_50"]["np"]) == {"kl_uniform", "fid", "forbidden_rate_ci_overlap"}
+    assert set(out["within_10pct_at_50"]["np"]) == {"kl_uniform", "fid", "kl_within_2se", "forbidden_rate_ci_overlap"}
+    assert all(r["kl_uniform_se"] >= 0 for r in out["rows"])
     assert (tmp_path / "bs" / "bench_steps.md").is_file() and (tmp_path / "bs" / "bench_steps.png").is_file()
+    (tmp_path / "bs" / "np-2" / "samples.png").unlink()  # a re-run reuses finished points: nothing is re-sampled
+    again = _last_json([str(REPO / "scripts" / "bench_steps.py"), "--n", "2", "--steps", "2,50", "--methods", "np",
+                        "--out", str(tmp_path / "bs")], tmp_path)
+    assert again["rows"] == out["rows"] and not (tmp_path / "bs" / "np-2" / "samples.png").exists()

@@ -16,7 +16,7 @@ def _metrics(method, scale, rate, kl, fid):
 
 
 def test_report_on_fixture_runs(tmp_path, capsys):
-    runs = {"a/method=np": _metrics("np", 1.0, 0.05, 0.2, 3.0), "a/method=dng": _metrics("dng", 5.0, 0.01, 0.05, 1.5),
+    runs = {"a/method=np": _metrics("np", 1.0, 0.05, 0.2, 3.0), "a/method=dng": {**_metrics("dng", 5.0, 0.01, 0.05, 1.5), "kl_uniform_se": 0.0123},
             "b/method=np,s=2": _metrics("np", 2.0, 0.02, 0.4, 6.0)}
     for name, m in runs.items():
         (tmp_path / name).mkdir(parents=True)
@@ -27,7 +27,9 @@ def test_report_on_fixture_runs(tmp_path, capsys):
     assert [(r["method"], float(r["guidance_scale"])) for r in rows] == [("dng", 5.0), ("np", 1.0), ("np", 2.0)]
     assert float(rows[0]["forbidden_rate"]) == 0.01 and float(rows[2]["fid"]) == 6.0
     md = (tmp_path / "report.md").read_text()
-    assert "| dng | 0 | 5 | 25 | 100 | 1.0 (0.0–3.0) | 0.050 | 1.5 | 2.5 | 3.5 |" in md
+    assert "| dng | 0 | 5 | 25 | 100 | 1.0 (0.0–3.0) | 0.050 ± 0.012 | 1.5 | 2.5 | 3.5 |" in md
+    assert "| np | 0 | 1 | 25 | 100 | 5.0 (3.0–7.0) | 0.200 | 3 | 4 | 3.5 |" in md  # older runs: no s.e.
+    assert float(rows[0]["kl_uniform_se"]) == 0.0123
     assert "classifier-abc" in md
     assert (tmp_path / "pareto_kl.png").stat().st_size > 0 and (tmp_path / "pareto_fid.png").stat().st_size > 0
 

@@ -112,6 +112,7 @@ def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
         "guidance_scale": cfg.method.get("guidance_scale"),
         **metrics.forbidden_rate(counts, forbidden),
         "kl_uniform": metrics.kl_uniform(counts, forbidden, float(cfg.metrics.kl_smoothing)),
+        "kl_uniform_se": metrics.kl_uniform_se(counts, forbidden, float(cfg.metrics.kl_smoothing)),
         "fid": metrics.fid_from_features(feats, metrics.reference_stats(stats, forbidden)) if n > 1 else None,
         "fid_full": metrics.fid_from_features(feats, metrics.reference_stats(stats)) if n > 1 else None,
         "fid_features": fid_key,

@@ -15,7 +15,7 @@ from dng_cli.commands.common import atomic_write_text, entry
 
 log = logging.getLogger(__name__)
 COLUMNS = ["label", "method", "forbidden", "guidance_scale", "steps", "n_samples", "forbidden_rate", "forbidden_rate_lo",
-           "forbidden_rate_hi", "kl_uniform", "fid", "fid_full", "fid_features", "images_per_s", "run"]
+           "forbidden_rate_hi", "kl_uniform", "kl_uniform_se", "fid", "fid_full", "fid_features", "images_per_s", "run"]
 
 
 def collect(root: Path) -> list[dict]:
@@ -43,13 +43,18 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
+def _kl(r: dict) -> str:
+    se = r.get("kl_uniform_se")  # runs written before the KL standard error existed have none
+    return f"{r['kl_uniform']:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+
+
 def markdown(rows: list[dict]) -> str:
-    head = "| method | forbidden | scale | steps | N | forbidden % (95% CI) | KL | FID | FID (full) | images/s |\n"
+    head = "| method | forbidden | scale | steps | N | forbidden % (95% CI) | KL ± s.e. | FID | FID (full) | images/s |\n"
     head += "|---|---|---|---|---|---|---|---|---|---|\n"
     lines = [
         f"| {r['label']} | {_fmt(r['forbidden'])} | {_fmt(r.get('guidance_scale'))} | {r['steps']} | {r['n_samples']} "
         f"| {100 * r['forbidden_rate']:.1f} ({100 * r['forbidden_rate_lo']:.1f}–{100 * r['forbidden_rate_hi']:.1f}) "
-        f"| {r['kl_uniform']:.3f} | {_fmt(r['fid'])} | {_fmt(r['fid_full'])} | {r['images_per_s']:.1f} |"
+        f"| {_kl(r)} | {_fmt(r['fid'])} | {_fmt(r['fid_full'])} | {r['images_per_s']:.1f} |"
         for r in rows
     ]
     features = sorted({r.get("fid_features", "") for r in rows})
