@@ -72,7 +72,8 @@ def histogram_plot(histogram: Sequence[float], forbidden: Sequence[int], path: P
 
 
 def pareto_plot(rows: list[dict], y_key: str, y_label: str, path: Path) -> None:
-    """Forbidden % on x (with CI bars), ``y_key`` on y, one curve per method ordered by scale."""
+    """Forbidden % on x (with CI bars), ``y_key`` on y (± its ``<y_key>_se`` where every row has one),
+    one curve per method ordered by scale."""
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for method in sorted({r["label"] for r in rows}):
         pts = sorted((r for r in rows if r["label"] == method and r.get(y_key) is not None),
@@ -83,7 +84,9 @@ def pareto_plot(rows: list[dict], y_key: str, y_label: str, path: Path) -> None:
         lo = np.array([100 * r["forbidden_rate_ci"][0] for r in pts])
         hi = np.array([100 * r["forbidden_rate_ci"][1] for r in pts])
         y = np.array([r[y_key] for r in pts], dtype=float)
-        ax.errorbar(x, y, xerr=[x - lo, hi - x], marker="o", capsize=3, label=method)
+        se = [r.get(f"{y_key}_se") for r in pts]  # KL has a bootstrap s.e.; FID and older runs none
+        yerr = np.array(se, dtype=float) if all(v is not None for v in se) else None
+        ax.errorbar(x, y, xerr=[x - lo, hi - x], yerr=yerr, marker="o", capsize=3, label=method)
     ax.set_xlabel("forbidden class generated (%)")
     ax.set_ylabel(y_label)
     ax.grid(alpha=0.3)

@@ -92,8 +92,9 @@ def main() -> None:
     for method in args.methods.split(","):
         pts = sorted((r for r in rows if r["label"] == method), key=lambda r: r["steps"])
         x = [r["steps"] for r in pts]
-        for ax, key, label in zip(axes, ("forbidden_rate", "kl_uniform", "fid"), ("forbidden rate", "KL", "FID")):
-            ax.plot(x, [r[key] for r in pts], marker="o", label=method)
+        for ax, key, label in zip(axes, ("forbidden_rate", "kl_uniform", "fid"), ("forbidden rate", "KL (± s.e.)", "FID")):
+            yerr = [r["kl_uniform_se"] for r in pts] if key == "kl_uniform" else None
+            ax.errorbar(x, [r[key] for r in pts], yerr=yerr, marker="o", capsize=3, label=method)
             ax.set_xscale("log")
             ax.set_xlabel("sampling steps")
             ax.set_ylabel(label)

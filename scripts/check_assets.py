@@ -3,7 +3,7 @@
     dng data mnist && python scripts/check_assets.py               # full: ~10 min on 2 CPU cores
     python scripts/check_assets.py --per-class 20 --unguided 300   # smaller
 
-Prints: classifier test accuracy; class-conditional samples at 50 steps classified as their label
+Prints: classifier test accuracy; class-conditional samples at 50 steps (the default σ² = β̃) classified as their label
 (target >= 95%); unguided (null label) samples: class-histogram KL to uniform (target <= 0.03) and FID
 vs the test split; network throughput at batch 128 (target >= 150 image-evaluations/s).
 Last line: one JSON object with all numbers.
