@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--compile", action="store_true", help="sampler.compile=true (compiled once, before timing)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="extra overrides for every point, e.g. sampler.variance=small")
+                    help="extra overrides for every point, e.g. sampler.variance=large")
     args = ap.parse_args()
     import time
 
