@@ -49,13 +49,13 @@ def test_few_steps_small_variance_keeps_components_sharp(gmm):
     """At 10 respaced steps σ² = β' (large) blurs every component to ~1.8x its width; β̃ (small, the
     default) stays within 25% of it. Exact scores, so only the sampler's variance differs."""
     x_T = torch.randn(N, 2, generator=torch.Generator().manual_seed(0))
-    spread = {}
-    for variance in ("small", "large"):
+
+    def spread(**variance) -> float:  # rms distance to the nearest mean, in units of the component's
         out = sample(gmm, NoiseSchedule.linear().respace(10), NoGuidance(), x_T,
-                     generator=torch.Generator().manual_seed(1), progress=False, variance=variance)
-        spread[variance] = (gmm.distance(out.images).pow(2).mean().sqrt() / (gmm.std * 2**0.5)).item()
-    assert abs(spread["small"] - 1) < 0.25
-    assert spread["large"] > 1.5
-    default = sample(gmm, NoiseSchedule.linear().respace(10), NoGuidance(), x_T,
-                     generator=torch.Generator().manual_seed(1), progress=False)
-    assert (gmm.distance(default.images).pow(2).mean().sqrt() / (gmm.std * 2**0.5)).item() == spread["small"]
+                     generator=torch.Generator().manual_seed(1), progress=False, **variance)
+        return (gmm.distance(out.images).pow(2).mean().sqrt() / (gmm.std * 2**0.5)).item()
+
+    small, large = spread(variance="small"), spread(variance="large")
+    assert abs(small - 1) < 0.25
+    assert large > 1.5
+    assert spread() == small  # the default
