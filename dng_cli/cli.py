@@ -10,7 +10,6 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from dng_cli import UserError
 

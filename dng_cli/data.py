@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import logging
 import os
 import pickle
-import shutil
 import struct
 import subprocess
 import sys
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 
 from dng_cli import UserError
+from dng_cli.io import atomic_save
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +92,12 @@ def mnist_from_pickle(pkl_gz: str | Path, raw_dir: Path, sha256: str | None = MN
 
 
 def _write_atomically(raw_dir: Path, arrays: dict[str, np.ndarray]) -> None:
-    raw_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".raw-", dir=raw_dir.parent))
-    try:
+    def save(tmp: str) -> None:
+        Path(tmp).mkdir()
         for name, array in arrays.items():
-            write_idx(tmp / name, array)
-        if raw_dir.exists():
-            shutil.rmtree(raw_dir)
-        os.replace(tmp, raw_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            write_idx(Path(tmp) / name, array)
+
+    atomic_save(raw_dir, save)
 
 
 def _pip_download(requirement: str, dest: Path) -> Path:

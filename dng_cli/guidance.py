@@ -1,13 +1,23 @@
 """Negative guidance methods: how ε_u and the forbidden-class ε_c combine into the ε̃ a step uses.
 
-Every method is one small class. The sampler calls ``start`` once, ``__call__`` every step and, for
-methods that track a posterior, ``update`` after the step has been taken. ``eps_c`` always arrives
-as ``[K, B, ...]`` (K forbidden classes); returned scales are the effective λ_t per sample, ``[B]``.
+Every method is one small class implementing the ``Guidance`` protocol, and the sampler knows
+nothing else about it:
+
+- ``start(x_T, num_classes) -> state``: once, before the first step (the method's memory lives in
+  ``state``, one entry per sample);
+- ``__call__(eps_u, eps_c, step, state) -> (ε̃, λ_t)``: every step; ``eps_c`` is ``[K, B, ...]``
+  (K forbidden classes), λ_t the effective scale per sample, ``[B]``;
+- ``update(state, info: StepInfo)``: after every noisy step, for methods with ``needs_update``
+  (the step's result, the unguided means μ_u, μ_c, its variances and the original timesteps it spans);
+- ``posterior(state) -> [B, K] | None``: p(c | x_t, …, x_T) of methods that track one.
+
+A new method is one subclass here plus one ``configs/method/<name>.yaml`` (and an entry in METHODS).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,25 +27,57 @@ from dng_cli import UserError
 State = dict[str, Any]
 
 
-class NoGuidance:
-    """Plain ancestral sampling: ε̃ = ε_u."""
+@dataclass
+class StepInfo:
+    """What one reverse step x_t -> x' hands to ``Guidance.update``."""
 
-    tracks_posterior = False
-    needs_conditional = False
+    x_next: torch.Tensor  # x' = μ(ε̃) + σ z, [B, ...]
+    mu_u: torch.Tensor  # μ(ε_u), the unguided mean of the step, [B, ...]
+    mu_c: torch.Tensor  # μ(ε_c) per forbidden class, [K, B, ...]
+    variance: float  # σ_k² the sampler drew with
+    variance_small: float  # β̃_k of the (respaced) chain
+    timestep_span: tuple[int, int]  # original timesteps (τ_{k-1}, τ_k] this step covers
+    span_precision: float  # Σ_{s in span} 1/σ_s² on the original chain, same variance kind as ``variance``
+    span_precision_small: float  # Σ_{s in span} 1/β̃_s on the original chain
+
+
+class Guidance:
+    """Base class and protocol of a guidance method; on its own it is plain ancestral sampling."""
+
+    needs_conditional = True  # does it use ε_c (one network input per forbidden class)?
+    needs_update = False  # does the sampler call ``update`` after each step?
+    tracks_posterior = False  # does ``posterior`` return p(c | x_t, …, x_T)?
 
     def start(self, x_T: torch.Tensor, num_classes: int) -> State:
         return {}
 
     def __call__(self, eps_u: torch.Tensor, eps_c: torch.Tensor | None, step: int, state: State):
+        raise NotImplementedError
+
+    def update(self, state: State, info: StepInfo) -> None:
+        """Called after each noisy step when ``needs_update``; default: nothing to track."""
+
+    def posterior(self, state: State) -> torch.Tensor | None:
+        """p(c | x_t, …, x_T) per sample and forbidden class, [B, K]; None when not tracked."""
+        return None
+
+    def check_classes(self, num_classes: int) -> None:
+        """Raise UserError when the method cannot guide away from ``num_classes`` classes at once."""
+
+
+class NoGuidance(Guidance):
+    """Plain ancestral sampling: ε̃ = ε_u."""
+
+    needs_conditional = False
+
+    def __call__(self, eps_u: torch.Tensor, eps_c: torch.Tensor | None, step: int, state: State):
         return eps_u, eps_u.new_zeros(eps_u.shape[0])
 
 
-class NegativePrompting(NoGuidance):
+class NegativePrompting(Guidance):
     """Negative Prompting with a constant scale (Ho & Salimans 2022; Liu et al. 2022, "Composable
     Diffusion", Eq. 13 with a negative weight):  ε̃ = ε_u - λ Σ_c (ε_c - ε_u).
     """
-
-    needs_conditional = True
 
     def __init__(self, guidance_scale: float = 1.0):
         self.guidance_scale = _check_finite_nonneg("guidance_scale", guidance_scale)
@@ -45,7 +87,7 @@ class NegativePrompting(NoGuidance):
         return eps, eps_u.new_full((eps_u.shape[0],), self.guidance_scale)
 
 
-class SafeLatentDiffusion(NoGuidance):
+class SafeLatentDiffusion(Guidance):
     """Safe Latent Diffusion (Schramowski et al., CVPR 2023, Eqs. 3-8), as diffusers'
     ``StableDiffusionPipelineSafe`` with the prompt taken as the unconditional prediction:
 
@@ -55,20 +97,21 @@ class SafeLatentDiffusion(NoGuidance):
         ε̃ = ε_u - λ Σ_c γ_c      once step index ≥ warmup_steps, else ε_u           # Eq. 3
 
     The reported effective scale is λ times the mean of the element-wise mask m (0 during warm-up).
+    Momentum and warm-up count sampling steps, as in diffusers: ν's memory spans 1/(1 - β_m) steps,
+    so at 50 steps it reaches 20x further back in diffusion time than at 1000.
     """
-
-    needs_conditional = True
 
     def __init__(self, guidance_scale: float = 1.0, threshold: float = 0.04, scale: float = 100.0,
                  momentum_scale: float = 0.2, momentum_beta: float = 0.1, warmup_steps: int = 0):
         self.guidance_scale = _check_finite_nonneg("guidance_scale", guidance_scale)
-        self.threshold = float(threshold)
+        self.threshold = _number("threshold", threshold)
         self.scale = _check_finite_nonneg("scale", scale)
         self.momentum_scale = _check_finite_nonneg("momentum_scale", momentum_scale)
+        momentum_beta = _number("momentum_beta", momentum_beta)
         if not 0.0 <= momentum_beta < 1.0:
             raise UserError(f"momentum_beta={momentum_beta} is invalid: it must lie in [0, 1)")
         self.momentum_beta = float(momentum_beta)
-        if int(warmup_steps) != warmup_steps or warmup_steps < 0:
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise UserError(f"warmup_steps={warmup_steps} is invalid: it must be a non-negative integer")
         self.warmup_steps = int(warmup_steps)
 
@@ -86,30 +129,36 @@ class SafeLatentDiffusion(NoGuidance):
         return eps, self.guidance_scale * mask.flatten(2).mean(-1).sum(0)
 
 
-class DynamicNegativeGuidance(NoGuidance):
+class DynamicNegativeGuidance(Guidance):
     """Dynamic Negative Guidance (Koulischer et al., ICLR 2025, Eqs. 9-12 and Alg. 1):
 
         ε̃ = ε_u - λ Σ_c p_c / (1 - Σ_c p_c) · (ε_c - ε_u),
         p_c = p(c | x_t, …, x_T), tracked along the reverse chain from p_c = prior:
-        log p_c ← clip( log p_c + (offset - temperature · (‖x' - μ_c‖² - ‖x' - μ_u‖²)) / (2σ²),
+        log p_c ← clip( log p_c + Σ_{s ∈ span} offset/(2σ_s²) - temperature · (‖x' - μ_c‖² - ‖x' - μ_u‖²)/(2σ²),
                         log p_min, log p_max ),
         μ_u = μ(ε_u), μ_c = μ(ε_c) the UNguided means of the step just taken, x' its result.
 
+    ``offset`` is a drift rate per ORIGINAL timestep: a respaced step adds offset/(2σ_s²) for every
+    original timestep s it spans (σ_s² of the original chain), so its total drift is the same at
+    every step count; at K = T steps this is the official code's per-step offset/(2σ²).
     The posterior lives in log space, so it stays finite for any scale. ``1 - Σ p`` is floored at
     ``1 - p_max`` (only reachable with several classes). σ² is the variance the sampler draws with
     (``update_variance="sampled"``); ``update_variance="small"`` uses β̃ whatever the sampler draws
     with — with ``sampler.variance=large`` and ``offset=0`` that is the official implementation's
     convention (github.com/FelixKoulischer/Dynamic-Negative-Guidance).
     Static limit: temperature = offset = 0 is NP with scale λ·prior/(1-prior).
+    ``guidance_scale=0`` tracks the posterior without guiding: a pure detector run.
     """
 
+    needs_update = True
     tracks_posterior = True
-    needs_conditional = True
 
-    def __init__(self, guidance_scale: float = 5.0, prior: float = 0.01, temperature: float = 0.2,
-                 offset: float = 2e-4, p_min: float = 1e-6, p_max: float = 0.8,
+    def __init__(self, guidance_scale: float = 10.0, prior: float = 0.1, temperature: float = 1.0,
+                 offset: float = 0.0, p_min: float = 1e-6, p_max: float = 0.99,
                  update_variance: str = "sampled"):
         self.guidance_scale = _check_finite_nonneg("guidance_scale", guidance_scale)
+        prior, offset, p_min, p_max = (_number(n, v) for n, v in
+                                       (("prior", prior), ("offset", offset), ("p_min", p_min), ("p_max", p_max)))
         if not 0.0 < prior < 1.0:
             raise UserError(f"prior={prior} is invalid: it must lie in (0, 1)")
         self.temperature = _check_finite_nonneg("temperature", temperature)
@@ -123,7 +172,7 @@ class DynamicNegativeGuidance(NoGuidance):
             raise UserError(f"prior={prior} is invalid: it must lie in [p_min, p_max] = [{p_min}, {p_max}]")
         if update_variance not in ("sampled", "small"):
             raise UserError(f"update_variance={update_variance!r} is invalid: allowed are sampled, small")
-        self.prior, self.offset, self.p_min, self.p_max = float(prior), float(offset), float(p_min), float(p_max)
+        self.prior, self.offset, self.p_min, self.p_max = prior, offset, p_min, p_max
         self.update_variance = update_variance
 
     def check_classes(self, num_classes: int) -> None:
@@ -136,6 +185,9 @@ class DynamicNegativeGuidance(NoGuidance):
         self.check_classes(num_classes)
         return {"log_posterior": x_T.new_full((x_T.shape[0], num_classes), math.log(self.prior))}
 
+    def posterior(self, state):
+        return state["log_posterior"].exp()
+
     def weights(self, log_posterior: torch.Tensor) -> torch.Tensor:
         """Per-class scales λ p_c / (1 - Σ p), [B, K]."""
         p = log_posterior.exp()
@@ -147,19 +199,31 @@ class DynamicNegativeGuidance(NoGuidance):
         eps = eps_u - (w_b * (eps_c - eps_u)).sum(0)  # Eq. 12
         return eps, w.sum(-1)
 
-    def update(self, state: State, x_next: torch.Tensor, mu_u: torch.Tensor, mu_c: torch.Tensor, variance: float):
+    def update(self, state: State, info: StepInfo) -> None:
         """Bayes update of log p_c with the Gaussian transition ratio N(x'; μ_c, σ²) / N(x'; μ_u, σ²)."""
-        r = x_next - mu_u
-        delta = mu_c - mu_u  # [K, B, ...]
+        small = self.update_variance == "small"
+        variance = info.variance_small if small else info.variance
+        drift = 0.5 * self.offset * (info.span_precision_small if small else info.span_precision)
+        r = info.x_next - info.mu_u
+        delta = info.mu_c - info.mu_u  # [K, B, ...]
         # ‖x' - μ_c‖² - ‖x' - μ_u‖² = ‖δ‖² - 2⟨x' - μ_u, δ⟩
         sq = (delta * (delta - 2 * r)).flatten(2).sum(-1).t()  # [B, K]
-        increment = (self.offset - self.temperature * sq) / (2.0 * variance)
+        increment = drift - self.temperature * sq / (2.0 * variance)
         increment = torch.nan_to_num(increment, nan=0.0, posinf=1e30, neginf=-1e30)
         state["log_posterior"] = (state["log_posterior"] + increment).clamp_(math.log(self.p_min), math.log(self.p_max))
 
 
+def _number(name: str, value) -> float:
+    if isinstance(value, bool):
+        raise UserError(f"{name}={value!r} is invalid: it must be a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name}={value!r} is invalid: it must be a number") from None
+
+
 def _check_finite_nonneg(name: str, value: float) -> float:
-    value = float(value)
+    value = _number(name, value)
     if not (math.isfinite(value) and value >= 0):
         raise UserError(f"{name}={value} is invalid: it must be a finite number >= 0")
     return value

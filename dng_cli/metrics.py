@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dng_cli import UserError
+from dng_cli.io import atomic_save
 
 FEATURES = ("classifier", "inception")
 INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
@@ -38,6 +39,11 @@ def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float
 
 def class_histogram(predictions: torch.Tensor, num_classes: int) -> list[int]:
     return torch.bincount(predictions.long().flatten(), minlength=num_classes).tolist()
+
+
+def is_forbidden(predictions: torch.Tensor, forbidden: Sequence[int]) -> torch.Tensor:
+    """[B] bools: is each predicted class one of the forbidden ones?"""
+    return torch.isin(predictions.long(), torch.as_tensor(list(forbidden), dtype=torch.long))
 
 
 def forbidden_rate(counts: Sequence[int], forbidden: Sequence[int]) -> dict:
@@ -71,6 +77,54 @@ def kl_uniform_se(counts: Sequence[int], forbidden: Sequence[int] = (), smoothin
     n = int(counts.sum())
     draws = np.random.default_rng(seed).multinomial(n, counts / n, size=n_boot)
     return float(np.std([kl_uniform(d, forbidden, smoothing) for d in draws], ddof=1))
+
+
+def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float | None:
+    """Area under the ROC curve of ``scores`` for the boolean labels ``positive`` (Mann-Whitney U with
+    ties counted half); None when either group is empty."""
+    scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    positive = torch.as_tensor(positive, dtype=torch.bool).flatten()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = scores.argsort()
+    sorted_scores = scores[order]
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()  # average rank of each run of tied scores
+    ranks[order] = (ends - (counts.double() - 1) / 2)[inverse]
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+POSTERIOR_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+MIN_POSTERIOR_SAMPLES = 5
+
+
+def posterior_detection(posterior: torch.Tensor, is_forbidden: torch.Tensor,
+                        fractions: Sequence[float] = POSTERIOR_FRACTIONS) -> dict:
+    """The tracked posterior as a detector of the classifier's verdict on each final image.
+
+    ``posterior``: [steps, B] or [steps, B, K] (summed over the K forbidden classes); ``is_forbidden``:
+    [B] bools. At each fraction f of the chain (the posterior after step round(f·steps)) it gives the
+    AUROC and the mean p of samples classified forbidden and kept. AUROC and the forbidden mean are
+    None when fewer than ``MIN_POSTERIOR_SAMPLES`` samples are forbidden (or kept, for AUROC)."""
+    post = (posterior.sum(-1) if posterior.dim() == 3 else posterior).double()
+    is_forbidden = torch.as_tensor(is_forbidden, dtype=torch.bool)
+    n_forb, n_kept = int(is_forbidden.sum()), int((~is_forbidden).sum())
+    enough = n_forb >= MIN_POSTERIOR_SAMPLES and n_kept >= MIN_POSTERIOR_SAMPLES
+    steps = post.shape[0]
+    at, mean_f, mean_k = {}, {}, {}
+    for f in fractions:
+        p = post[max(0, round(f * steps) - 1)]
+        key = f"{f:g}"
+        at[key] = auroc(p, is_forbidden) if enough else None
+        mean_f[key] = float(p[is_forbidden].mean()) if n_forb >= MIN_POSTERIOR_SAMPLES else None
+        mean_k[key] = float(p[~is_forbidden].mean()) if n_kept else None
+    return {"posterior_auroc": at["1"], "posterior_auroc_at": at,
+            "posterior_mean_forbidden": mean_f["1"], "posterior_mean_kept": mean_k["1"],
+            "posterior_mean_forbidden_at": mean_f, "posterior_mean_kept_at": mean_k,
+            "posterior_n_forbidden": n_forb}
 
 
 # ------------------------------------------------------------------------------------------ FID
@@ -154,8 +208,6 @@ def per_class_stats(net: nn.Module, images_uint8: torch.Tensor, labels: torch.Te
 
 
 def save_stats(path: Path, stats: dict[str, np.ndarray]) -> None:
-    from dng_cli.commands.common import atomic_save
-
     atomic_save(path, lambda tmp: np.savez(open(tmp, "wb"), **stats))
 
 

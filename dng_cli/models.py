@@ -114,6 +114,19 @@ def load_classifier(name_or_path: str | Path) -> Classifier:
     return model.eval().requires_grad_(False)
 
 
+@torch.inference_mode()
+def classify(classifier: Classifier, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted classes, penultimate features) of images: uint8 [0, 255] or floats in [-1, 1]."""
+    preds, feats = [], []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size]
+        x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
+        f = classifier.features(x)
+        feats.append(f)
+        preds.append(classifier.head(f).argmax(1))
+    return torch.cat(preds), torch.cat(feats)
+
+
 # ------------------------------------------------------------------------------------- eps_fns
 class Network:
     """One UNet as the sampler calls it: memory format, optional ``torch.compile`` and micro-batches.

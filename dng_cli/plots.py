@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dng_cli.commands.common import atomic_save  # noqa: E402
+from dng_cli.io import atomic_save  # noqa: E402
 
 
 def save_grid(images_uint8: torch.Tensor, path: Path, nrow: int | None = None) -> None:
@@ -35,22 +35,35 @@ def _save_fig(fig, path: Path) -> None:
 
 
 def guidance_plot(timesteps: torch.Tensor, scale: torch.Tensor, posterior: torch.Tensor, path: Path,
-                  title: str = "", n_individual: int = 6) -> None:
-    """λ_t and p(c | x_t…x_T) along the reverse process: the mean and a few individual samples."""
+                  title: str = "", n_individual: int = 6, is_forbidden: torch.Tensor | None = None) -> None:
+    """λ_t and p(c | x_t…x_T) along the reverse process: the mean and a few individual samples.
+
+    With ``is_forbidden`` (the classifier's verdict on each final image) the curves are coloured by
+    it (red: classified forbidden, blue: kept), each group with its own mean: how early and how
+    clearly the posterior singles out the samples that end up forbidden."""
     t = timesteps.numpy()
     post = posterior.sum(-1) if posterior.dim() == 3 else posterior
+    if is_forbidden is None:
+        groups = [("mean", "k", np.arange(post.shape[1]), None)]
+    else:
+        flags = np.asarray(is_forbidden, dtype=bool)
+        groups = [(f"classified forbidden (n={int(flags.sum())})", "tab:red", np.flatnonzero(flags), "tab:red"),
+                  (f"kept (n={int((~flags).sum())})", "tab:blue", np.flatnonzero(~flags), "tab:blue")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, values, label in ((axes[0], scale, "effective guidance scale $\\lambda_t$"),
                               (axes[1], post, "posterior $p(c\\,|\\,x_t,\\dots,x_T)$")):
         v = values.numpy()
-        for j in range(min(n_individual, v.shape[1])):
-            ax.plot(t, v[:, j], lw=0.8, alpha=0.6)
-        ax.plot(t, v.mean(1), color="k", lw=2, label="mean")
+        for name, color, idx, line_color in groups:
+            if len(idx) == 0:
+                continue
+            for j in idx[:n_individual]:
+                ax.plot(t, v[:, j], lw=0.8, alpha=0.5, color=line_color)
+            ax.plot(t, v[:, idx].mean(1), color=color, lw=2, label=name)
         ax.set_xlabel("timestep t")
         ax.set_ylabel(label)
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
-        ax.legend(loc="best")
+        ax.legend(loc="best", fontsize=8)
     if title:
         fig.suptitle(title)
     _save_fig(fig, path)

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from dng_cli.guidance import NoGuidance
+from dng_cli.guidance import Guidance, NoGuidance, StepInfo
 from dng_cli.schedule import NoiseSchedule
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
@@ -34,7 +34,7 @@ def randn(shape: Sequence[int], generator: Generators, device=None, dtype=torch.
     return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
 
 
-def sample(eps_fn: EpsFn, schedule: NoiseSchedule, guidance=None, x_T: torch.Tensor | None = None,
+def sample(eps_fn: EpsFn, schedule: NoiseSchedule, guidance: Guidance | None = None, x_T: torch.Tensor | None = None,
            generator: Generators = None, progress: bool = True, variance: str = "small",
            shape: Sequence[int] | None = None) -> SampleOutput:
     """Run the reverse chain of ``schedule`` from ``x_T`` with ``guidance`` (default: none).
@@ -52,10 +52,11 @@ def sample(eps_fn: EpsFn, schedule: NoiseSchedule, guidance=None, x_T: torch.Ten
     x = x_T
     batch, steps = x.shape[0], len(schedule)
     sigma2 = schedule.variances(variance)
-    update_var = schedule.variances("small") if getattr(guidance, "update_variance", "sampled") == "small" else sigma2
     # Per-step coefficients as Python floats: no host syncs inside the loop.
     abar, betas = schedule.alphas_cumprod.tolist(), schedule.betas.tolist()
-    sig, upd = sigma2.sqrt().tolist(), update_var.tolist()
+    sig, var, var_small = sigma2.sqrt().tolist(), sigma2.tolist(), schedule.variances("small").tolist()
+    prec, prec_small = schedule.span_precision(variance).tolist(), schedule.span_precision("small").tolist()
+    spans = schedule.timestep_spans()
     ts = schedule.timesteps.flip(0)
     t_batch = ts.to(x.device).view(-1, 1).expand(steps, batch).contiguous()
 
@@ -77,12 +78,14 @@ def sample(eps_fn: EpsFn, schedule: NoiseSchedule, guidance=None, x_T: torch.Ten
         x_next = (x - c_eps * eps) * c_x  # μ(ε̃)
         if k > 0:
             x_next = x_next + sig[k] * randn(x.shape, generator, device=x.device, dtype=x.dtype)
-            if guidance.tracks_posterior:
+            if guidance.needs_update:
                 mu_u = (x - c_eps * eps_u) * c_x
                 mu_c = (x - c_eps * eps_c) * c_x
-                guidance.update(state, x_next, mu_u, mu_c, upd[k])
-        if guidance.tracks_posterior:
-            posterior[i] = state["log_posterior"].exp()
+                guidance.update(state, StepInfo(x_next, mu_u, mu_c, var[k], var_small[k], spans[k], prec[k],
+                                                prec_small[k]))
+        p = guidance.posterior(state)
+        if p is not None:
+            posterior[i] = p
         x = x_next
     if num_classes == 1:
         posterior = posterior.squeeze(-1)

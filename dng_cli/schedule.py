@@ -24,6 +24,7 @@ class NoiseSchedule:
     betas: torch.Tensor  # float64[K]
     alphas_cumprod: torch.Tensor  # float64[K]
     num_train_timesteps: int
+    original_betas: torch.Tensor | None = None  # float64[T] of the chain this one was respaced from (None: itself)
 
     @classmethod
     def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "NoiseSchedule":
@@ -56,7 +57,36 @@ class NoiseSchedule:
             idx = torch.tensor([T - 1])
         abar = self.alphas_cumprod[idx]
         abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
-        return NoiseSchedule(self.timesteps[idx], 1.0 - abar / abar_prev, abar, self.num_train_timesteps)
+        return NoiseSchedule(self.timesteps[idx], 1.0 - abar / abar_prev, abar, self.num_train_timesteps,
+                             self.original().betas)
+
+    def original(self) -> "NoiseSchedule":
+        """The full chain this schedule was respaced from (itself when it was not respaced)."""
+        if self.original_betas is None:
+            return self
+        betas = self.original_betas
+        return NoiseSchedule(torch.arange(len(betas)), betas, torch.cumprod(1.0 - betas, 0), len(betas))
+
+    def timestep_spans(self) -> list[tuple[int, int]]:
+        """Step k covers the original timesteps (τ_{k-1}, τ_k]; step 0 covers [0, τ_0] (τ_{-1} := -1)."""
+        t = [-1, *self.timesteps.tolist()]
+        return [(t[k], t[k + 1]) for k in range(len(self))]
+
+    def span_precision(self, kind: str = "large") -> torch.Tensor:
+        """Σ_{s ∈ (τ_{k-1}, τ_k]} 1/σ_s² per step k, σ_s² of the ORIGINAL chain (``kind`` as in ``variances``).
+
+        What a per-original-timestep rate sums to over one respaced step: DNG's ``offset`` adds
+        offset/(2σ_s²) for every original timestep s, so its total drift does not depend on the
+        number of steps. Equals 1/σ_k² when the schedule is not respaced. Step 0 ends the chain
+        without noise (no posterior update), and its entry is 0."""
+        orig = self.original()
+        var = orig.variances(kind)
+        precision = torch.zeros_like(var)
+        precision[1:] = 1.0 / var[1:]  # σ_0² = β̃_0 = 0: timestep 0 is never inside a noisy step's span
+        cum = torch.cat([precision.new_zeros(1), precision.cumsum(0)])  # cum[j] = Σ_{s<j}
+        out = torch.tensor([cum[hi + 1] - cum[lo + 1] for lo, hi in self.timestep_spans()], dtype=torch.float64)
+        out[0] = 0.0
+        return out
 
     @property
     def alphas_cumprod_prev(self) -> torch.Tensor:

@@ -62,9 +62,62 @@ def check(config_name: str, args: list[str]) -> None:
     if any(a in INFO_FLAGS for a in args):
         return
     check_choices(args)
-    if any(a in MULTIRUN_FLAGS for a in args):
-        return  # sweeps: each job validates itself and a failing one is logged, not fatal
     overrides = [a for a in args if not a.startswith("hydra.") and not a.startswith("-")]
+    if any(a in MULTIRUN_FLAGS for a in args):
+        jobs = sweep_jobs(config_name, overrides)
+        for job in jobs[:MAX_CHECKED_JOBS]:
+            try:
+                check_one(config_name, job)
+            except UserError as err:
+                sweep_part = [o for o in job if o not in overrides]
+                raise UserError(f"sweep job {','.join(sweep_part) or '(every job)'}: {err}") from None
+        return
+    check_one(config_name, overrides)
+
+
+MAX_CHECKED_JOBS = 512
+
+
+def sweep_jobs(config_name: str, overrides: list[str]) -> list[list[str]]:
+    """The override list of every job of a sweep (command-line sweeps and the config's
+    ``hydra.sweeper.params``, as Hydra's basic sweeper combines them), so that each job's config
+    is checked before anything runs."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    try:
+        parsed = parser.parse_overrides(overrides)
+    except Exception as err:
+        raise UserError(str(err).strip().splitlines()[0]) from None
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    axes: dict[str, list[str]] = {}
+    base = compose(config_name, fixed, return_hydra_config=True)
+    params = base.hydra.sweeper.get("params") or {}
+    for key, value in params.items():
+        if not any(o.get_key_element() == key for o in parsed):
+            axes[key] = _values(parser, f"{key}={value}")
+    for o in parsed:
+        if o.is_sweep_override():
+            axes[o.get_key_element()] = _values(parser, o.input_line)
+    names = list(axes)
+    return [fixed + [f"{k}={v}" for k, v in zip(names, combo)] for combo in itertools.product(*axes.values())]
+
+
+def _values(parser, line: str) -> list[str]:
+    (override,) = parser.parse_overrides([line])
+    key = override.get_key_element()
+    if not override.is_sweep_override():
+        return [override.get_value_element_as_str()]
+    try:
+        return list(override.sweep_string_iterator())
+    except Exception as err:  # range/glob/interval sweeps: enumerated by Hydra's sweeper only
+        raise UserError(f"{key}: {str(err).strip().splitlines()[0]}") from None
+
+
+def check_one(config_name: str, overrides: list[str]) -> None:
+    """Compose one run's config and run the command's validator."""
     cfg = compose(config_name, overrides)
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException

@@ -157,7 +157,7 @@ def main() -> None:
     for name, t in best.items():
         evals = (1 if name in ("raw 1x", "none") else 2) * args.batch * args.steps
         print(f"{name:<10} {t:9.3f} {args.batch / t:9.2f} {evals / t:12.1f}")
-    print(f"outside the network, ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in book.items())
+    print("outside the network, ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in book.items())
           + f"  (network, 2 x {args.batch} images: {net_ms:.0f} ms per step)")
     result = {
         "dng_over_np": best["dng"] / best["np"],

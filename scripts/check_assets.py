@@ -18,9 +18,8 @@ import time
 import torch
 
 from dng_cli import metrics
-from dng_cli.commands.evaluate import classify
 from dng_cli.data import load_tensors
-from dng_cli.models import SHIPPED, ClassConditionalEps, load_classifier, load_ddpm
+from dng_cli.models import SHIPPED, ClassConditionalEps, classify, load_classifier, load_ddpm
 from dng_cli.pipeline import to_uint8
 from dng_cli.sampler import randn, sample
 from dng_cli.schedule import NoiseSchedule

@@ -48,4 +48,4 @@ def test_wheel_ships_configs_and_assets(tmp_path):
                          text=True, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "guidance_scale: 5.0" in res.stdout
+    assert "guidance_scale: 10.0" in res.stdout and "prior: 0.1" in res.stdout

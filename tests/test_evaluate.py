@@ -25,6 +25,9 @@ def test_evaluate_end_to_end_and_resume(compose, tmp_path):
     assert m["fid_features"].startswith("classifier-") and m["fid"] > 0
     assert (out / "samples.png").is_file() and (out / "histogram.png").is_file()
     assert result["forbidden_rate"] == m["forbidden_rate"]
+    # DNG tracks a posterior: scored as a detector of the final verdict (too few samples for an AUROC)
+    assert m["posterior_n_forbidden"] == round(6 * m["forbidden_rate"])
+    assert m["posterior_auroc"] is None and set(m["posterior_auroc_at"]) == {"0.25", "0.5", "0.75", "1"}
     stamp = (out / "metrics.json").stat().st_mtime_ns
     evaluate.run(cfg, out)  # finished: skipped
     assert (out / "metrics.json").stat().st_mtime_ns == stamp

@@ -118,3 +118,37 @@ def test_several_classes_one_posterior_each():
     unguided = gmm.component(_run(gmm, NoGuidance(), steps=100, n=600).images)
     assert torch.isin(unguided, torch.tensor([0, 3])).double().mean().item() > 0.4
     assert forbidden_rate < 0.02
+
+
+def test_dng_offset_drift_does_not_depend_on_steps(gmm):
+    """With temperature 0 only the offset moves the posterior: after the whole chain log p has drifted
+    by offset/2 · Σ_s 1/σ_s² over the ORIGINAL timesteps, at 50 steps as at 1000."""
+    prior, offset = 1e-4, 1e-7
+    finals = {}
+    for steps in (1000, 50):
+        out = _run(gmm, DynamicNegativeGuidance(0.0, prior=prior, temperature=0.0, offset=offset, p_min=1e-9,
+                                                p_max=1 - 1e-9), steps=steps, n=4, variance="small")
+        finals[steps] = out.posterior[-1].double().log()
+    drift = 0.5 * offset * float(NoiseSchedule.linear().span_precision("small").sum())
+    assert drift > 0.01
+    for v in finals.values():
+        assert torch.allclose(v, torch.full_like(v, math.log(prior) + drift), rtol=0, atol=1e-4)
+
+
+def test_dng_guidance_scale_zero_is_a_detector(gmm):
+    """λ = 0: the samples are the unguided ones and the posterior is still tracked."""
+    a = _run(gmm, NoGuidance(), variance="small")
+    b = _run(gmm, DynamicNegativeGuidance(0.0, prior=0.3, temperature=1.0, offset=0.0, p_max=0.99), variance="small")
+    assert torch.equal(a.images, b.images)
+    assert b.posterior.std() > 0.1
+
+
+def test_official_presets_compose(compose):
+    from dng_cli.pipeline import build_guidance
+
+    expected = {"dng": (10.0, 0.1, 1.0, 0.0, 0.99), "dng_official_readme": (5.0, 0.01, 0.2, 2e-4, 0.8),
+                "dng_official_cli": (1.0, 0.2, 1.0, 0.0, 0.99), "dng_fewstep": (10.0, 0.5, 1.0, 0.0, 0.99)}
+    for preset, values in expected.items():
+        g = build_guidance(compose("evaluate", [f"method={preset}"]).method)
+        assert isinstance(g, DynamicNegativeGuidance)
+        assert (g.guidance_scale, g.prior, g.temperature, g.offset, g.p_max) == values, preset

@@ -93,3 +93,33 @@ def test_unknown_features():
 def test_inception_without_weights_names_the_file(tmp_path):
     with pytest.raises(UserError, match=metrics.INCEPTION_WEIGHTS):
         metrics.feature_network("inception", inception_weights=str(tmp_path / "missing.pth"))
+
+
+def test_auroc_matches_the_pairwise_count():
+    from dng_cli.metrics import auroc
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (200,), generator=g).double()  # many ties
+    positive = torch.rand(200, generator=g) < 0.3
+    pos, neg = scores[positive], scores[~positive]
+    brute = ((pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()).mean()
+    assert auroc(scores, positive) == pytest.approx(float(brute), abs=1e-12)
+    assert auroc(torch.arange(4.0), torch.tensor([False, False, True, True])) == 1.0
+    assert auroc(torch.arange(4.0), torch.zeros(4, dtype=torch.bool)) is None
+
+
+def test_posterior_detection_with_and_without_forbidden_samples():
+    from dng_cli.metrics import posterior_detection
+
+    steps, n = 8, 40
+    is_forb = torch.arange(n) < 10
+    post = torch.linspace(0, 1, steps)[:, None] * is_forb.double()[None, :] * 0.9 + 0.05  # rises for forbidden only
+    d = posterior_detection(post, is_forb)
+    assert d["posterior_auroc"] == 1.0 and d["posterior_n_forbidden"] == 10
+    assert set(d["posterior_auroc_at"]) == {"0.25", "0.5", "0.75", "1"}
+    assert d["posterior_mean_forbidden"] == pytest.approx(0.95) and d["posterior_mean_kept"] == pytest.approx(0.05)
+    none = posterior_detection(post, torch.zeros(n, dtype=torch.bool))  # no forbidden sample at all
+    assert none["posterior_n_forbidden"] == 0 and none["posterior_auroc"] is None
+    assert none["posterior_mean_forbidden"] is None and none["posterior_mean_kept"] == pytest.approx(float(post[-1].mean()))
+    few = posterior_detection(post.unsqueeze(-1), torch.arange(n) < 4)  # [steps, B, K] and only 4 forbidden
+    assert few["posterior_auroc"] is None and few["posterior_n_forbidden"] == 4

@@ -39,3 +39,25 @@ def test_respace_rejects_bad_steps(steps):
 def test_unknown_variance():
     with pytest.raises(UserError, match="variance"):
         NoiseSchedule.linear().variances("medium")
+
+
+@pytest.mark.parametrize("kind", ["small", "large"])
+def test_span_precision_is_step_invariant(kind):
+    """DNG's offset is a rate per original timestep: the drift Σ_k offset/2 · Σ_{s ∈ span_k} 1/σ_s² of
+    a whole chain is the same at every step count, and at K = T each step adds exactly offset/(2σ_k²)."""
+    full = NoiseSchedule.linear()
+    totals = {k: float(full.respace(k).span_precision(kind).sum()) for k in (1000, 250, 100, 50, 10, 2)}
+    assert all(v == pytest.approx(totals[1000], rel=1e-12) for v in totals.values()), totals
+    per_step = full.respace(1000).span_precision(kind)
+    assert torch.allclose(per_step[1:], 1.0 / full.variances(kind)[1:], rtol=1e-12)
+    assert per_step[0] == 0.0  # the last, noiseless step updates nothing
+    # ≈ 29 nats of drift over the chain for the official offset 2e-4 with β̃ (dominated by t → 0)
+    assert 0.5 * 2e-4 * totals[1000] > 20 if kind == "small" else True
+
+
+def test_spans_cover_the_original_chain_once():
+    s = NoiseSchedule.linear().respace(50)
+    spans = s.timestep_spans()
+    assert spans[0] == (-1, 0) and spans[-1][1] == 999
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert s.respace(10).original().betas.equal(NoiseSchedule.linear().betas)  # respacing twice keeps the original

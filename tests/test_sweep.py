@@ -22,7 +22,7 @@ def test_local_launcher_composes(compose):
 def test_paper_experiment_grid(compose):
     cfg = compose("evaluate", ["experiment=mnist_paper", "method=sld", "grid_index=3"], return_hydra_config=True)
     assert cfg.method.guidance_scale == cfg.grids.sld[3]
-    assert cfg.hydra.sweeper.params.method == "np,sld,dng_fewstep"
+    assert cfg.hydra.sweeper.params.method == "np,sld,dng"
 
 
 def _sweep(sweep_dir, *extra):
@@ -42,13 +42,21 @@ def test_submitit_local_sweep_resume_and_failure(tmp_path):
     res = _sweep(sweep, "method=np,dng")  # same sweep dir: finished runs are skipped
     assert res.returncode == 0
     assert [p.stat().st_mtime_ns for p in runs] == stamps
-    # one failing job (p_max=2 is invalid) logs its error; the other finishes
+    # a bad value is refused up front, before any job runs
     sweep2 = tmp_path / "sweep2"
     res = _sweep(sweep2, "method=dng", "method.p_max=0.5,2.0")
-    ok = [p for p in sweep2.iterdir() if "method.p_max=0.5" in p.name]
-    bad = [p for p in sweep2.iterdir() if "method.p_max=2.0" in p.name]
+    assert res.returncode == 2 and "p_max=2.0" in res.stderr and not sweep2.exists()
+    # one job failing at run time (a classifier folder with corrupt weights) logs its error; the other finishes
+    bad_clf = tmp_path / "clf"
+    bad_clf.mkdir()
+    (bad_clf / "config.json").write_text("{}")
+    (bad_clf / "model.safetensors").write_bytes(b"garbage")
+    res = _sweep(sweep2, "method=np", f"model.classifier=mnist,{bad_clf}")
+    assert res.returncode == 1 and "1 job(s) of the sweep failed" in res.stderr
+    ok = [p for p in sweep2.iterdir() if "model.classifier=mnist" in p.name]
+    bad = [p.parent for p in sweep2.rglob("error.txt")]
     assert len(ok) == 1 and (ok[0] / "metrics.json").is_file()
-    assert len(bad) == 1 and "p_max=2.0" in (bad[0] / "error.txt").read_text()
+    assert len(bad) == 1 and "could not be loaded" in (bad[0] / "error.txt").read_text()
     assert not (bad[0] / "metrics.json").exists()
     from dng_cli import cli
 

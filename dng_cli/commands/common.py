@@ -2,28 +2,39 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import shutil
 import sys
-import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dng_cli import UserError
+from dng_cli import RunRefused, UserError
+from dng_cli.io import LOCK_NAME, RunLock, atomic_save, atomic_write_text, clean_temporaries, write_json  # noqa: F401
 
 CONFIG_PATH = "pkg://dng_cli.configs"
 log = logging.getLogger("dng")
 
 
-def entry(config_name: str, run: Callable[[DictConfig, Path], Any], cleanup: bool = True):
-    """A ``@hydra.main`` function for ``run``: one-line errors for bad input, failures of a multirun
-    job logged (``error.txt``) without stopping the other jobs. With ``cleanup``, a run dir that holds
-    nothing but Hydra's own files is removed after a bad-input error (no half-written outputs)."""
+PENDING_SUBDIR = ".hydra_pending"  # Hydra writes a job's config here; it becomes .hydra once the run is admitted
+
+
+def entry(config_name: str, run: Callable[[DictConfig, Path], Any], cleanup: bool = True, lock: bool = True):
+    """A ``@hydra.main`` function for ``run``.
+
+    - one-line errors for bad input (``UserError``); a run dir that then holds nothing but Hydra's
+      own files is removed (no half-written outputs, no empty folders);
+    - with ``lock``, the run folder is locked for the run (a second process is refused), and the
+      temporaries of interrupted writes in it are removed first;
+    - Hydra writes the job's config to ``.hydra_pending/``, which replaces ``.hydra/`` only once the
+      run is admitted: a refused run never leaves a config next to results it did not make;
+    - a failing multirun job writes ``error.txt`` and the other jobs go on; a job that succeeds
+      removes an earlier ``error.txt``."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -34,25 +45,100 @@ def entry(config_name: str, run: Callable[[DictConfig, Path], Any], cleanup: boo
         output_dir = Path(hc.runtime.output_dir)
         multirun = hc.mode == RunMode.MULTIRUN
         try:
-            return run(cfg, output_dir)
+            with RunLock(output_dir) if lock else contextlib.nullcontext():
+                if lock:
+                    clean_temporaries(output_dir)
+                admitted = False
+                try:
+                    result = run(cfg, output_dir)
+                    admitted = True
+                except BaseException as err:
+                    # a refused run or a single run's bad input leaves the folder's config as it was;
+                    # a job that failed keeps its config next to its error.txt
+                    admitted = not isinstance(err, RunRefused) and (multirun or not isinstance(err, UserError))
+                    raise
+                finally:
+                    _settle_config(output_dir, admitted)
+            (output_dir / "error.txt").unlink(missing_ok=True)
+            return result
         except Exception as err:
             if multirun:
                 log.exception("job %s failed", output_dir)
-                (output_dir / "error.txt").write_text(f"{type(err).__name__}: {err}\n")
+                atomic_write_text(output_dir / "error.txt", f"{type(err).__name__}: {one_line(err)}\n")
                 return None
-            if isinstance(err, UserError):
+            if isinstance(err, (UserError, OSError)):
                 if cleanup:
                     remove_if_only_hydra(output_dir)
-                fail(str(err))
+                fail(one_line(err))
             raise
 
     return main
 
 
+class SweepStatus:
+    """Hydra callback (``hydra.callbacks.sweep_status``): after a multirun, one line naming the jobs
+    that failed (their ``error.txt``) and a non-zero exit when any did."""
+
+    def __init__(self) -> None:
+        self.start = time.time()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.start = time.time()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(str(config.hydra.sweep.dir))
+        failed = sorted(p.parent for p in sweep.glob("**/error.txt") if p.stat().st_mtime >= self.start - 1)
+        if failed:
+            first = (failed[0] / "error.txt").read_text().strip().splitlines()[0]
+            print(f"dng: error: {len(failed)} job(s) of the sweep failed (their error.txt), first "
+                  f"{failed[0].name}: {first}", file=sys.stderr)
+            sys.exit(1)
+
+    def __getattr__(self, name: str):  # the other Callback hooks: nothing to do
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+
+def _settle_config(output_dir: Path, admitted: bool) -> None:
+    """Promote the job's pending Hydra config to ``.hydra`` (admitted runs) or drop it (refused ones)."""
+    pending = output_dir / PENDING_SUBDIR
+    if not pending.is_dir():
+        return
+    if admitted:
+        target = output_dir / ".hydra"
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(pending, target)
+    else:
+        shutil.rmtree(pending, ignore_errors=True)
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: its message's first line (OSErrors: what failed on which path)."""
+    if isinstance(err, OSError) and not isinstance(err, UserError):
+        where = f" {str(err.filename)!r}" if err.filename else ""
+        return f"cannot write or read{where}: {err.strerror or type(err).__name__}"
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def remove_if_only_hydra(path: Path) -> None:
-    """Delete ``path`` when all it holds is Hydra's bookkeeping (.hydra/, *.log): never user results."""
-    if path.is_dir() and all(e.name == ".hydra" or e.suffix == ".log" for e in path.iterdir()):
-        shutil.rmtree(path, ignore_errors=True)
+    """Delete ``path`` when all it holds is Hydra's bookkeeping (.hydra/, .hydra_pending/, *.log):
+    never user results; then its parents up to ``outputs/`` if they were left empty."""
+    bookkeeping = (".hydra", PENDING_SUBDIR, LOCK_NAME)
+    if not (path.is_dir() and all(e.name in bookkeeping or e.suffix == ".log" for e in path.iterdir())):
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    parent = path.resolve().parent
+    if "outputs" not in parent.parts:
+        return
+    while parent.name != "outputs":  # e.g. outputs/evaluate/ left empty by this run
+        try:
+            parent.rmdir()  # only if empty
+        except OSError:
+            break
+        parent = parent.parent
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -69,58 +155,6 @@ def setup_torch(device: str = "cpu", num_threads: int | None = None) -> torch.de
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={device!r} is unavailable: no CUDA device here (use device=cpu)")
     return torch.device(device)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        _default_mode(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save(path: Path, save: Callable[[str], None]) -> None:
-    """Run ``save(tmp_path)`` and rename the result onto ``path`` (files or folders)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
-    try:
-        save(str(tmp))
-        _default_mode(tmp)
-        if path.is_dir():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
-
-
-def _default_mode(path: Path) -> None:
-    """mkdtemp/mkstemp create private (0700/0600) entries; give results the usual umask modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(obj: Any):
-    if isinstance(obj, (torch.Tensor,)):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
 def plain(cfg: DictConfig) -> dict:

@@ -19,4 +19,4 @@ def run(cfg: DictConfig, output_dir: Path) -> Path:
     return root
 
 
-main = entry("data", run, cleanup=False)
+main = entry("data", run, cleanup=False, lock=False)

@@ -6,7 +6,6 @@ samples.png and histogram.png. Metric definitions live in ``dng_cli.metrics``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -14,9 +13,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from dng_cli import UserError, metrics, pipeline, validate
+from dng_cli import RunRefused, UserError, io, metrics, pipeline, validate
 from dng_cli.commands.common import entry, plain, setup_torch, write_json
-from dng_cli.models import SHIPPED, load_classifier, resolve
+from dng_cli.models import SHIPPED, classify, load_classifier, resolve
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +64,86 @@ def method_label(cfg: DictConfig) -> str:
     return str(cfg.method.name)
 
 
-@torch.inference_mode()
-def classify(classifier, images_uint8: torch.Tensor, batch_size: int = 500):
-    """(predicted classes, penultimate features) of uint8 images."""
-    preds, feats = [], []
-    for i in range(0, len(images_uint8), batch_size):
-        x = images_uint8[i:i + batch_size].float() / 127.5 - 1.0
-        f = classifier.features(x)
-        feats.append(f)
-        preds.append(classifier.head(f).argmax(1))
-    return torch.cat(preds), torch.cat(feats)
+# Keys that change how fast a result is made or where files live, never the numbers in it.
+NOT_RESULT_KEYS = ("skip_existing", "overwrite", "grids", "grid_index", "sampler.batch_size", "sampler.max_batch",
+                   "sampler.channels_last", "sampler.compile", "sampler.progress", "sampler.num_threads",
+                   "sampler.device", "dataset.root", "metrics.fid.cache_dir", "model.path", "model.classifier",
+                   "model.unconditional", "model.forbidden_models", "metrics.fid.inception_weights")
+
+
+def result_config(config: dict) -> dict:
+    """The resolved config minus speed/progress/path keys (see NOT_RESULT_KEYS)."""
+    return {k: _canonical(v) for k, v in io.flatten(config)
+            if not any(k == n or k.startswith(n + ".") for n in NOT_RESULT_KEYS)}
+
+
+def _canonical(value):
+    """Numbers compare by value (a scale given as 2 on the command line is the yaml's 2.0)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def result_identity(cfg: DictConfig) -> dict:
+    """Everything that determines a result: the result config and the hashes of the weights it used."""
+    model, unet = cfg.model, "diffusion_pytorch_model.safetensors"
+    weights = {"classifier": _weights_hash(resolve(model.classifier, "classifier") / "model.safetensors", "model.classifier")}
+    if model.kind == "conditional":
+        weights["ddpm"] = _weights_hash(resolve(model.path, "ddpm") / unet, "model.path")
+    elif model.kind == "pair":
+        weights["unconditional"] = _weights_hash(Path(str(model.unconditional)) / unet, "model.unconditional")
+        for c, p in model.forbidden_models.items():
+            weights[f"class_{c}"] = _weights_hash(Path(str(p)) / unet, f"model.forbidden_models.{c}")
+    return {**result_config(plain(cfg)), **{f"weights.{k}": v for k, v in weights.items()}}
+
+
+def identity_weights(identity: dict) -> dict:
+    return {k[len("weights."):]: v for k, v in identity.items() if k.startswith("weights.")}
+
+
+def _weights_hash(path: Path, key: str) -> str:
+    if not path.is_file():
+        raise UserError(f"{key}: weights file {str(path)!r} not found")
+    return io.sha256_file(path)
+
+
+def finished_result(metrics_path: Path, identity: dict, fingerprint: str, recompute: bool) -> dict | None:
+    """The finished result in ``metrics_path`` when it was made by this very config, else None
+    (recompute: the old file is removed first). A result of another config is refused, never reused."""
+    old = io.read_json_object(metrics_path)
+    if recompute or old is None:
+        log.info("%s: recomputing (%s)", metrics_path, "overwrite=true" if recompute else "unreadable")
+        metrics_path.unlink()
+        return None
+    if old.get("fingerprint") == fingerprint:
+        log.info("%s was made by this config: skipping finished run", metrics_path)
+        return old
+    old_weights = old.get("weights") if old.get("fingerprint") is not None else identity_weights(identity)
+    old_identity = {**result_config(old.get("config") or {}),
+                    **{f"weights.{k}": v for k, v in (old_weights or {}).items()}}
+    if old.get("fingerprint") is None:  # written before fingerprints: compare what it recorded
+        if old_identity == identity:
+            log.warning("%s predates result fingerprints: its config matches, its weights were not recorded; "
+                        "skipping finished run", metrics_path)
+            return old
+    key, there, here = io.first_difference(old_identity, identity) or ("fingerprint", old.get("fingerprint"), fingerprint)
+    raise RunRefused(f"{metrics_path.parent} holds a finished run of another config ({key}={there!r} there, "
+                    f"{here!r} here): use another output folder, or overwrite=true to recompute it")
 
 
 def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
     """One evaluation; ``network``: an already loaded model (what ``pipeline.load_model`` returns) to reuse."""
     check_cfg(cfg)
     metrics_path = output_dir / "metrics.json"
-    if cfg.skip_existing and metrics_path.is_file():
-        log.info("%s exists: skipping finished run", metrics_path)
-        return json.loads(metrics_path.read_text())
+    identity = result_identity(cfg)
+    fingerprint = io.fingerprint(identity)
+    if metrics_path.exists():
+        finished = finished_result(metrics_path, identity, fingerprint, recompute=bool(cfg.get("overwrite", False))
+                                   or not cfg.skip_existing)
+        if finished is not None:
+            return finished
     device = setup_torch(cfg.sampler.device, cfg.sampler.get("num_threads"))
     num_classes = int(cfg.dataset.num_classes)
     forbidden = pipeline.forbidden_classes(cfg.method, num_classes)
@@ -120,6 +180,8 @@ def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
         "histogram": [c / n for c in counts],
         "histogram_counts": counts,
         "mean_final_posterior": float(out.posterior[-1].sum(-1).mean()) if out.posterior.dim() == 3 else float(out.posterior[-1].mean()),
+        **(metrics.posterior_detection(out.posterior, metrics.is_forbidden(preds, forbidden))
+           if gen.guidance.tracks_posterior else {}),
         "mean_guidance_scale": float(out.scale.mean()),
         "n_samples": n,
         "steps": int(cfg.sampler.steps),
@@ -127,6 +189,8 @@ def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
         "wall_time_s": round(wall, 3),
         "images_per_s": n / wall,
         "config": plain(cfg),
+        "fingerprint": fingerprint,
+        "weights": identity_weights(identity),
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     from dng_cli.plots import histogram_plot, save_grid

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from dng_cli import UserError, validate
+from dng_cli.io import read_json_object
 from dng_cli.commands.common import atomic_write_text, entry
 
 log = logging.getLogger(__name__)
@@ -18,19 +18,44 @@ COLUMNS = ["label", "method", "forbidden", "guidance_scale", "steps", "n_samples
            "forbidden_rate_hi", "kl_uniform", "kl_uniform_se", "fid", "fid_full", "fid_features", "images_per_s", "run"]
 
 
+REQUIRED = ("method", "forbidden", "forbidden_rate", "forbidden_rate_ci", "kl_uniform", "steps", "n_samples")
+
+
 def collect(root: Path) -> list[dict]:
     rows = []
     for path in sorted(root.rglob("metrics.json")):
-        try:
-            m = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            log.warning("skipping unreadable %s", path)
+        m = read_json_object(path) if path.is_file() else None
+        if m is None:
+            if not path.is_file():
+                log.warning("skipping %s: not a file", path)
             continue
-        lo, hi = m["forbidden_rate_ci"]
+        missing = [k for k in REQUIRED if k not in m]
+        if missing:
+            log.warning("skipping %s: no %s (not a dng evaluate result)", path, missing[0])
+            continue
+        try:
+            lo, hi = m["forbidden_rate_ci"]
+        except (TypeError, ValueError):
+            log.warning("skipping %s: malformed forbidden_rate_ci", path)
+            continue
         rows.append({**m, "label": m.get("label", m["method"]), "forbidden_rate_lo": lo, "forbidden_rate_hi": hi,
                      "run": str(path.parent.relative_to(root)) or "."})
     rows.sort(key=lambda r: (r["label"], str(r.get("forbidden")), r.get("guidance_scale") or 0.0, r["run"]))
     return rows
+
+
+def unfinished(root: Path) -> list[tuple[str, str]]:
+    """Job folders below root without a result: (folder, why) — its error.txt line, or "no metrics.json"
+    for a job that started (Hydra config written) but never finished."""
+    out = []
+    jobs = {p.parent.parent for p in root.rglob("config.yaml") if p.parent.name in (".hydra", ".hydra_pending")}
+    for job in sorted(jobs | {p.parent for p in root.rglob("error.txt")}):
+        if (job / "metrics.json").is_file():
+            continue
+        err = job / "error.txt"
+        why = err.read_text(errors="replace").strip().splitlines()[0] if err.is_file() else "no metrics.json (unfinished)"
+        out.append((str(job.relative_to(root)) or ".", why))
+    return out
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -48,7 +73,7 @@ def _kl(r: dict) -> str:
     return f"{r['kl_uniform']:.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], failed: list[tuple[str, str]] = ()) -> str:
     head = "| method | forbidden | scale | steps | N | forbidden % (95% CI) | KL ± s.e. | FID | FID (full) | images/s |\n"
     head += "|---|---|---|---|---|---|---|---|---|---|\n"
     lines = [
@@ -58,7 +83,11 @@ def markdown(rows: list[dict]) -> str:
         for r in rows
     ]
     features = sorted({r.get("fid_features", "") for r in rows})
-    return head + "\n".join(lines) + f"\n\nFID features: {', '.join(features)}\n"
+    text = head + "\n".join(lines) + f"\n\nFID features: {', '.join(features)}\n"
+    if failed:
+        text += f"\n**Failed or unfinished jobs ({len(failed)})** — not in the table:\n\n"
+        text += "\n".join(f"- `{job}`: {why}" for job, why in failed) + "\n"
+    return text
 
 
 def run(cfg: DictConfig, output_dir: Path) -> list[dict]:
@@ -68,20 +97,24 @@ def run(cfg: DictConfig, output_dir: Path) -> list[dict]:
     if not root.is_dir():
         raise UserError(f"report dir {str(root)!r} does not exist")
     rows = collect(root)
+    failed = unfinished(root)
     if not rows:
-        raise UserError(f"no runs below {str(root)!r}: found no metrics.json")
+        raise UserError(f"no runs below {str(root)!r}: found no metrics.json" +
+                        (f" ({len(failed)} failed or unfinished jobs)" if failed else ""))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     w.writeheader()
     for r in rows:
         w.writerow({k: _fmt(r.get(k), 6) for k in COLUMNS})
     atomic_write_text(root / "report.csv", buf.getvalue())
-    atomic_write_text(root / "report.md", markdown(rows))
+    atomic_write_text(root / "report.md", markdown(rows, failed))
     from dng_cli.plots import pareto_plot
 
     pareto_plot(rows, "kl_uniform", "class balance KL(uniform ‖ generated)", root / "pareto_kl.png")
     pareto_plot(rows, "fid", "FID vs data without forbidden classes", root / "pareto_fid.png")
-    print(markdown(rows))
+    print(markdown(rows, failed))
+    if failed:
+        log.warning("%d job(s) below %s failed or did not finish: listed in report.md", len(failed), root)
     return rows
 
 
@@ -93,4 +126,4 @@ def _check(cfg: DictConfig) -> None:
 
 
 validate.VALIDATORS["report"] = _check
-main = entry("report", run, cleanup=False)
+main = entry("report", run, cleanup=False, lock=False)

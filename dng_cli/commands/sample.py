@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from dng_cli import pipeline, validate
+from dng_cli import metrics, pipeline, validate
+from dng_cli.models import classify, load_classifier
 from dng_cli.commands.common import atomic_save, atomic_write_text, entry, setup_torch
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,14 @@ def trajectory_csv(timesteps: torch.Tensor, posterior: torch.Tensor, scale: torc
     return buf.getvalue()
 
 
+def final_verdict(cfg: DictConfig, images: torch.Tensor) -> torch.Tensor | None:
+    """Is each final image classified as a forbidden class? None when the model config names no classifier."""
+    if OmegaConf.is_missing(cfg.model, "classifier") or cfg.model.get("classifier") is None:
+        return None
+    preds, _ = classify(load_classifier(cfg.model.classifier), images)
+    return metrics.is_forbidden(preds, pipeline.forbidden_classes(cfg.method, int(cfg.dataset.num_classes)))
+
+
 def run(cfg: DictConfig, output_dir: Path) -> dict:
     pipeline.check_run_cfg(cfg)
     device = setup_torch(cfg.sampler.device, cfg.sampler.get("num_threads"))
@@ -57,7 +66,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
                 lambda tmp: np.savez_compressed(open(tmp, "wb"), images=images.numpy(), seeds=np.asarray(seeds)))
     atomic_write_text(output_dir / "trajectory.csv", trajectory_csv(out.timesteps, out.posterior, out.scale))
     guidance_plot(out.timesteps, out.scale, out.posterior, output_dir / "guidance.png",
-                  title=f"{cfg.method.name}, forbidden {list(cfg.method.forbidden)}, {len(gen.schedule)} steps")
+                  title=f"{cfg.method.name}, forbidden {list(cfg.method.forbidden)}, {len(gen.schedule)} steps",
+                  is_forbidden=final_verdict(cfg, images))
     log.info("%d samples in %.1fs (%.1f images/s) -> %s", len(seeds), wall, len(seeds) / wall, output_dir)
     return {"images": images, "output": out, "wall_time_s": wall}
 

@@ -20,9 +20,9 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from dng_cli import UserError, validate
-from dng_cli.commands.common import atomic_save, entry, hardware, plain, setup_torch, write_json
+from dng_cli.commands.common import atomic_save, entry, hardware, plain, setup_torch
 from dng_cli.data import load_tensors
-from dng_cli.models import Classifier, build_unet, load_ddpm, resolve
+from dng_cli.models import Classifier, build_unet, classify, load_ddpm, resolve
 from dng_cli.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
@@ -205,15 +205,6 @@ def _save_ema(out: Path, ema, cfg: DictConfig, step: int, loss: float | None, wa
 
 
 # -------------------------------------------------------------------------------- classifier
-def evaluate_classifier(model: Classifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
-    model.eval()
-    correct = 0
-    with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            correct += (model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum().item()
-    return correct / len(images)
-
-
 def run_classifier(cfg: DictConfig, output_dir: Path) -> dict:
     """Train the small CNN (its penultimate layer is the FID feature space); writes ``classifier/``."""
     for key in ("epochs", "batch_size"):
@@ -250,7 +241,8 @@ def run_classifier(cfg: DictConfig, output_dir: Path) -> dict:
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    accuracy = evaluate_classifier(model, xt, yt)
+    model.eval()
+    accuracy = float((classify(model, xt, batch_size=1000)[0] == yt).double().mean())
     log.info("test accuracy %.4f", accuracy)
     card = {"kind": "classifier", "test_accuracy": accuracy, "epochs": int(cfg.epochs), "steps": total,
             "data": {"dataset": cfg.dataset.name, "train_images": len(x), "test_images": len(xt)},

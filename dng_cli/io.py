@@ -1,0 +1,261 @@
+"""Files and run folders: atomic writes, JSON, a lock per run folder, result fingerprints.
+
+The bottom layer: it imports nothing else from ``dng_cli`` but ``UserError``. Every result file is
+written to a temporary name in its own folder and renamed into place, so a crash at any moment
+leaves either the old file or the new one, plus at worst a ``.<name>.*`` temporary that the next
+run of that folder removes (``clean_temporaries``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from dng_cli import RunRefused, UserError
+
+log = logging.getLogger("dng")
+TEMP_MARK = ".tmp-"  # every temporary this module creates is named .<target name>.tmp-<random>
+OLD_MARK = ".old-"  # a replaced folder waits under .<name>.old-<random> until the new one is in place
+LOCK_NAME = ".dng.lock"
+# temporaries of earlier versions (mkstemp/mkdtemp with prefix ".<name>."): .metrics.json.k3j_x9q2
+LEGACY_TEMP = re.compile(r"^\.(metrics\.json|samples\.png|samples\.npz|histogram\.png|trajectory\.csv|guidance\.png|"
+                         r"checkpoint|ema|classifier|card\.json|report\.(csv|md)|pareto_(kl|fid)\.png)\.[a-z0-9_]{8}$")
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}{TEMP_MARK}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        _default_mode(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(path: Path, save: Callable[[str], None]) -> None:
+    """Run ``save(tmp_path)`` and move the result onto ``path`` (a file or a folder).
+
+    A folder is replaced rename-then-delete: the old one is first renamed aside (``.<name>.old-*``),
+    the new one renamed into place, and only then is the old one deleted. A kill between the two
+    renames leaves the old folder aside, and ``recover_folder`` puts it back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent)) / path.name
+    try:
+        save(str(tmp))
+        _default_mode(tmp)
+        if path.is_dir():
+            aside = Path(tempfile.mkdtemp(prefix=f".{path.name}{OLD_MARK}", dir=path.parent))
+            os.replace(path, aside / path.name)
+            _pause_for_tests("atomic_save")
+            os.replace(tmp, path)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def recover_folder(path: Path) -> bool:
+    """If ``path`` is missing but a replaced copy of it was left aside by a killed ``atomic_save``,
+    move that copy back. Returns whether anything was recovered."""
+    path = Path(path)
+    if path.exists() or not path.parent.is_dir():
+        return False
+    asides = sorted(path.parent.glob(f".{path.name}{OLD_MARK}*/{path.name}"), key=lambda p: p.stat().st_mtime)
+    if not asides:
+        return False
+    os.replace(asides[-1], path)
+    log.warning("recovered %s from an interrupted save (%s)", path, asides[-1].parent.name)
+    return True
+
+
+def clean_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporaries that interrupted atomic writes left in ``folder`` (not recursive).
+    A replaced folder left aside is only removed once its target exists again."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        if not entry.name.startswith("."):
+            continue
+        if TEMP_MARK in entry.name or LEGACY_TEMP.match(entry.name):
+            pass
+        elif OLD_MARK in entry.name:
+            target = folder / entry.name[1:entry.name.index(OLD_MARK)]
+            if not target.exists():
+                continue  # still the only copy: recover_folder's to restore
+        else:
+            continue
+        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        removed.append(entry)
+    if removed:
+        log.info("removed %d leftover temporary file(s) in %s", len(removed), folder)
+    return removed
+
+
+def _default_mode(path: Path) -> None:
+    """mkdtemp/mkstemp create private (0700/0600) entries; give results the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def _pause_for_tests(point: str) -> None:
+    """Fault injection for the kill tests: ``DNG_TEST_PAUSE=<point>`` sleeps here after printing a mark."""
+    if os.environ.get("DNG_TEST_PAUSE") == point:
+        print(f"DNG_TEST_PAUSED {point}", flush=True)
+        time.sleep(3600)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any):
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj)}")
+
+
+def read_json_object(path: Path) -> dict | None:
+    """A JSON object from ``path``, or None (with one warning line) when it is not one."""
+    try:
+        value = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        log.warning("skipping unreadable %s (%s)", path, type(err).__name__)
+        return None
+    if not isinstance(value, dict):
+        log.warning("skipping %s: not a JSON object", path)
+        return None
+    return value
+
+
+def sha256_file(path: Path, length: int = 16) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+# ------------------------------------------------------------------------------------ fingerprints
+def fingerprint(identity: dict) -> str:
+    """A short hash of everything that determines a result (a JSON-able dict)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """("a.b.c", leaf) pairs of nested dicts, in key order."""
+    if isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from flatten(obj[k], f"{prefix}.{k}" if prefix else str(k))
+    else:
+        yield prefix, obj
+
+
+def first_difference(old: dict, new: dict) -> tuple[str, Any, Any] | None:
+    """The first key (dotted, sorted) whose value differs between two nested dicts: keys both have
+    first (a changed value names the change better than a key only one side has)."""
+    a, b = dict(flatten(old)), dict(flatten(new))
+    for key in [*sorted(set(a) & set(b)), *sorted(set(a) ^ set(b))]:
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            return key, a.get(key, "<absent>"), b.get(key, "<absent>")
+    return None
+
+
+# ------------------------------------------------------------------------------------------ locks
+class RunLock:
+    """An exclusive lock on a run folder: ``<folder>/.dng.lock`` holding the owner's pid, host and start.
+
+    A second process is refused with one line while the owner lives; a lock whose owner is gone
+    (same host, dead pid) is taken over with a warning."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK_NAME
+        self.held = False
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is None and self._young():  # being written by its owner right now
+                    owner = {"pid": "?", "host": "?", "started": "just now"}
+                if owner is not None and not self._stale(owner):
+                    raise RunRefused(f"run folder {str(self.path.parent)!r} is in use by pid {owner.get('pid')} on "
+                                    f"{owner.get('host')} since {owner.get('started')}: wait for it, or use "
+                                    f"another hydra.run.dir (lock file {self.path.name})")
+                log.warning("taking over the stale lock %s (%s)", self.path,
+                            f"pid {owner.get('pid')} on {owner.get('host')} is gone" if owner else "unreadable")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise UserError(f"could not take the lock {str(self.path)!r}: another process keeps taking it")
+
+    def _owner(self) -> dict | None:
+        try:
+            owner = json.loads(self.path.read_text())
+            return owner if isinstance(owner, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def _young(self, seconds: float = 10.0) -> bool:
+        try:
+            return time.time() - self.path.stat().st_mtime < seconds
+        except OSError:
+            return False
+
+    @staticmethod
+    def _stale(owner: dict) -> bool:
+        if owner.get("pid") == "?":
+            return False
+        if owner.get("host") != socket.gethostname():
+            return False  # another machine's process: cannot tell, so respect it
+        pid = owner.get("pid")
+        if not isinstance(pid, int) or pid <= 0:
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
