@@ -82,7 +82,10 @@ def _error(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:
+        print(usage(), file=sys.stderr)
+        sys.exit(2)
+    if argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
     name, args = argv[0], argv[1:]
@@ -108,7 +111,11 @@ def main(argv: list[str] | None = None) -> None:
         _error(str(err))
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     sys.argv = [f"dng {name}"] + args
-    getattr(module, cmd.main)()
+    try:
+        getattr(module, cmd.main)()
+    except KeyboardInterrupt:
+        print("dng: interrupted; re-run the same command to resume (finished runs are kept)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

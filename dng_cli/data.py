@@ -155,6 +155,10 @@ def prepare(name: str, root: str | Path, download: bool = True) -> Path:
     if tv_name == "CIFAR10" and (root / "cifar-10-python.tar.gz").is_file():
         import tarfile
 
+        digest = hashlib.md5((root / "cifar-10-python.tar.gz").read_bytes()).hexdigest()
+        if digest != CIFAR10_ARCHIVE_MD5:
+            raise UserError(f"{root / 'cifar-10-python.tar.gz'} has md5 {digest}, not the published "
+                            f"{CIFAR10_ARCHIVE_MD5}: refusing to extract it (download it again)")
         with tarfile.open(root / "cifar-10-python.tar.gz") as tar:
             tar.extractall(root, filter="data")
         return root
@@ -182,6 +186,23 @@ def prepare(name: str, root: str | Path, download: bool = True) -> Path:
     return root
 
 
+CIFAR10_ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"  # cifar-10-python.tar.gz as published (torchvision's too)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds only what a CIFAR-10 batch holds (dicts, lists, bytes, numpy arrays): a pickle that asks
+    for anything else — the way code gets run from a data file — is refused before it can run."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+
 def _cifar_arrays(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """CIFAR-10's python batches read directly (torchvision's reader also demands the official md5s)."""
     folder = root / "cifar-10-batches-py"
@@ -191,8 +212,11 @@ def _cifar_arrays(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if not (folder / name).is_file():
             raise UserError(f"CIFAR-10 file {folder / name} is missing: run `dng data cifar10` with internet or "
                             f"extract cifar-10-python.tar.gz under {root}")
-        with open(folder / name, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+        try:
+            with open(folder / name, "rb") as f:
+                batch = _CifarUnpickler(f, encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
+            raise UserError(f"CIFAR-10 file {folder / name} is not a plain CIFAR batch, refused unread: {err}") from None
         xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         ys.append(np.asarray(batch[b"labels"]))
     return torch.from_numpy(np.concatenate(xs)), torch.as_tensor(np.concatenate(ys), dtype=torch.long)

@@ -86,6 +86,7 @@ def recover_folder(path: Path) -> bool:
     if not asides:
         return False
     os.replace(asides[-1], path)
+    shutil.rmtree(asides[-1].parent, ignore_errors=True)
     log.warning("recovered %s from an interrupted save (%s)", path, asides[-1].parent.name)
     return True
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import unittest.mock
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +23,7 @@ from dng_cli.io import atomic_save
 
 FEATURES = ("classifier", "inception")
 INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_SHA256_PREFIX = "6726825d"  # torch.hub names a file by its sha256 prefix
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -160,8 +162,19 @@ class InceptionGray(nn.Module):
             raise UserError(f"Inception weights {INCEPTION_WEIGHTS} not found: place it at {hub} or pass "
                             f"metrics.fid.inception_weights=/path/to/{INCEPTION_WEIGHTS} (download: "
                             f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS})")
-        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                      feature_extractor_weights_path=str(path))
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if not digest.startswith(INCEPTION_SHA256_PREFIX):
+            raise UserError(f"Inception weights {str(path)!r} are not {INCEPTION_WEIGHTS} (sha256 {digest[:12]}…, "
+                            f"expected {INCEPTION_SHA256_PREFIX}…): refusing to load them")
+        real_load = torch.load
+
+        def tensors_only(f, *args, **kwargs):  # torch-fidelity asks for weights_only=False: never unpickle code
+            kwargs["weights_only"] = True
+            return real_load(f, *args, **kwargs)
+
+        with unittest.mock.patch.object(torch, "load", tensors_only):
+            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                          feature_extractor_weights_path=str(path))
         self.num_features = 2048
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

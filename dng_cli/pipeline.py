@@ -33,6 +33,8 @@ def forbidden_classes(method_cfg: DictConfig, num_classes: int) -> list[int]:
         if c in out:
             raise UserError(f"method.forbidden class {c} is given twice")
         out.append(c)
+    if len(out) == num_classes:
+        raise UserError(f"method.forbidden={out} forbids every class: at least one of 0..{num_classes - 1} must be kept")
     return out
 
 
@@ -63,19 +65,43 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
-def check_model_cfg(model_cfg: DictConfig) -> None:
+def check_model_cfg(model_cfg: DictConfig, dataset_cfg: DictConfig | None = None) -> None:
+    """The model's checkpoint folders exist and (with ``dataset_cfg``) fit the dataset's images and classes."""
+    import json
+
     kind = model_cfg.get("kind")
     if kind == "conditional":
         path = resolve(str(model_cfg.path), "ddpm")
         if not (path / "config.json").is_file():
             raise UserError(f"model.path={str(model_cfg.path)!r} is not a checkpoint folder (save_pretrained folder "
                             f"with config.json) nor a shipped name ({', '.join(SHIPPED)})")
+        configs = {"model.path": json.loads((path / "config.json").read_text())}
     elif kind == "pair":
-        for p in [model_cfg.unconditional, *model_cfg.forbidden_models.values()]:
+        configs = {}
+        for key, p in [("model.unconditional", model_cfg.unconditional),
+                       *((f"model.forbidden_models.{c}", v) for c, v in model_cfg.forbidden_models.items())]:
             if not (Path(str(p)) / "config.json").is_file():
                 raise UserError(f"model path {str(p)!r} is not a checkpoint folder (save_pretrained folder with config.json)")
-    elif kind != "random":
+            configs[key] = json.loads((Path(str(p)) / "config.json").read_text())
+    elif kind == "random":
+        from omegaconf import OmegaConf
+
+        configs = {"model.unet": OmegaConf.to_container(model_cfg.unet)}
+    else:
         raise UserError(f"model.kind={kind!r} is invalid: allowed are conditional, pair, random")
+    if dataset_cfg is None:
+        return
+    want = {"in_channels": int(dataset_cfg.channels), "sample_size": int(dataset_cfg.image_size)}
+    for key, conf in configs.items():
+        for field, value in want.items():
+            if conf.get(field) is not None and conf.get(field) != value:
+                raise UserError(f"{key} does not fit dataset={dataset_cfg.name}: its {field} is {conf.get(field)}, "
+                                f"the dataset's is {value}")
+    if kind in ("conditional", "random"):
+        embeds = next(iter(configs.values())).get("num_class_embeds")
+        if embeds is not None and embeds != int(dataset_cfg.num_classes) + 1:
+            raise UserError(f"model={model_cfg.get('name')} does not fit dataset={dataset_cfg.name}: it has "
+                            f"{embeds - 1} classes (+ null label), the dataset {int(dataset_cfg.num_classes)}")
 
 
 def check_run_cfg(cfg: DictConfig) -> None:
@@ -92,7 +118,7 @@ def check_run_cfg(cfg: DictConfig) -> None:
     for key in ("channels_last", "compile"):
         if not isinstance(cfg.sampler.get(key, False), bool):
             raise UserError(f"sampler.{key}={cfg.sampler.get(key)!r} is invalid: allowed are true, false")
-    check_model_cfg(cfg.model)
+    check_model_cfg(cfg.model, cfg.dataset)
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from importlib import resources
 from typing import Callable
 
@@ -63,8 +65,12 @@ def check(config_name: str, args: list[str]) -> None:
         return
     check_choices(args)
     overrides = [a for a in args if not a.startswith("hydra.") and not a.startswith("-")]
-    if any(a in MULTIRUN_FLAGS for a in args):
+    multirun = any(a in MULTIRUN_FLAGS for a in args)
+    hydra_args = [a for a in args if a.startswith("hydra.")]
+    if multirun:
         jobs = sweep_jobs(config_name, overrides)
+        if config_name not in ("report", "data") and jobs:
+            check_output_location(config_name, hydra_args + jobs[0], multirun)
         for job in jobs[:MAX_CHECKED_JOBS]:
             try:
                 check_one(config_name, job)
@@ -72,6 +78,8 @@ def check(config_name: str, args: list[str]) -> None:
                 sweep_part = [o for o in job if o not in overrides]
                 raise UserError(f"sweep job {','.join(sweep_part) or '(every job)'}: {err}") from None
         return
+    if config_name not in ("report", "data"):
+        check_output_location(config_name, hydra_args + overrides, multirun)
     check_one(config_name, overrides)
 
 
@@ -116,8 +124,102 @@ def _values(parser, line: str) -> list[str]:
         raise UserError(f"{key}: {str(err).strip().splitlines()[0]}") from None
 
 
+# ------------------------------------------------------------------------------- declared types
+# Every scalar option with its type and range, checked for every command whose config has the key
+# (one mechanism instead of a check per call site). (type, low, high, low inclusive?); None = open.
+INT, FLOAT, BOOL = "an integer", "a number", "true or false"
+SPEC: dict[str, tuple] = {
+    "n_samples": (INT, 1), "seed": (INT, 0), "batch_size": (INT, 1), "steps": (INT, 1), "epochs": (INT, 1),
+    "checkpoint_every": (INT, 1), "log_every": (INT, 1), "warmup_steps": (INT, 0), "width": (INT, 1),
+    "feature_dim": (INT, 1), "shift": (INT, 0), "max_train": (INT, 1), "num_threads": (INT, 1),
+    "lr": (FLOAT, 0.0, None, False), "weight_decay": (FLOAT, 0.0), "grad_clip": (FLOAT, 0.0),
+    "ema_decay": (FLOAT, 0.0, 1.0), "label_dropout": (FLOAT, 0.0, 1.0), "cfg_scale": (FLOAT, 0.0),
+    "resume": (BOOL,), "conditional": (BOOL,), "progress": (BOOL,), "skip_existing": (BOOL,), "overwrite": (BOOL,),
+    "sampler.steps": (INT, 1), "sampler.batch_size": (INT, 1), "sampler.seed": (INT, 0),
+    "sampler.max_batch": (INT, 1), "sampler.num_threads": (INT, 1), "sampler.num_train_timesteps": (INT, 1),
+    "sampler.beta_start": (FLOAT, 0.0, 1.0, False), "sampler.beta_end": (FLOAT, 0.0, 1.0, False),
+    "sampler.channels_last": (BOOL,), "sampler.compile": (BOOL,), "sampler.progress": (BOOL,),
+    "method.guidance_scale": (FLOAT, 0.0), "method.prior": (FLOAT,), "method.temperature": (FLOAT, 0.0),
+    "method.offset": (FLOAT,), "method.p_min": (FLOAT,), "method.p_max": (FLOAT,), "method.threshold": (FLOAT,),
+    "method.scale": (FLOAT, 0.0), "method.momentum_scale": (FLOAT, 0.0), "method.momentum_beta": (FLOAT,),
+    "method.warmup_steps": (INT, 0), "metrics.kl_smoothing": (FLOAT, 0.0, None, False),
+    "dataset.channels": (INT, 1), "dataset.image_size": (INT, 1), "dataset.num_classes": (INT, 2),
+}
+DEVICES = "cpu, cuda, cuda:<index>, auto"
+
+
+def check_types(cfg: DictConfig) -> None:
+    """Each declared option present in ``cfg`` has its type and lies in its range (null allowed
+    where the shipped config's default is null)."""
+    from omegaconf import OmegaConf
+
+    for key, (kind, *bounds) in SPEC.items():
+        if OmegaConf.select(cfg, key, default="<absent>", throw_on_missing=False) == "<absent>":
+            continue
+        if OmegaConf.is_missing(cfg, key):
+            continue
+        value = OmegaConf.select(cfg, key)
+        if value is None and key.split(".")[-1] in ("max_batch", "num_threads", "max_train", "grad_clip"):
+            continue
+        _check_value(key, value, kind, *bounds)
+    for key in ("sampler.device", "device"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not _device_ok(value):
+            raise UserError(f"{key}={value!r} is invalid: allowed are {DEVICES}")
+        if isinstance(value, str) and value.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError(f"{key}={value!r} is unavailable: no CUDA device here (use cpu or auto)")
+
+
+def _check_value(key: str, value, kind: str, low=None, high=None, low_inclusive: bool = True) -> None:
+    ok = {INT: isinstance(value, int) and not isinstance(value, bool),
+          FLOAT: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+          BOOL: isinstance(value, bool)}[kind]
+    if not ok:
+        raise UserError(f"{key}={value!r} is invalid: it must be {kind}")
+    if low is not None and (value < low or value == low and not low_inclusive):
+        raise UserError(f"{key}={value!r} is invalid: it must be {'>=' if low_inclusive else '>'} {low}")
+    if high is not None and value >= high:
+        raise UserError(f"{key}={value!r} is invalid: it must be < {high}")
+
+
+def _device_ok(value) -> bool:
+    if not isinstance(value, str):
+        return False
+    if value in ("cpu", "cuda", "auto", "mps"):
+        return True
+    return value.startswith("cuda:") and value[5:].isdigit()
+
+
+def check_output_location(config_name: str, overrides: list[str], multirun: bool) -> None:
+    """The run (or sweep) folder must be creatable: every existing ancestor a writable folder."""
+    from pathlib import Path
+
+    try:
+        cfg = compose(config_name, overrides, return_hydra_config=True)
+        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        from omegaconf import OmegaConf
+
+        target = Path(str(OmegaConf.select(cfg, key))).expanduser()
+    except UserError:
+        raise
+    except Exception:  # a resolver Hydra only has at run time: nothing to check here
+        return
+    p = target if target.is_absolute() else Path.cwd() / target
+    while not p.exists():
+        if p.parent == p:
+            return
+        p = p.parent
+    if not p.is_dir():
+        raise UserError(f"{key}={str(target)!r} is invalid: {str(p)!r} is a file, not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"{key}={str(target)!r} is invalid: {str(p)!r} is not writable")
+
+
 def check_one(config_name: str, overrides: list[str]) -> None:
-    """Compose one run's config and run the command's validator."""
+    """Compose one run's config and check declared types, then the command's validator."""
     cfg = compose(config_name, overrides)
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -128,6 +230,7 @@ def check_one(config_name: str, overrides: list[str]) -> None:
         key = getattr(err, "full_key", None)
         raise UserError(f"{key} has no value: set it with {key}=..." if key and "Missing" in type(err).__name__
                         else str(err).strip().splitlines()[0]) from None
+    check_types(cfg)
     validator = VALIDATORS.get(config_name)
     if validator is not None:
         validator(cfg)

@@ -59,3 +59,38 @@ def test_pair_mode_missing_model_is_one_line(capsys, tmp_path):
         cli.main(["evaluate", "dataset=cifar10", "model=cifar10_pair", f"hydra.run.dir={tmp_path / 'r'}"])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.unconditional" in err
+
+
+def test_cifar_batch_with_a_code_payload_is_refused_unread(tmp_path):
+    """A pickle in cifar-10-batches-py that would run code when unpickled is refused before it runs."""
+    import os
+
+    import pytest
+
+    from dng_cli import UserError
+    from dng_cli.data import load_tensors
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": Payload(), b"labels": [0]}, f)
+    with pytest.raises(UserError, match="not a plain CIFAR batch"):
+        load_tensors("cifar10", tmp_path, "test")
+    assert not marker.exists()
+
+
+def test_cifar_archive_with_wrong_md5_is_not_extracted(tmp_path):
+    import pytest
+
+    from dng_cli import UserError
+    from dng_cli.data import prepare
+
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not the real archive")
+    with pytest.raises(UserError, match="md5"):
+        prepare("cifar10", tmp_path)

@@ -81,3 +81,59 @@ def test_train_classifier(compose, tiny_mnist, tmp_path):
     clf = load_classifier(out / "classifier")
     assert clf(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     assert json.loads((out / "classifier" / "card.json").read_text())["test_accuracy"] == result["test_accuracy"]
+
+
+def test_resume_refuses_missing_checkpoint_and_other_architecture(compose, tiny_mnist, tmp_path):
+    import pytest
+
+    from dng_cli import UserError
+
+    with pytest.raises(UserError, match="no checkpoint in"):
+        train.run_ddpm(_ddpm_cfg(compose, tiny_mnist, tmp_path / "empty", steps=2, resume="true"), tmp_path / "empty")
+    out = tmp_path / "run"
+    train.run_ddpm(_ddpm_cfg(compose, tiny_mnist, out, steps=2), out)
+    other = _ddpm_cfg(compose, tiny_mnist, out, steps=4, resume="true", **{"model.unet.block_out_channels": "[8,8]"})
+    with pytest.raises(UserError, match="does not match this model's architecture"):
+        train.run_ddpm(other, out)
+
+
+def test_resume_with_other_settings_is_recorded(compose, tiny_mnist, tmp_path, caplog):
+    out = tmp_path / "run"
+    train.run_ddpm(_ddpm_cfg(compose, tiny_mnist, out, steps=2), out)
+    train.run_ddpm(_ddpm_cfg(compose, tiny_mnist, out, steps=4, resume="true", batch_size=4, lr=5e-4), out)
+    card = json.loads((out / "ema" / "card.json").read_text())
+    assert card["resumed_with_changes"]["batch_size"] == {"checkpoint": 8, "now": 4}
+    assert card["resumed_with_changes"]["lr"] == {"checkpoint": 1e-3, "now": 5e-4}
+    assert "resuming with batch_size=4" in caplog.text
+
+
+def test_checkpoint_survives_a_kill_during_its_replacement(compose, tiny_mnist, tmp_path):
+    """SIGKILL while the new checkpoint replaces the old one (the old is renamed aside, the new not yet in
+    place): `resume=true` recovers the old checkpoint and finishes exactly like an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "dng_cli.cli", "train", "ddpm", f"dataset.root={tiny_mnist}", "model=tiny_random",
+            "batch_size=8", "checkpoint_every=2", "progress=false", "warmup_steps=2", "steps=4",
+            f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "DNG_TEST_PAUSE": "atomic_save"})
+    try:
+        for line in proc.stdout:  # the first pause: replacing the step-2 checkpoint by the step-4 one
+            if "DNG_TEST_PAUSED atomic_save" in line:
+                break
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert not (run_dir / "checkpoint").exists() and list(run_dir.glob(".checkpoint.old-*/checkpoint"))
+    res = subprocess.run(args + ["resume=true"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "recovered" in res.stdout + res.stderr and not list(run_dir.glob(".checkpoint.*"))
+    straight = tmp_path / "straight"
+    train.run_ddpm(_ddpm_cfg(compose, tiny_mnist, straight, steps=4), straight)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(straight / "checkpoint" / name), load_file(run_dir / "checkpoint" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name

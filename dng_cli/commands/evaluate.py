@@ -6,6 +6,7 @@ samples.png and histogram.png. Metric definitions live in ``dng_cli.metrics``.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -25,6 +26,16 @@ def check_cfg(cfg: DictConfig) -> None:
     if cfg.metrics.fid.features not in metrics.FEATURES:
         raise UserError(f"metrics.fid.features={cfg.metrics.fid.features!r} is unknown: allowed are "
                         f"{', '.join(metrics.FEATURES)}")
+    clf = resolve(cfg.model.classifier, "classifier") / "config.json"
+    if not clf.is_file():
+        raise UserError(f"model.classifier={str(cfg.model.classifier)!r} is not a classifier folder (config.json "
+                        f"and model.safetensors) nor a shipped name ({', '.join(SHIPPED)})")
+    else:
+        conf = json.loads(clf.read_text())
+        for field, want in (("in_channels", int(cfg.dataset.channels)), ("num_classes", int(cfg.dataset.num_classes))):
+            if conf.get(field) is not None and conf[field] != want:
+                raise UserError(f"model.classifier={str(cfg.model.classifier)!r} does not fit dataset={cfg.dataset.name}: "
+                                f"its {field} is {conf[field]}, the dataset's is {want}")
     if cfg.metrics.fid.split not in ("train", "test"):
         raise UserError(f"metrics.fid.split={cfg.metrics.fid.split!r} is invalid: allowed are train, test")
 

@@ -137,6 +137,10 @@ class PromptEps:
 
 
 def check_cfg(cfg: DictConfig) -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UserError('dng sd needs the transformers package: pip install -e ".[sd]"') from None
     if cfg.sd_model != "tiny_random" and not Path(str(cfg.sd_model)).is_dir():
         raise UserError(f"sd_model={str(cfg.sd_model)!r} is not a folder: give a local diffusers Stable Diffusion "
                         f"folder or tiny_random")

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from dng_cli import UserError, validate
 from dng_cli.commands.common import atomic_save, entry, hardware, plain, setup_torch
 from dng_cli.data import load_tensors
+from dng_cli.io import recover_folder
 from dng_cli.models import Classifier, build_unet, classify, load_ddpm, resolve
 from dng_cli.schedule import NoiseSchedule
 
@@ -57,7 +58,11 @@ def _check_train_cfg(cfg: DictConfig) -> None:
 
 
 # ------------------------------------------------------------------------------- checkpointing
-def save_checkpoint(path: Path, model, ema, opt, step: int, loss: float, wall_time_s: float = 0.0) -> None:
+RESUME_KEYS = ("batch_size", "lr", "lr_schedule", "warmup_steps", "weight_decay", "label_dropout", "seed")
+
+
+def save_checkpoint(path: Path, model, ema, opt, step: int, loss: float, wall_time_s: float = 0.0,
+                    settings: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     def save(tmp: str) -> None:
@@ -69,7 +74,7 @@ def save_checkpoint(path: Path, model, ema, opt, step: int, loss: float, wall_ti
         tensors = {f"{i}.{k}": v.contiguous() for i, s in sd["state"].items() for k, v in s.items()}
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, "loss": loss, "wall_time_s": wall_time_s,
-                                                   "param_groups": sd["param_groups"]}))
+                                                   "param_groups": sd["param_groups"], "settings": settings or {}}))
 
     atomic_save(path, save)
 
@@ -78,7 +83,11 @@ def load_checkpoint(path: Path, model, ema, opt) -> tuple[int, float, float]:
     from safetensors.torch import load_file
 
     state = json.loads((path / "state.json").read_text())
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    try:
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+    except RuntimeError as err:
+        raise UserError(f"checkpoint {str(path)!r} does not match this model's architecture (resume with the model "
+                        f"settings it was trained with): {str(err).strip().splitlines()[0]}") from None
     ema.load_state_dict(load_file(str(path / "ema.safetensors")))
     opt_state: dict[int, dict] = {}
     for key, value in load_file(str(path / "optimizer.safetensors")).items():
@@ -116,9 +125,10 @@ def run_ddpm(cfg: DictConfig, output_dir: Path) -> dict:
 
     step, loss_value, wall_before, t_start = 0, float("nan"), 0.0, time.time()
     ckpt = out / "checkpoint"
-    if cfg.resume and (ckpt / "state.json").exists():
-        step, loss_value, wall_before = load_checkpoint(ckpt, model, ema, opt)
-        log.info("resumed from %s at step %d", ckpt, step)
+    settings = {k: plain(cfg).get(k) for k in RESUME_KEYS}
+    resumed_changes = {}
+    if cfg.resume:
+        step, loss_value, wall_before, resumed_changes = resume(ckpt, model, ema, opt, settings)
     batches = Batches(len(images), int(cfg.batch_size), int(cfg.seed))
     bar = tqdm(total=int(cfg.steps), initial=step, disable=not cfg.progress, desc="train ddpm")
     running = None
@@ -154,10 +164,27 @@ def run_ddpm(cfg: DictConfig, output_dir: Path) -> dict:
             log.info("step %d loss %.5f (ema %.5f) lr %.2e", step, loss_value, running, opt.param_groups[0]["lr"])
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             wall = wall_before + time.time() - t_start
-            save_checkpoint(ckpt, model, ema, opt, step, loss_value, wall)
-            _save_ema(out, ema, cfg, step, running, wall, len(images), classes, init)
+            save_checkpoint(ckpt, model, ema, opt, step, loss_value, wall, settings)
+            _save_ema(out, ema, cfg, step, running, wall, len(images), classes, init, resumed_changes)
     bar.close()
     return {"step": step, "loss": loss_value, "output_dir": str(out)}
+
+
+def resume(ckpt: Path, model, ema, opt, settings: dict) -> tuple[int, float, float, dict]:
+    """Load ``ckpt`` for ``resume=true``: recover it from an interrupted save, refuse when there is
+    nothing to resume, and warn about (and return) training settings that differ from the checkpoint's."""
+    recover_folder(ckpt)
+    if not (ckpt / "state.json").is_file():
+        raise UserError(f"resume=true but there is no checkpoint in {str(ckpt)!r}: pass the earlier run's folder "
+                        f"(hydra.run.dir=<its run dir> or output_dir=...), or drop resume=true to start afresh")
+    step, loss, wall = load_checkpoint(ckpt, model, ema, opt)
+    before = json.loads((ckpt / "state.json").read_text()).get("settings") or {}
+    changes = {k: {"checkpoint": before[k], "now": v} for k, v in settings.items() if k in before and before[k] != v}
+    for k, c in changes.items():
+        log.warning("resuming with %s=%r (the checkpoint was trained with %r): recorded in the card",
+                    k, c["now"], c["checkpoint"])
+    log.info("resumed from %s at step %d", ckpt, step)
+    return step, loss, wall, changes
 
 
 def learning_rate(cfg: DictConfig, step: int) -> float:
@@ -186,12 +213,14 @@ def _init_from(cfg: DictConfig, model) -> dict:
 
 
 def _save_ema(out: Path, ema, cfg: DictConfig, step: int, loss: float | None, wall: float, n: int, classes,
-              init: dict | None = None) -> None:
+              init: dict | None = None, resumed_changes: dict | None = None) -> None:
     card = {
         "kind": "ddpm", "conditional": bool(cfg.conditional), "steps": step, "final_loss_ema": loss,
         "data": {"dataset": cfg.dataset.name, "split": "train", "images": n, "classes": classes},
         "wall_time_s": round(wall, 1), "hardware": hardware(), "config": plain(cfg),
     }
+    if resumed_changes:
+        card["resumed_with_changes"] = resumed_changes
     if init:  # continued training: totals over the whole lineage
         card["init"] = init
         card["total_steps"] = step + int(init.get("steps") or 0)

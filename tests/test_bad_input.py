@@ -1,0 +1,265 @@
+"""Every bad input the README promises to handle: one stderr line naming the value, a non-zero exit,
+no traceback, and nothing left on disk (no run folder, no empty outputs/<command>/)."""
+
+import os
+
+import pytest
+import torch
+
+from dng_cli import cli
+
+T = ["model=tiny_random"]  # sample/evaluate cases need no trained weights to be refused
+CASES = [
+    # --- method values
+    ("evaluate", T + ["method=foo"], "'foo'"),
+    ("evaluate", T + ["method.forbidden=[10]"], "10"),
+    ("evaluate", T + ["method.forbidden=[-1]"], "-1"),
+    ("evaluate", T + ["method.forbidden=[0,0]"], "given twice"),
+    ("evaluate", T + ["method.forbidden=[]"], "forbidden=[]"),
+    ("evaluate", T + ["method=np", "method.forbidden=[0,1,2,3,4,5,6,7,8,9]"], "forbids every class"),
+    ("evaluate", T + ["method.forbidden=[a]"], "'a'"),
+    ("evaluate", T + ["method.p_max=1.0"], "p_max=1.0"),
+    ("evaluate", T + ["method.p_max=1e-7"], "p_max"),
+    ("evaluate", T + ["method.p_max=abc"], "p_max='abc'"),
+    ("evaluate", T + ["method.p_min=0"], "p_min"),
+    ("evaluate", T + ["method.prior=0"], "prior=0"),
+    ("evaluate", T + ["method.prior=1.5"], "prior=1.5"),
+    ("evaluate", T + ["method.prior=abc"], "prior='abc'"),
+    ("evaluate", T + ["method.temperature=-1"], "temperature=-1"),
+    ("evaluate", T + ["method.temperature=abc"], "temperature='abc'"),
+    ("evaluate", T + ["method.offset=abc"], "offset='abc'"),
+    ("evaluate", T + ["method.offset=inf"], "offset=inf"),
+    ("evaluate", T + ["method.guidance_scale=abc"], "guidance_scale='abc'"),
+    ("evaluate", T + ["method.guidance_scale=-1"], "guidance_scale=-1"),
+    ("evaluate", T + ["method.guidance_scale=nan"], "guidance_scale=nan"),
+    ("evaluate", T + ["method=np", "method.guidance_scale=-0.5"], "guidance_scale=-0.5"),
+    ("evaluate", T + ["method=np", "method.guidance_scale=true"], "guidance_scale=True"),
+    ("evaluate", T + ["method=sld", "method.threshold=abc"], "threshold='abc'"),
+    ("evaluate", T + ["method=sld", "method.momentum_beta=1"], "momentum_beta=1"),
+    ("evaluate", T + ["method=sld", "method.momentum_beta=abc"], "momentum_beta='abc'"),
+    ("evaluate", T + ["method=sld", "method.scale=-1"], "scale=-1"),
+    ("evaluate", T + ["method=sld", "method.momentum_scale=-1"], "momentum_scale=-1"),
+    ("evaluate", T + ["method=sld", "method.warmup_steps=-1"], "warmup_steps=-1"),
+    ("evaluate", T + ["method=sld", "method.warmup_steps=1.5"], "warmup_steps=1.5"),
+    ("evaluate", T + ["method=dng", "method.update_variance=huge"], "huge"),
+    ("evaluate", T + ["method=dng_fewstep", "method.forbidden=[0,6,8]"], "3 forbidden classes"),
+    ("evaluate", T + ["method=dng", "method.prior=0.2", "method.forbidden=[0,1,2,3,4]"], "5 forbidden classes"),
+    ("evaluate", T + ["method=np", "method.p_max=0.5"], "p_max"),
+    # --- sampler values
+    ("evaluate", T + ["sampler.steps=0"], "steps=0"),
+    ("evaluate", T + ["sampler.steps=1001"], "steps=1001"),
+    ("evaluate", T + ["sampler.steps=abc"], "steps='abc'"),
+    ("evaluate", T + ["sampler.steps=2.5"], "steps=2.5"),
+    ("evaluate", T + ["sampler.variance=medium"], "medium"),
+    ("evaluate", T + ["sampler.max_batch=0"], "max_batch=0"),
+    ("evaluate", T + ["sampler.max_batch=abc"], "max_batch='abc'"),
+    ("evaluate", T + ["sampler.compile=maybe"], "compile='maybe'"),
+    ("evaluate", T + ["sampler.channels_last=2"], "channels_last=2"),
+    ("evaluate", T + ["sampler.progress=abc"], "progress='abc'"),
+    ("evaluate", T + ["sampler.device=foo"], "device='foo'"),
+    ("evaluate", T + ["sampler.device=cuda:x"], "device='cuda:x'"),
+    ("evaluate", T + ["sampler.num_threads=-1"], "num_threads=-1"),
+    ("evaluate", T + ["sampler.num_threads=0"], "num_threads=0"),
+    ("evaluate", T + ["sampler.num_threads=abc"], "num_threads='abc'"),
+    ("evaluate", T + ["sampler.batch_size=0"], "batch_size=0"),
+    ("evaluate", T + ["sampler.batch_size=abc"], "batch_size='abc'"),
+    ("evaluate", T + ["sampler.seed=-1"], "seed=-1"),
+    ("evaluate", T + ["sampler.beta_start=0"], "beta_start=0"),
+    ("evaluate", T + ["sampler.beta_end=2"], "beta_end=2"),
+    ("evaluate", T + ["sampler.num_train_timesteps=0"], "num_train_timesteps=0"),
+    # --- run values
+    ("evaluate", T + ["n_samples=0"], "n_samples=0"),
+    ("evaluate", T + ["n_samples=-3"], "n_samples=-3"),
+    ("evaluate", T + ["n_samples=abc"], "n_samples='abc'"),
+    ("evaluate", T + ["n_samples=1.5"], "n_samples=1.5"),
+    ("evaluate", T + ["seed=1.5"], "seed=1.5"),
+    ("evaluate", T + ["seed=-1"], "seed=-1"),
+    ("evaluate", T + ["seed=abc"], "seed='abc'"),
+    ("evaluate", T + ["skip_existing=maybe"], "skip_existing='maybe'"),
+    ("evaluate", T + ["overwrite=2"], "overwrite=2"),
+    ("evaluate", T + ["no_such_key=1"], "no_such_key"),
+    ("evaluate", T + ["--no_such_key=1"], "no_such_key"),
+    ("evaluate", T + ["--method=foo"], "'foo'"),
+    # --- models, data, metrics
+    ("evaluate", ["model=foo"], "'foo'"),
+    ("evaluate", ["model.path=/nonexistent/ckpt"], "/nonexistent/ckpt"),
+    ("evaluate", T + ["model.classifier=/nonexistent/clf"], "/nonexistent/clf"),
+    ("evaluate", ["model=pair"], "has no value"),
+    ("evaluate", ["model=cifar10", "dataset=cifar10"], "has no value"),
+    ("evaluate", ["dataset=foo"], "'foo'"),
+    ("evaluate", ["dataset=cifar10"], "does not fit dataset=cifar10"),
+    ("evaluate", T + ["dataset=cifar10"], "does not fit dataset=cifar10"),
+    ("evaluate", ["dataset=mnist", "dataset.num_classes=5"], "does not fit"),
+    ("evaluate", T + ["metrics.fid.features=foo"], "features='foo'"),
+    ("evaluate", T + ["metrics.fid.split=val"], "split='val'"),
+    ("evaluate", T + ["metrics.kl_smoothing=0"], "kl_smoothing=0"),
+    ("evaluate", T + ["metrics.kl_smoothing=abc"], "kl_smoothing='abc'"),
+    ("evaluate", T + ["launcher=foo"], "'foo'"),
+    ("evaluate", T + ["experiment=foo"], "'foo'"),
+    # --- sweeps: checked up front, job by job
+    ("evaluate", T + ["-m", "n_samples=-3"], "n_samples=-3"),
+    ("evaluate", T + ["-m", "foo=1,2"], "foo"),
+    ("evaluate", T + ["-m", "method.guidance_scale=1,abc"], "'abc'"),
+    ("evaluate", T + ["-m", "experiment=mnist_paper", "n_samples=0"], "n_samples=0"),
+    ("evaluate", T + ["-m", "sampler.steps=0,10"], "steps=0"),
+    ("evaluate", T + ["-m", "method=np,foo"], "'foo'"),
+    ("evaluate", T + ["-m", "method=dng", "method.p_max=0.5,2.0"], "p_max=2.0"),
+    # --- dng sample
+    ("sample", T + ["method.p_max=2"], "p_max=2"),
+    ("sample", T + ["n_samples=0"], "n_samples=0"),
+    ("sample", T + ["sampler.device=foo"], "device='foo'"),
+    ("sample", T + ["seed=1.5"], "seed=1.5"),
+    ("sample", ["model.path=/nonexistent/ckpt"], "/nonexistent/ckpt"),
+    ("sample", T + ["method.forbidden=[11]"], "11"),
+    # --- dng train
+    ("train", ["ddpm", "steps=0"], "steps=0"),
+    ("train", ["ddpm", "steps=abc"], "steps='abc'"),
+    ("train", ["ddpm", "lr_schedule=linear"], "lr_schedule='linear'"),
+    ("train", ["ddpm", "init_from=/nonexistent/ema"], "/nonexistent/ema"),
+    ("train", ["ddpm", "batch_size=0"], "batch_size=0"),
+    ("train", ["ddpm", "lr=0"], "lr=0"),
+    ("train", ["ddpm", "lr=abc"], "lr='abc'"),
+    ("train", ["ddpm", "label_dropout=1"], "label_dropout=1"),
+    ("train", ["ddpm", "ema_decay=1.5"], "ema_decay=1.5"),
+    ("train", ["ddpm", "checkpoint_every=0"], "checkpoint_every=0"),
+    ("train", ["ddpm", "resume=maybe"], "resume='maybe'"),
+    ("train", ["ddpm", "device=foo"], "device='foo'"),
+    ("train", ["ddpm", "num_threads=-2"], "num_threads=-2"),
+    ("train", ["ddpm", "conditional=maybe"], "conditional='maybe'"),
+    ("train", ["ddpm", "warmup_steps=-1"], "warmup_steps=-1"),
+    ("train", ["ddpm", "seed=1.5"], "seed=1.5"),
+    ("train", ["ddpm", "dataset=foo"], "'foo'"),
+    ("train", ["classifier", "epochs=0"], "epochs=0"),
+    ("train", ["classifier", "batch_size=abc"], "batch_size='abc'"),
+    ("train", ["classifier", "lr=-1"], "lr=-1"),
+    ("train", ["classifier", "width=0"], "width=0"),
+    ("train", ["classifier", "device=foo"], "device='foo'"),
+    ("train", ["classifier", "shift=-1"], "shift=-1"),
+    ("train", [], "train needs a target"),
+    ("train", ["foo"], "'foo'"),
+    # --- dng data, report, sd, the front
+    ("data", ["foo"], "'foo'"),
+    ("report", ["/nonexistent/sweep"], "/nonexistent/sweep"),
+    ("report", [], "needs a folder"),
+    ("sd", ["sd_model=tiny_random"], "prompt has no value"),
+    ("sd", ["sd_model=/nonexistent/sd", "prompt=x"], "/nonexistent/sd"),
+    ("sd", ["sd_model=tiny_random", "prompt=x", "negative_prompt=", "method=np"], "negative_prompt is empty"),
+    ("sd", ["sd_model=tiny_random", "prompt=x", "negative_prompt=y", "steps=0"], "steps=0"),
+    ("sd", ["sd_model=tiny_random", "prompt=x", "negative_prompt=y", "cfg_scale=abc"], "cfg_scale='abc'"),
+    ("frobnicate", [], "frobnicate"),
+]
+RUN_DIR_COMMANDS = {"evaluate", "sample", "train", "sd"}
+
+
+def _one_line_failure(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code not in (0, None)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("command,args,match", CASES, ids=[f"{c} {' '.join(a)}" for c, a, _ in CASES])
+def test_bad_input(capsys, tmp_path, monkeypatch, command, args, match):
+    monkeypatch.chdir(tmp_path)  # anything written to outputs/ would land here
+    run_dir = tmp_path / "run"
+    extra = []
+    if command in RUN_DIR_COMMANDS and args and command != "train" or command == "train" and args[:1] in (["ddpm"], ["classifier"]):
+        extra = [f"hydra.sweep.dir={run_dir}" if "-m" in args else f"hydra.run.dir={run_dir}"]
+    err = _one_line_failure(capsys, [command, *args, *extra])
+    assert match in err, err
+    assert not run_dir.exists()
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_at_least_a_hundred_cases():
+    assert len(CASES) >= 100
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "an_existing_file", "read_only"])
+def test_unwritable_output_location(capsys, tmp_path, where):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    target = {"under_a_file": blocker / "run", "an_existing_file": blocker, "read_only": tmp_path / "ro" / "run"}[where]
+    if where == "read_only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        (tmp_path / "ro").mkdir(mode=0o500)
+    err = _one_line_failure(capsys, ["evaluate", *T, f"hydra.run.dir={target}"])
+    assert "hydra.run.dir" in err
+
+
+def test_no_arguments_exits_nonzero(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([])
+    assert exc.value.code == 2 and "usage: dng" in capsys.readouterr().err
+
+
+def test_cuda_without_a_gpu_is_one_line(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    err = _one_line_failure(capsys, ["evaluate", *T, "sampler.device=cuda", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert "no CUDA device" in err
+
+
+def test_report_skips_malformed_metrics_with_one_warning_each(tmp_path, capsys):
+    import json
+
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "metrics.json").write_text(json.dumps({
+        "method": "np", "forbidden": [0], "forbidden_rate": 0.0, "forbidden_rate_ci": [0.0, 0.1], "kl_uniform": 0.1,
+        "kl_uniform_se": 0.01, "steps": 2, "n_samples": 4, "fid": 1.0, "fid_full": 1.0, "images_per_s": 1.0}))
+    for name, content in (("list", b"[1, 2]"), ("nokeys", b'{"method": "np"}'), ("latin1", b'{"m": "\xe9"}'),
+                          ("badjson", b"{")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_bytes(content)
+    (tmp_path / "folder" / "metrics.json").mkdir(parents=True)
+    cli.main(["report", str(tmp_path)])
+    assert "| np |" in (tmp_path / "report.md").read_text()
+    out = capsys.readouterr()
+    skipped = [line for line in (out.out + out.err).splitlines() if "skipping" in line]
+    assert len(skipped) == 5 and "Traceback" not in out.err, skipped
+
+
+@pytest.mark.e2e
+def test_ctrl_c_is_one_line_and_leaves_no_lock(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dng_cli.cli", "evaluate", *T, "n_samples=64", "sampler.steps=500",
+                             "sampler.progress=false", f"hydra.run.dir={run_dir}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / ".dng.lock").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("dng: interrupted; re-run the same command to resume")
+    assert "Traceback" not in err
+    assert not (run_dir / ".dng.lock").exists() and not (run_dir / "metrics.json").exists()
+
+
+def test_inception_weights_with_a_code_payload_are_refused_unread(tmp_path):
+    import pickle
+
+    from dng_cli import UserError, metrics
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / metrics.INCEPTION_WEIGHTS
+    path.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(UserError, match="refusing to load"):
+        metrics.feature_network("inception", None, str(path))
+    assert not marker.exists()
