@@ -24,6 +24,7 @@ class Command:
     module: str
     main: str
     help: str
+    check: str = "check_cfg"  # the module's validator: (composed cfg) -> None, raises UserError
 
 
 COMMANDS: dict[str, Command] = {
@@ -31,6 +32,10 @@ COMMANDS: dict[str, Command] = {
                       "draw guided samples: image grid, samples.npz, posterior/scale trajectories + plot"),
     "evaluate": Command("evaluate", "dng_cli.commands.evaluate", "main",
                         "sample N, classify and score: forbidden rate, class balance (KL), FID -> metrics.json"),
+    "calibrate": Command("calibrate", "dng_cli.commands.calibrate", "main",
+                         "the smallest guidance scale meeting a target forbidden rate (pilot set, cached probes)"),
+    "compare": Command("compare", "dng_cli.commands.compare", "main",
+                       "methods at matched safety: calibrate each, evaluate at its scale, differences with CIs"),
     "report": Command("report", "dng_cli.commands.report", "main",
                       "collect every metrics.json below a folder: report.csv/.md and Pareto plots"),
     "train": Command("", "dng_cli.commands.train", "", "train a model: `dng train ddpm` or `dng train classifier`"),
@@ -39,8 +44,9 @@ COMMANDS: dict[str, Command] = {
     "sd": Command("sd", "dng_cli.commands.sd", "main",
                   "Stable Diffusion with a negative prompt removed by np, sld or dng"),
 }
-TRAIN = {"ddpm": Command("train_ddpm", "dng_cli.commands.train", "main_ddpm", "train a DDPM"),
-         "classifier": Command("train_classifier", "dng_cli.commands.train", "main_classifier", "train the classifier")}
+TRAIN = {"ddpm": Command("train_ddpm", "dng_cli.commands.train", "main_ddpm", "train a DDPM", "check_ddpm"),
+         "classifier": Command("train_classifier", "dng_cli.commands.train", "main_classifier", "train the classifier",
+                               "check_classifier")}
 
 USAGE = """usage: dng <command> [key=value | --key=value ...] [-m] [--help]
 
@@ -54,6 +60,8 @@ examples:
   dng evaluate --method=dng
   dng evaluate -m method=np,sld,dng method.guidance_scale=1,3,10
   dng evaluate -m experiment=mnist_paper
+  dng calibrate method=np target_forbidden=0.01
+  dng compare "methods=[np,sld,dng]" "targets=[0.01,0.003]" n_samples=2000
   dng report outputs/multirun/evaluate/<sweep>
   dng train ddpm steps=6000
   dng data mnist
@@ -103,10 +111,10 @@ def main(argv: list[str] | None = None) -> None:
         if args and "=" not in args[0] and not args[0].startswith("-"):
             args = [f"dir={args[0]}"] + args[1:]
     args = rewrite(args)
-    module = importlib.import_module(cmd.module)  # registers the command's validator
+    module = importlib.import_module(cmd.module)
     try:
         from dng_cli.validate import check
-        check(cmd.config, args)
+        check(cmd.config, args, getattr(module, cmd.check, None))
     except UserError as err:
         _error(str(err))
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")

@@ -236,27 +236,59 @@ def reference_stats(stats: dict[str, np.ndarray], exclude: Sequence[int] = ()) -
             float(stats["n"][keep].sum()))
 
 
-def fid_metric(net: nn.Module, reference: tuple[torch.Tensor, torch.Tensor, float]):
-    """A torchmetrics FrechetInceptionDistance whose real side is preloaded from accumulators."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
+def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> float:
+    """Fréchet distance of two Gaussians, ‖μ1 - μ2‖² + tr Σ1 + tr Σ2 - 2 tr (Σ1 Σ2)^½ (Dowson & Landau
+    1982; FID, Heusel et al. 2017). tr (Σ1 Σ2)^½ is the sum of the square roots of the eigenvalues of
+    Σ1 Σ2 (real and ≥ 0 for covariances), i.e. of the symmetric Σ1^½ Σ2 Σ1^½."""
+    return _frechet(mu1, cov1, _sqrtm_psd(cov1), mu2, cov2)
 
-    fid = FrechetInceptionDistance(feature=net, reset_real_features=False, normalize=False)
+
+def _sqrtm_psd(cov: torch.Tensor) -> torch.Tensor:
+    w, v = torch.linalg.eigh(cov)
+    return (v * w.clamp(min=0).sqrt()) @ v.t()
+
+
+def _frechet(mu1, cov1, sqrt_cov1, mu2, cov2) -> float:
+    # tr (Σ1 Σ2)^½ = tr (Σ1^½ Σ2 Σ1^½)^½: a symmetric PSD matrix, so eigvalsh is exact and fast
+    diff = mu1 - mu2
+    tr_sqrt = torch.linalg.eigvalsh(sqrt_cov1 @ cov2 @ sqrt_cov1).clamp(min=0).sqrt().sum()
+    return float(diff.dot(diff) + cov1.trace() + cov2.trace() - 2 * tr_sqrt)
+
+
+def _gaussian(reference: tuple[torch.Tensor, torch.Tensor, float]) -> tuple[torch.Tensor, torch.Tensor]:
     s, cs, n = reference
-    fid.real_features_sum = s.clone()
-    fid.real_features_cov_sum = cs.clone()
-    fid.real_features_num_samples = torch.tensor(int(n))
-    return fid
+    mu = s / n
+    return mu, (cs - n * torch.outer(mu, mu)) / (n - 1)
 
 
 @torch.inference_mode()
 def fid_from_features(fake_features: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor, float]) -> float:
-    """FID of precomputed fake features against reference accumulators (torchmetrics' formula)."""
-    from torchmetrics.image.fid import _compute_fid
-
-    s, cs, n = reference
-    mu_r = s / n
-    cov_r = (cs - n * torch.outer(mu_r, mu_r)) / (n - 1)
+    """FID of precomputed fake features against reference accumulators."""
+    mu_r, cov_r = _gaussian(reference)
     f = fake_features.double()
-    mu_f = f.mean(0)
-    cov_f = torch.cov(f.t())
-    return float(_compute_fid(mu_r, cov_r, mu_f, cov_f))
+    return frechet_distance(mu_r, cov_r, f.mean(0), torch.cov(f.t()))
+
+
+@torch.inference_mode()
+def fid_se(fake_features: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor, float], n_boot: int = 100,
+           seed: int = 0) -> float | None:
+    """Bootstrap standard error of ``fid_from_features``: its spread over resamples (with replacement)
+    of the generated samples, the reference statistics held fixed. (Resampling repeats samples, which
+    biases each bootstrap FID up a little; its spread is what estimates the sampling noise.)"""
+    n = len(fake_features)
+    if n < 3:
+        return None
+    mu_r, cov_r = _gaussian(reference)
+    sqrt_r = _sqrtm_psd(cov_r)
+    f = fake_features.double()
+    g = torch.Generator().manual_seed(seed)
+    values = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small eigenproblems: threads only add sync cost (and stall on a busy CPU)
+    try:
+        for _ in range(n_boot):
+            x = f[torch.randint(0, n, (n,), generator=g)]
+            values.append(_frechet(mu_r, cov_r, sqrt_r, x.mean(0), torch.cov(x.t())))
+    finally:
+        torch.set_num_threads(threads)
+    return float(np.std(values, ddof=1))

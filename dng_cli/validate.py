@@ -13,7 +13,7 @@ from dng_cli import UserError
 
 INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}
 MULTIRUN_FLAGS = {"-m", "--multirun"}
-VALIDATORS: dict[str, Callable[[DictConfig], None]] = {}
+Validator = Callable[[DictConfig], None]
 
 
 def config_groups() -> dict[str, list[str]]:
@@ -59,7 +59,7 @@ def compose(config_name: str, overrides: list[str], return_hydra_config: bool = 
         GlobalHydra.instance().clear()
 
 
-def check(config_name: str, args: list[str]) -> None:
+def check(config_name: str, args: list[str], validator: Validator | None = None) -> None:
     """Validate the command line of one command (skipped for Hydra's info flags)."""
     if any(a in INFO_FLAGS for a in args):
         return
@@ -73,14 +73,14 @@ def check(config_name: str, args: list[str]) -> None:
             check_output_location(config_name, hydra_args + jobs[0], multirun)
         for job in jobs[:MAX_CHECKED_JOBS]:
             try:
-                check_one(config_name, job)
+                check_one(config_name, job, validator)
             except UserError as err:
                 sweep_part = [o for o in job if o not in overrides]
                 raise UserError(f"sweep job {','.join(sweep_part) or '(every job)'}: {err}") from None
         return
     if config_name not in ("report", "data"):
         check_output_location(config_name, hydra_args + overrides, multirun)
-    check_one(config_name, overrides)
+    check_one(config_name, overrides, validator)
 
 
 MAX_CHECKED_JOBS = 512
@@ -218,7 +218,7 @@ def check_output_location(config_name: str, overrides: list[str], multirun: bool
         raise UserError(f"{key}={str(target)!r} is invalid: {str(p)!r} is not writable")
 
 
-def check_one(config_name: str, overrides: list[str]) -> None:
+def check_one(config_name: str, overrides: list[str], validator: Validator | None = None) -> None:
     """Compose one run's config and check declared types, then the command's validator."""
     cfg = compose(config_name, overrides)
     from omegaconf import OmegaConf
@@ -231,6 +231,5 @@ def check_one(config_name: str, overrides: list[str]) -> None:
         raise UserError(f"{key} has no value: set it with {key}=..." if key and "Missing" in type(err).__name__
                         else str(err).strip().splitlines()[0]) from None
     check_types(cfg)
-    validator = VALIDATORS.get(config_name)
     if validator is not None:
         validator(cfg)

@@ -152,3 +152,42 @@ def test_official_presets_compose(compose):
         g = build_guidance(compose("evaluate", [f"method={preset}"]).method)
         assert isinstance(g, DynamicNegativeGuidance)
         assert (g.guidance_scale, g.prior, g.temperature, g.offset, g.p_max) == values, preset
+
+
+def test_a_new_method_is_one_class_and_its_config(gmm, monkeypatch):
+    """The protocol is all the sampler knows: a toy method defined here runs through the pipeline."""
+    from omegaconf import OmegaConf
+
+    from dng_cli import guidance as G
+    from dng_cli.pipeline import build_guidance
+    from dng_cli.guidance import Guidance, StepInfo
+
+    class HalfNP(Guidance):
+        needs_update = True
+        tracks_posterior = True
+
+        def __init__(self, guidance_scale: float = 1.0):
+            self.guidance_scale = guidance_scale
+
+        def start(self, x_T, num_classes):
+            return {"updates": 0, "spans": []}
+
+        def __call__(self, eps_u, eps_c, step, state):
+            lam = self.guidance_scale * (0.5 if step < 10 else 1.0)
+            return eps_u - lam * (eps_c - eps_u).sum(0), eps_u.new_full((eps_u.shape[0],), lam)
+
+        def update(self, state, info: StepInfo):
+            state["updates"] += 1
+            state["spans"].append(info.timestep_span)
+            assert info.mu_c.shape[0] == 1 and info.variance > 0 and info.span_precision > 0
+
+        def posterior(self, state):
+            return torch.full((1, 1), float(state["updates"]))
+
+    monkeypatch.setitem(G.METHODS, "half_np", HalfNP)
+    method = build_guidance(OmegaConf.create({"name": "half_np", "forbidden": [0], "guidance_scale": 2.0}))
+    out = _run(gmm, method, steps=20, n=4)
+    assert out.scale[:10].eq(1.0).all() and out.scale[10:].eq(2.0).all()
+    assert out.posterior[-1].eq(19).all()  # 19 noisy steps updated it (not the last, noiseless one)
+    ref = _run(gmm, NegativePrompting(2.0), steps=20, n=4)
+    assert not torch.equal(out.images, ref.images)

@@ -64,7 +64,11 @@ def test_fid_identical_sets_is_zero_and_matches_torchmetrics():
     assert metrics.fid_from_features(feats, ref) == pytest.approx(0.0, abs=1e-6)
     # the same value through torchmetrics' FrechetInceptionDistance with the preloaded reference
     other = torch.randint(0, 128, (100, 1, 28, 28), dtype=torch.uint8)
-    fid = metrics.fid_metric(net, ref)
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=net, reset_real_features=False, normalize=False)
+    fid.real_features_sum, fid.real_features_cov_sum = ref[0].clone(), ref[1].clone()
+    fid.real_features_num_samples = torch.tensor(int(ref[2]))
     fid.update(other, real=False)
     with torch.inference_mode():
         ours = metrics.fid_from_features(net(other), ref)
@@ -123,3 +127,19 @@ def test_posterior_detection_with_and_without_forbidden_samples():
     assert none["posterior_mean_forbidden"] is None and none["posterior_mean_kept"] == pytest.approx(float(post[-1].mean()))
     few = posterior_detection(post.unsqueeze(-1), torch.arange(n) < 4)  # [steps, B, K] and only 4 forbidden
     assert few["posterior_auroc"] is None and few["posterior_n_forbidden"] == 4
+
+
+def test_fid_bootstrap_se_matches_the_spread_of_repeated_runs():
+    """The bootstrap s.e. of one run's FID vs the actual spread of FID over 60 independent runs."""
+    g = torch.Generator().manual_seed(0)
+    d, n = 8, 300
+    scale = torch.linspace(0.5, 1.5, d, dtype=torch.float64)
+    ref_x = torch.randn(20000, d, generator=g, dtype=torch.float64)
+    reference = (ref_x.sum(0), ref_x.t() @ ref_x, float(len(ref_x)))
+
+    def draw():  # a generator slightly off the reference: shifted and rescaled
+        return 0.2 + torch.randn(n, d, generator=g, dtype=torch.float64) * scale
+
+    spread = float(np.std([metrics.fid_from_features(draw(), reference) for _ in range(60)], ddof=1))
+    estimates = [metrics.fid_se(draw(), reference, n_boot=200, seed=i) for i in range(5)]
+    assert all(0.6 * spread < e < 1.6 * spread for e in estimates), (spread, estimates)

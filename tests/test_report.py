@@ -47,3 +47,19 @@ def test_report_missing_dir(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["report", str(tmp_path / "nope")])
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_matched_safety_view_interpolates_on_each_front():
+    from dng_cli.commands.report import matched
+
+    def pt(label, scale, rate, kl, fid):
+        return {"label": label, "forbidden": [0], "guidance_scale": scale, "forbidden_rate": rate, "kl_uniform": kl,
+                "fid": fid}
+
+    rows = [pt("np", 0.0, 0.05, 0.07, 6.0), pt("np", 0.5, 0.02, 0.10, 8.0), pt("np", 1.0, 0.0, 0.30, 20.0),
+            pt("sld", 1.0, 0.005, 0.08, 7.0), pt("dng", 1.0, 0.04, 0.06, 6.0), pt("dng", 3.0, 0.03, 0.07, 6.5)]
+    out = {(r["label"], r["target"]): r for r in matched(rows, [0.01])}
+    np_ = out[("np", 0.01)]
+    assert np_["kl_uniform"] == pytest.approx(0.10 + 0.5 * 0.20) and np_["fid"] == pytest.approx(14.0)
+    assert out[("sld", 0.01)]["kl_uniform"] == 0.08 and "already" in out[("sld", 0.01)]["how"]
+    assert out[("dng", 0.01)]["kl_uniform"] is None and "not reached" in out[("dng", 0.01)]["how"]

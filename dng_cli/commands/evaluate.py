@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from dng_cli import RunRefused, UserError, io, metrics, pipeline, validate
+from dng_cli import RunRefused, UserError, io, metrics, pipeline
 from dng_cli.commands.common import entry, plain, setup_torch, write_json
 from dng_cli.models import SHIPPED, classify, load_classifier, resolve
 
@@ -65,9 +65,12 @@ def fid_reference(cfg: DictConfig, net, key: str) -> dict:
 
 
 def method_label(cfg: DictConfig) -> str:
-    """The method config chosen (e.g. "dng_fewstep"), falling back to the method's name."""
+    """The method config chosen (e.g. "dng_official_cli"): ``label`` when set, Hydra's choice of the
+    method group, else the method's name."""
     from hydra.core.hydra_config import HydraConfig
 
+    if cfg.get("label"):
+        return str(cfg.label)
     if HydraConfig.initialized():
         choice = HydraConfig.get().runtime.choices.get("method")
         if choice:
@@ -76,7 +79,7 @@ def method_label(cfg: DictConfig) -> str:
 
 
 # Keys that change how fast a result is made or where files live, never the numbers in it.
-NOT_RESULT_KEYS = ("skip_existing", "overwrite", "grids", "grid_index", "sampler.batch_size", "sampler.max_batch",
+NOT_RESULT_KEYS = ("skip_existing", "overwrite", "label", "grids", "grid_index", "sampler.batch_size", "sampler.max_batch",
                    "sampler.channels_last", "sampler.compile", "sampler.progress", "sampler.num_threads",
                    "sampler.device", "dataset.root", "metrics.fid.cache_dir", "model.path", "model.classifier",
                    "model.unconditional", "model.forbidden_models", "metrics.fid.inception_weights")
@@ -185,7 +188,9 @@ def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
         "kl_uniform": metrics.kl_uniform(counts, forbidden, float(cfg.metrics.kl_smoothing)),
         "kl_uniform_se": metrics.kl_uniform_se(counts, forbidden, float(cfg.metrics.kl_smoothing)),
         "fid": metrics.fid_from_features(feats, metrics.reference_stats(stats, forbidden)) if n > 1 else None,
+        "fid_se": metrics.fid_se(feats, metrics.reference_stats(stats, forbidden)),
         "fid_full": metrics.fid_from_features(feats, metrics.reference_stats(stats)) if n > 1 else None,
+        "fid_full_se": metrics.fid_se(feats, metrics.reference_stats(stats)),
         "fid_features": fid_key,
         "fid_reference": {"dataset": cfg.dataset.name, "split": cfg.metrics.fid.split, "excluded": forbidden},
         "histogram": [c / n for c in counts],
@@ -216,5 +221,4 @@ def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
     return result
 
 
-validate.VALIDATORS["evaluate"] = check_cfg
 main = entry("evaluate", run)

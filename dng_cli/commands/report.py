@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from dng_cli import UserError, validate
+from dng_cli import UserError
 from dng_cli.io import read_json_object
 from dng_cli.commands.common import atomic_write_text, entry
 
@@ -56,6 +56,44 @@ def unfinished(root: Path) -> list[tuple[str, str]]:
         why = err.read_text(errors="replace").strip().splitlines()[0] if err.is_file() else "no metrics.json (unfinished)"
         out.append((str(job.relative_to(root)) or ".", why))
     return out
+
+
+def matched(rows: list[dict], targets: list[float]) -> list[dict]:
+    """Each method's KL and FID at each target forbidden rate, interpolated linearly (in the rate)
+    between the two points of its front, ordered by scale, where the rate first falls to the target."""
+    out = []
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["label"], str(r.get("forbidden"))), []).append(r)
+    for (label, forbidden), pts in sorted(groups.items()):
+        pts = sorted(pts, key=lambda r: r.get("guidance_scale") or 0.0)
+        for t in targets:
+            row = {"label": label, "forbidden": forbidden, "target": t, "kl_uniform": None, "fid": None, "how": ""}
+            if pts[0]["forbidden_rate"] <= t:
+                row.update(kl_uniform=pts[0]["kl_uniform"], fid=pts[0].get("fid"), scale=pts[0].get("guidance_scale"),
+                           how=f"first point already at {100 * pts[0]['forbidden_rate']:.2f} %")
+            else:
+                for a, b in zip(pts, pts[1:]):
+                    if a["forbidden_rate"] > t >= b["forbidden_rate"]:
+                        w = (a["forbidden_rate"] - t) / (a["forbidden_rate"] - b["forbidden_rate"])
+                        lerp = lambda k: None if a.get(k) is None or b.get(k) is None else (1 - w) * a[k] + w * b[k]  # noqa: E731
+                        row.update(kl_uniform=lerp("kl_uniform"), fid=lerp("fid"),
+                                   how=f"between scales {_fmt(a.get('guidance_scale'))} and {_fmt(b.get('guidance_scale'))}")
+                        break
+                else:
+                    row["how"] = f"not reached (lowest {100 * min(p['forbidden_rate'] for p in pts):.2f} %)"
+            out.append(row)
+    return out
+
+
+def matched_markdown(rows: list[dict]) -> str:
+    lines = ["**Matched safety, interpolated** on each method's own front (linear in the forbidden rate between "
+             "the two sweep points around the target; no new samples — `dng compare` measures it directly):", "",
+             "| target | method | forbidden | KL | FID | from |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {100 * r['target']:g} % | {r['label']} | {r['forbidden']} | {_fmt(r['kl_uniform'], 3)} "
+                     f"| {_fmt(r['fid'], 3)} | {r['how']} |")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -107,23 +145,26 @@ def run(cfg: DictConfig, output_dir: Path) -> list[dict]:
     for r in rows:
         w.writerow({k: _fmt(r.get(k), 6) for k in COLUMNS})
     atomic_write_text(root / "report.csv", buf.getvalue())
-    atomic_write_text(root / "report.md", markdown(rows, failed))
+    text = markdown(rows, failed)
+    targets = [float(t) for t in cfg.get("targets") or []]
+    if targets:
+        text += "\n" + matched_markdown(matched(rows, targets))
+    atomic_write_text(root / "report.md", text)
     from dng_cli.plots import pareto_plot
 
     pareto_plot(rows, "kl_uniform", "class balance KL(uniform ‖ generated)", root / "pareto_kl.png")
     pareto_plot(rows, "fid", "FID vs data without forbidden classes", root / "pareto_fid.png")
-    print(markdown(rows, failed))
+    print(text)
     if failed:
         log.warning("%d job(s) below %s failed or did not finish: listed in report.md", len(failed), root)
     return rows
 
 
-def _check(cfg: DictConfig) -> None:
+def check_cfg(cfg: DictConfig) -> None:
     if cfg.dir is None:
         raise UserError("report needs a folder: dng report <dir>")
     if not Path(cfg.dir).is_dir():
         raise UserError(f"report dir {str(cfg.dir)!r} does not exist")
 
 
-validate.VALIDATORS["report"] = _check
 main = entry("report", run, cleanup=False, lock=False)

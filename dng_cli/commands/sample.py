@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dng_cli import metrics, pipeline, validate
+from dng_cli import metrics, pipeline
 from dng_cli.models import classify, load_classifier
 from dng_cli.commands.common import atomic_save, atomic_write_text, entry, setup_torch
 
@@ -72,5 +72,5 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     return {"images": images, "output": out, "wall_time_s": wall}
 
 
-validate.VALIDATORS["sample"] = pipeline.check_run_cfg
+check_cfg = pipeline.check_run_cfg
 main = entry("sample", run)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from dng_cli import UserError, pipeline, validate
+from dng_cli import UserError, pipeline
 from dng_cli.commands.common import atomic_save, atomic_write_text, entry, setup_torch
 from dng_cli.sampler import randn, sample
 from dng_cli.schedule import NoiseSchedule
@@ -196,5 +196,4 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     return {"images": uint8, "posterior": posterior, "scale": scale, "wall_time_s": wall}
 
 
-validate.VALIDATORS["sd"] = check_cfg
 main = entry("sd", run)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from dng_cli import UserError, validate
+from dng_cli import UserError
 from dng_cli.commands.common import atomic_save, entry, hardware, plain, setup_torch
 from dng_cli.data import load_tensors
 from dng_cli.io import recover_folder
@@ -49,8 +49,8 @@ class Batches:
 
 def _check_train_cfg(cfg: DictConfig) -> None:
     for key in ("steps", "batch_size", "checkpoint_every"):
-        if int(cfg[key]) <= 0:
-            raise UserError(f"{key}={cfg[key]} is invalid: it must be a positive integer")
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] <= 0:
+            raise UserError(f"{key}={cfg[key]!r} is invalid: it must be a positive integer")
     if not 0.0 <= float(cfg.get("label_dropout", 0.0)) < 1.0:
         raise UserError(f"label_dropout={cfg.label_dropout} is invalid: it must lie in [0, 1)")
     if cfg.get("lr_schedule", "constant") not in ("constant", "cosine"):
@@ -236,9 +236,7 @@ def _save_ema(out: Path, ema, cfg: DictConfig, step: int, loss: float | None, wa
 # -------------------------------------------------------------------------------- classifier
 def run_classifier(cfg: DictConfig, output_dir: Path) -> dict:
     """Train the small CNN (its penultimate layer is the FID feature space); writes ``classifier/``."""
-    for key in ("epochs", "batch_size"):
-        if int(cfg[key]) <= 0:
-            raise UserError(f"{key}={cfg[key]} is invalid: it must be a positive integer")
+    check_classifier(cfg)
     out = _output_dir(cfg, output_dir)
     device = setup_torch(cfg.device, cfg.get("num_threads"))
     x, y = load_tensors(cfg.dataset.name, cfg.dataset.root, "train")
@@ -285,13 +283,18 @@ def run_classifier(cfg: DictConfig, output_dir: Path) -> dict:
     return {"test_accuracy": accuracy, "output_dir": str(out)}
 
 
-def _check_ddpm_front(cfg: DictConfig) -> None:
+def check_classifier(cfg: DictConfig) -> None:
+    for key in ("epochs", "batch_size"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] <= 0:
+            raise UserError(f"{key}={cfg[key]!r} is invalid: it must be a positive integer")
+
+
+def check_ddpm(cfg: DictConfig) -> None:
     _check_train_cfg(cfg)
     if cfg.get("init_from"):
         if not (resolve(cfg.init_from, "ddpm") / "config.json").is_file():
             raise UserError(f"init_from={cfg.init_from!r} is not a DDPM folder (config.json missing) or a shipped name")
 
 
-validate.VALIDATORS["train_ddpm"] = _check_ddpm_front
 main_ddpm = entry("train_ddpm", run_ddpm)
 main_classifier = entry("train_classifier", run_classifier)

@@ -1,0 +1,87 @@
+"""``dng calibrate``: the smallest guidance scale whose forbidden rate is ≤ ``target_forbidden``.
+
+Each probe is a ``dng evaluate`` run of ``pilot_n`` samples (seeds ``pilot_seed``…) cached in
+``<run dir>/probes/scale=<λ>/`` with its fingerprint, so an interrupted calibration resumes and a
+second target reuses the probes it shares. Writes ``calibration.json`` (the probes, λ*, the rate at
+λ* with its Wilson interval); the search itself is ``dng_cli.calibration.calibrate``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from dng_cli import UserError, calibration, pipeline
+from dng_cli.commands import evaluate
+from dng_cli.commands.common import entry, plain, setup_torch, write_json
+
+log = logging.getLogger(__name__)
+SEARCH_KEYS = ("target_forbidden", "pilot_n", "pilot_seed", "scale_min", "scale_max", "tolerance", "max_probes",
+               "methods", "targets", "forbidden")
+
+
+def check_search(cfg: DictConfig, targets: list) -> None:
+    for t in targets:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t < 1.0:
+            raise UserError(f"target forbidden rate {t!r} is invalid: it must lie in [0, 1)")
+    if not 0 < float(cfg.scale_min) < float(cfg.scale_max):
+        raise UserError(f"scale_min={cfg.scale_min}, scale_max={cfg.scale_max} are invalid: need 0 < scale_min < scale_max")
+    if float(cfg.tolerance) <= 0:
+        raise UserError(f"tolerance={cfg.tolerance} is invalid: it must be > 0")
+    for key in ("pilot_n", "max_probes"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < (1 if key == "pilot_n" else 2):
+            raise UserError(f"{key}={cfg[key]!r} is invalid: it must be an integer >= {1 if key == 'pilot_n' else 2}")
+
+
+def check_cfg(cfg: DictConfig) -> None:
+    check_search(cfg, [cfg.target_forbidden])
+    if "guidance_scale" not in cfg.method:
+        raise UserError(f"method={cfg.method.name} has no guidance_scale to calibrate: allowed are np, sld, dng (or a dng preset)")
+    evaluate.check_cfg(run_cfg(cfg, cfg.method, 1.0, int(cfg.pilot_n), int(cfg.pilot_seed)))
+
+
+def run_cfg(cfg: DictConfig, method: DictConfig, scale: float, n: int, seed: int, label: str | None = None) -> DictConfig:
+    """An evaluate config from a calibrate/compare config: ``method`` at ``scale``, n samples from ``seed``."""
+    data = {k: v for k, v in plain(cfg).items() if k not in SEARCH_KEYS}
+    data.update(n_samples=n, seed=seed, method={**OmegaConf.to_container(method, resolve=True), "guidance_scale": scale})
+    if label is not None:
+        data["label"] = label
+    data["sampler"]["seed"] = seed
+    return OmegaConf.create(data)
+
+
+def calibrate_method(cfg: DictConfig, method: DictConfig, target: float, folder: Path, network=None,
+                     label: str | None = None) -> dict:
+    """Calibrate one method to one target; probes cached under ``folder/probes``."""
+    def probe(scale: float) -> tuple[int, int]:
+        m = evaluate.run(run_cfg(cfg, method, scale, int(cfg.pilot_n), int(cfg.pilot_seed), label),
+                         folder / "probes" / f"scale={scale:g}", network)
+        forbidden = sum(m["histogram_counts"][c] for c in m["forbidden"])
+        log.info("probe %s scale %g: %d/%d forbidden", method.name, scale, forbidden, m["n_samples"])
+        return forbidden, m["n_samples"]
+
+    result = calibration.calibrate(probe, float(target), float(cfg.scale_min), float(cfg.scale_max),
+                                   float(cfg.tolerance), int(cfg.max_probes))
+    out = {"method": str(method.name), "method_config": OmegaConf.to_container(method, resolve=True),
+           "pilot_n": int(cfg.pilot_n), "pilot_seed": int(cfg.pilot_seed), **result.as_dict()}
+    write_json(folder / "calibration.json", out)
+    return out
+
+
+def run(cfg: DictConfig, output_dir: Path) -> dict:
+    check_cfg(cfg)
+    device = setup_torch(cfg.sampler.device, cfg.sampler.get("num_threads"))
+    network = pipeline.load_model(cfg.model, device)
+    result = calibrate_method(cfg, cfg.method, float(cfg.target_forbidden), output_dir, network)
+    if not result["reached"]:
+        raise UserError(f"method={cfg.method.name} cannot reach forbidden <= {cfg.target_forbidden:g}: {result['reason']} "
+                        f"(see {output_dir / 'calibration.json'})")
+    lo, hi = result["rate_at_star_ci"]
+    print(f"{cfg.method.name}: guidance_scale* = {result['scale_star']:g} (pilot forbidden "
+          f"{100 * result['rate_at_star']:.2f}% [{100 * lo:.2f}, {100 * hi:.2f}], {len(result['probes'])} probes)")
+    return result
+
+
+main = entry("calibrate", run)

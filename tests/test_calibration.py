@@ -1,0 +1,122 @@
+"""Calibration to a target safety (bisection on log λ) and the matched-safety comparison."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from dng_cli import UserError, cli
+from dng_cli.calibration import calibrate
+from dng_cli.guidance import NegativePrompting
+from dng_cli.sampler import sample
+from dng_cli.schedule import NoiseSchedule
+
+TINY = ["model=tiny_random", "sampler.steps=1", "sampler.batch_size=8", "sampler.progress=false"]
+
+
+def test_bisection_finds_the_smallest_scale_that_meets_the_target():
+    n = 1000
+
+    def probe(scale):  # a smooth decreasing rate: 20 % at λ = 0.1 ... 0 for large λ
+        return round(n * 0.2 * math.exp(-scale)), n
+
+    res = calibrate(probe, target=0.01, scale_min=0.1, scale_max=100, tolerance=0.05, max_probes=30)
+    exact = math.log(0.2 / 0.01)  # 2.996
+    assert res.scale_star is not None and exact * 0.97 <= res.scale_star <= exact * 1.06
+    failing = [p.scale for p in res.probes if p.rate > 0.01]
+    assert max(failing) < res.scale_star and res.at_star().rate <= 0.01
+    summary = res.as_dict()
+    assert summary["reached"] and summary["rate_at_star_ci"][0] <= summary["rate_at_star"]
+
+
+def test_bisection_gives_up_cleanly():
+    res = calibrate(lambda s: (50, 100), target=0.01, scale_min=0.1, scale_max=10)
+    assert res.scale_star is None and "above the target" in res.reason and len(res.probes) == 1
+    res = calibrate(lambda s: (0, 100), target=0.01, scale_min=0.1, scale_max=10)
+    assert res.scale_star == 0.1 and len(res.probes) == 2
+
+
+def test_calibrates_np_on_the_analytic_mixture(gmm):
+    """Real sampling: NP at λ* meets the target on the pilot set, the largest failing probe does not."""
+    x_T = torch.randn(400, 2, generator=torch.Generator().manual_seed(0))
+    schedule = NoiseSchedule.linear().respace(20)
+
+    def probe(scale):
+        out = sample(gmm, schedule, NegativePrompting(scale), x_T, generator=torch.Generator().manual_seed(1),
+                     progress=False, variance="small")
+        return int((gmm.component(out.images) == 0).sum()), len(x_T)
+
+    unguided = probe(0.0)[0] / 400
+    assert unguided > 0.2
+    res = calibrate(probe, target=0.02, scale_min=0.01, scale_max=10.0, tolerance=0.1, max_probes=12)
+    assert res.scale_star is not None and res.at_star().rate <= 0.02
+    assert all(p.rate > 0.02 for p in res.probes if p.scale < res.scale_star)
+
+
+def test_calibrate_command_caches_probes_and_refuses_unreachable(tmp_path, capsys):
+    out = tmp_path / "cal"
+    cli.main(["calibrate", *TINY, "method=np", "pilot_n=4", "target_forbidden=0.5", f"hydra.run.dir={out}"])
+    cal = json.loads((out / "calibration.json").read_text())
+    assert cal["reached"] and cal["scale_star"] == 0.01 and len(cal["probes"]) == 2
+    assert len(list((out / "probes").glob("scale=*/metrics.json"))) == 2
+    assert "guidance_scale* = 0.01" in capsys.readouterr().out
+    # the tiny model's noise is all classified 8: forbidding 8 cannot be reached
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["calibrate", *TINY, "method=np", "method.forbidden=[8]", "pilot_n=4", "scale_max=10",
+                  f"hydra.run.dir={tmp_path / 'cal8'}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot reach forbidden <= 0.01" in err
+    with pytest.raises(SystemExit):
+        cli.main(["calibrate", *TINY, "method=none", f"hydra.run.dir={tmp_path / 'none'}"])
+    assert "no guidance_scale" in capsys.readouterr().err
+
+
+def test_compare_end_to_end_on_the_tiny_model(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    cli.main(["compare", *TINY, "methods=[np,dng_official_cli,dng]", "targets=[0.5]", "n_samples=6", "pilot_n=4",
+              f"hydra.run.dir={out}"])
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["reference"] == "dng" and len(summary["rows"]) == 3
+    for r in summary["rows"]:
+        assert r["scale_star"] == 0.01 and r["metrics"]["n_samples"] == 6
+        assert r["metrics"]["fid_se"] is not None and r["metrics"]["kl_uniform_se"] is not None
+    labels = {json.loads(p.read_text())["label"] for p in (out / "eval").glob("*/metrics.json")}
+    assert labels == {"np", "dng_official_cli", "dng"}
+    np_row = next(r for r in summary["rows"] if r["method"] == "np")
+    d = np_row["kl_uniform_vs_reference"]
+    assert d["lo"] <= d["diff"] <= d["hi"]
+    for name in ("compare.csv", "compare.md", "compare.png"):
+        assert (out / name).is_file()
+    assert "| 50 % | np |" in (out / "compare.md").read_text()
+    # a second run reuses every probe and evaluation (fingerprints match)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
+    cli.main(["compare", *TINY, "methods=[np,dng_official_cli,dng]", "targets=[0.5]", "n_samples=6", "pilot_n=4",
+              f"hydra.run.dir={out}"])
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")} == stamps
+
+
+@pytest.mark.parametrize("args,match", [
+    (["methods=[foo]"], "'foo'"), (["targets=[1.5]"], "1.5"), (["methods=[none]"], "no guidance_scale"),
+    (["scale_min=0"], "scale_min"), (["methods=[]"], "at least one"),
+])
+def test_compare_bad_input(tmp_path, capsys, args, match):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["compare", *TINY, *args, f"hydra.run.dir={tmp_path / 'run'}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreachable_target_is_a_row_not_a_crash(compose, tmp_path):
+    from dng_cli.commands import compare
+
+    cfg = compose("compare", TINY + ["methods=[np]", "targets=[0.01]", "forbidden=[8]", "n_samples=4", "pilot_n=4",
+                                     "scale_max=10"])
+    summary = compare.run(cfg, tmp_path / "cmp")
+    assert summary["rows"][0]["scale_star"] is None
+    assert "not reached" in (tmp_path / "cmp" / "compare.md").read_text()
+    with pytest.raises(UserError):
+        compare.check_cfg(compose("compare", TINY + ["methods=[foo]"]))
