@@ -8,11 +8,12 @@ on the batch size or on which other samples are drawn, and methods are compared 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dng_cli import UserError
 from dng_cli.guidance import METHODS
@@ -122,7 +123,7 @@ def check_run_cfg(cfg: DictConfig) -> None:
 
 
 @dataclass
-class Generator:
+class SamplingSetup:
     """A loaded model with its eps_fn for one method, ready to draw samples."""
 
     eps_fn: object
@@ -159,7 +160,7 @@ def make_eps_fn(network, model_cfg: DictConfig, forbidden: list[int], guidance, 
     return ClassConditionalEps(network, classes, label=label, **speed)
 
 
-def build(cfg: DictConfig, device: torch.device, network=None, label: int | None = None) -> Generator:
+def build(cfg: DictConfig, device: torch.device, network=None, label: int | None = None) -> SamplingSetup:
     guidance = build_guidance(cfg.method)
     forbidden = forbidden_classes(cfg.method, int(cfg.dataset.num_classes))
     network = network if network is not None else load_model(cfg.model, device)
@@ -167,10 +168,10 @@ def build(cfg: DictConfig, device: torch.device, network=None, label: int | None
     eps_fn = make_eps_fn(network, cfg.model, forbidden, guidance, label, bool(s.get("channels_last", False)),
                          bool(s.get("compile", False)), s.get("max_batch"))
     shape = (int(cfg.dataset.channels), int(cfg.dataset.image_size), int(cfg.dataset.image_size))
-    return Generator(eps_fn, build_schedule(cfg.sampler), guidance, shape, device, cfg.sampler.variance)
+    return SamplingSetup(eps_fn, build_schedule(cfg.sampler), guidance, shape, device, cfg.sampler.variance)
 
 
-def generate(gen: Generator, seeds: list[int], progress: bool = False) -> SampleOutput:
+def generate(gen: SamplingSetup, seeds: list[int], progress: bool = False) -> SampleOutput:
     """Draw one batch: sample j from ``torch.Generator().manual_seed(seeds[j])`` alone."""
     gens = [torch.Generator(device=gen.device).manual_seed(int(s)) for s in seeds]
     x_T = randn((len(seeds), *gen.shape), gens, device=gen.device)
@@ -179,7 +180,7 @@ def generate(gen: Generator, seeds: list[int], progress: bool = False) -> Sample
                       variance=gen.variance)
 
 
-def generate_all(gen: Generator, seeds: list[int], batch_size: int, progress: bool = True):
+def generate_all(gen: SamplingSetup, seeds: list[int], batch_size: int, progress: bool = True):
     """Batched ``generate`` over all seeds, concatenated (images, posterior, scale on the CPU)."""
     from tqdm.auto import tqdm
 
@@ -195,3 +196,25 @@ def generate_all(gen: Generator, seeds: list[int], batch_size: int, progress: bo
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats -> uint8 [0, 255] (the format every metric and file uses)."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def setup_torch(device: str = "cpu", num_threads: int | None = None) -> torch.device:
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={device!r} is unavailable: no CUDA device here (use device=cpu)")
+    return torch.device(device)
+
+
+def plain(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def hardware() -> str:
+    import platform
+
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    return f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()} threads={torch.get_num_threads()}"

@@ -3,6 +3,8 @@ class histograms and Pareto fronts. Headless (Agg); each writes one PNG atomical
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from pathlib import Path
 from typing import Sequence
@@ -105,3 +107,23 @@ def pareto_plot(rows: list[dict], y_key: str, y_label: str, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     _save_fig(fig, path)
+
+
+QUANTILES = (0.05, 0.5, 0.95)
+
+
+def trajectory_csv(timesteps: torch.Tensor, posterior: torch.Tensor, scale: torch.Tensor) -> str:
+    """One row per step: mean and 5/50/95% quantiles over samples of Σ_c p_c and of λ_t."""
+    post = posterior.sum(-1) if posterior.dim() == 3 else posterior
+    q = torch.tensor(QUANTILES, dtype=torch.float64)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    names = [f"q{int(100 * x):02d}" for x in QUANTILES]
+    w.writerow(["step", "timestep", "posterior_mean", *[f"posterior_{n}" for n in names],
+                "scale_mean", *[f"scale_{n}" for n in names]])
+    pq = torch.quantile(post.double(), q, dim=1).t()
+    sq = torch.quantile(scale.double(), q, dim=1).t()
+    for i in range(len(timesteps)):
+        w.writerow([i, int(timesteps[i]), f"{post[i].double().mean():.6g}", *[f"{v:.6g}" for v in pq[i].tolist()],
+                    f"{scale[i].double().mean():.6g}", *[f"{v:.6g}" for v in sq[i].tolist()]])
+    return buf.getvalue()

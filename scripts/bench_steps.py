@@ -42,7 +42,7 @@ def main() -> None:
     import torch
 
     from dng_cli import pipeline
-    from dng_cli.commands.common import setup_torch
+    from dng_cli.pipeline import setup_torch
 
     out = Path(args.out)
     steps = [int(s) for s in args.steps.split(",")]

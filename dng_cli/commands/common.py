@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dng_cli import RunRefused, UserError
+from dng_cli.pipeline import hardware, plain, setup_torch  # noqa: F401  (re-exported for commands)
 from dng_cli.io import LOCK_NAME, RunLock, atomic_save, atomic_write_text, clean_temporaries, write_json  # noqa: F401
 
 CONFIG_PATH = "pkg://dng_cli.configs"
@@ -147,23 +147,3 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def setup_torch(device: str = "cpu", num_threads: int | None = None) -> torch.device:
-    if num_threads:
-        torch.set_num_threads(int(num_threads))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={device!r} is unavailable: no CUDA device here (use device=cpu)")
-    return torch.device(device)
-
-
-def plain(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-
-
-def hardware() -> str:
-    import platform
-
-    if torch.cuda.is_available():
-        return f"cuda:{torch.cuda.get_device_name(0)}"
-    return f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()} threads={torch.get_num_threads()}"

@@ -6,8 +6,6 @@ trajectory.csv (per step: timestep, mean and quantiles of posterior and scale), 
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import time
 from pathlib import Path
@@ -21,24 +19,6 @@ from dng_cli.models import classify, load_classifier
 from dng_cli.commands.common import atomic_save, atomic_write_text, entry, setup_torch
 
 log = logging.getLogger(__name__)
-QUANTILES = (0.05, 0.5, 0.95)
-
-
-def trajectory_csv(timesteps: torch.Tensor, posterior: torch.Tensor, scale: torch.Tensor) -> str:
-    """One row per step: mean and 5/50/95% quantiles over samples of Σ_c p_c and of λ_t."""
-    post = posterior.sum(-1) if posterior.dim() == 3 else posterior
-    q = torch.tensor(QUANTILES, dtype=torch.float64)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    names = [f"q{int(100 * x):02d}" for x in QUANTILES]
-    w.writerow(["step", "timestep", "posterior_mean", *[f"posterior_{n}" for n in names],
-                "scale_mean", *[f"scale_{n}" for n in names]])
-    pq = torch.quantile(post.double(), q, dim=1).t()
-    sq = torch.quantile(scale.double(), q, dim=1).t()
-    for i in range(len(timesteps)):
-        w.writerow([i, int(timesteps[i]), f"{post[i].double().mean():.6g}", *[f"{v:.6g}" for v in pq[i].tolist()],
-                    f"{scale[i].double().mean():.6g}", *[f"{v:.6g}" for v in sq[i].tolist()]])
-    return buf.getvalue()
 
 
 def final_verdict(cfg: DictConfig, images: torch.Tensor) -> torch.Tensor | None:
@@ -59,7 +39,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     wall = time.time() - t0
     images = pipeline.to_uint8(out.images)
     output_dir.mkdir(parents=True, exist_ok=True)
-    from dng_cli.plots import guidance_plot, save_grid
+    from dng_cli.plots import guidance_plot, save_grid, trajectory_csv
 
     save_grid(images, output_dir / "samples.png")
     atomic_save(output_dir / "samples.npz",

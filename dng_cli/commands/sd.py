@@ -183,7 +183,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     uint8 = pipeline.to_uint8(torch.cat(images))
     posterior, scale = torch.cat(posts, 1), torch.cat(scales, 1)
     output_dir.mkdir(parents=True, exist_ok=True)
-    from dng_cli.commands.sample import trajectory_csv
+    from dng_cli.plots import trajectory_csv
     from dng_cli.plots import guidance_plot, save_grid
 
     save_grid(uint8, output_dir / "samples.png")

@@ -120,7 +120,6 @@ def run_ddpm(cfg: DictConfig, output_dir: Path) -> dict:
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = NoiseSchedule.linear(cfg.schedule.num_train_timesteps, cfg.schedule.beta_start, cfg.schedule.beta_end)
-    abar = schedule.alphas_cumprod.float().to(device)
     null_label = int(cfg.dataset.num_classes)
 
     step, loss_value, wall_before, t_start = 0, float("nan"), 0.0, time.time()
@@ -139,8 +138,7 @@ def run_ddpm(cfg: DictConfig, output_dir: Path) -> dict:
         t = torch.randint(0, len(schedule), (len(idx),), generator=g).to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
         drop = (torch.rand(len(idx), generator=g) < cfg.label_dropout).to(device)
-        a = abar[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        x_t = schedule.add_noise(x0, noise, t)
         class_labels = torch.where(drop, torch.full_like(y, null_label), y) if cfg.conditional else None
         pred = model(x_t, t, class_labels=class_labels, return_dict=False)[0]
         loss = F.mse_loss(pred, noise)
