@@ -67,7 +67,7 @@ def atomic_save(path: Path, save: Callable[[str], None]) -> None:
         if path.is_dir():
             aside = Path(tempfile.mkdtemp(prefix=f".{path.name}{OLD_MARK}", dir=path.parent))
             os.replace(path, aside / path.name)
-            _pause_for_tests("atomic_save")
+            pause_for_tests("atomic_save")
             os.replace(tmp, path)
             shutil.rmtree(aside, ignore_errors=True)
         else:
@@ -124,7 +124,7 @@ def _default_mode(path: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
-def _pause_for_tests(point: str) -> None:
+def pause_for_tests(point: str) -> None:
     """Fault injection for the kill tests: ``DNG_TEST_PAUSE=<point>`` sleeps here after printing a mark."""
     if os.environ.get("DNG_TEST_PAUSE") == point:
         print(f"DNG_TEST_PAUSED {point}", flush=True)

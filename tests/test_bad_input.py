@@ -232,13 +232,14 @@ def test_ctrl_c_is_one_line_and_leaves_no_lock(tmp_path):
     import time
 
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "dng_cli.cli", "evaluate", *T, "n_samples=64", "sampler.steps=500",
+    proc = subprocess.Popen([sys.executable, "-m", "dng_cli.cli", "evaluate", *T, "n_samples=4", "sampler.steps=2",
                              "sampler.progress=false", f"hydra.run.dir={run_dir}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (run_dir / ".dng.lock").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "DNG_TEST_PAUSE": "evaluate"})  # waits where sampling starts
+    for line in proc.stdout:
+        if "DNG_TEST_PAUSED evaluate" in line:
+            break
+    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
@@ -263,3 +264,12 @@ def test_inception_weights_with_a_code_payload_are_refused_unread(tmp_path):
     with pytest.raises(UserError, match="refusing to load"):
         metrics.feature_network("inception", None, str(path))
     assert not marker.exists()
+
+
+def test_sd_without_transformers_names_the_extra(capsys, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if the [sd] extra were not installed
+    err = _one_line_failure(capsys, ["sd", "sd_model=tiny_random", "prompt=x", "negative_prompt=y",
+                                     f"hydra.run.dir={tmp_path / 'run'}"])
+    assert 'pip install -e ".[sd]"' in err and not (tmp_path / "run").exists()

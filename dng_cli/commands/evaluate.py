@@ -181,6 +181,7 @@ def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
     gen = pipeline.build(cfg, device, network)
     n = int(cfg.n_samples)
     seeds = [int(cfg.sampler.seed) + i for i in range(n)]
+    io.pause_for_tests("evaluate")
     t0 = time.time()
     out = pipeline.generate_all(gen, seeds, int(cfg.sampler.batch_size), progress=bool(cfg.sampler.progress))
     wall = time.time() - t0

@@ -64,11 +64,12 @@ def matched(rows: list[dict], targets: list[float]) -> list[dict]:
     out = []
     groups = {}
     for r in rows:
-        groups.setdefault((r["label"], str(r.get("forbidden"))), []).append(r)
-    for (label, forbidden), pts in sorted(groups.items()):
+        groups.setdefault((r["label"], str(r.get("forbidden")), r.get("steps")), []).append(r)
+    for (label, forbidden, steps), pts in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
         pts = sorted(pts, key=lambda r: r.get("guidance_scale") or 0.0)
         for t in targets:
-            row = {"label": label, "forbidden": forbidden, "target": t, "kl_uniform": None, "fid": None, "how": ""}
+            row = {"label": label, "forbidden": forbidden, "steps": steps, "target": t, "kl_uniform": None, "fid": None,
+                   "how": ""}
             if pts[0]["forbidden_rate"] <= t:
                 row.update(kl_uniform=pts[0]["kl_uniform"], fid=pts[0].get("fid"), scale=pts[0].get("guidance_scale"),
                            how=f"first point already at {100 * pts[0]['forbidden_rate']:.2f} %")
@@ -89,9 +90,9 @@ def matched(rows: list[dict], targets: list[float]) -> list[dict]:
 def matched_markdown(rows: list[dict]) -> str:
     lines = ["**Matched safety, interpolated** on each method's own front (linear in the forbidden rate between "
              "the two sweep points around the target; no new samples — `dng compare` measures it directly):", "",
-             "| target | method | forbidden | KL | FID | from |", "|---|---|---|---|---|---|"]
+             "| target | method | forbidden | steps | KL | FID | from |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {100 * r['target']:g} % | {r['label']} | {r['forbidden']} | {_fmt(r['kl_uniform'], 3)} "
+        lines.append(f"| {100 * r['target']:g} % | {r['label']} | {r['forbidden']} | {r['steps']} | {_fmt(r['kl_uniform'], 3)} "
                      f"| {_fmt(r['fid'], 3)} | {r['how']} |")
     return "\n".join(lines) + "\n"
 
