@@ -11,6 +11,15 @@ class UserError(ValueError):
     """A bad value given by the user. The CLI prints its message as one line and exits non-zero."""
 
 
+def one_line(err: BaseException) -> str:
+    """An exception as one line: its message's first line (OSErrors: what failed on which path)."""
+    if isinstance(err, OSError) and not isinstance(err, UserError):
+        where = f" {str(err.filename)!r}" if err.filename else ""
+        return f"cannot write or read{where}: {err.strerror or type(err).__name__}"
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class RunRefused(UserError):
     """A run that may not write into its folder (another config's results, another live process)."""
 

@@ -210,9 +210,10 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self._owner()
-                if owner is None and self._young():  # being written by its owner right now
-                    owner = {"pid": "?", "host": "?", "started": "just now"}
-                if owner is not None and not self._stale(owner):
+                # an unreadable lock is its owner writing it right now (young) or a crash's leftover
+                stale = not self._young() if owner is None else self._stale(owner)
+                if not stale:
+                    owner = owner or {"pid": "?", "host": "?", "started": "just now"}
                     raise RunRefused(f"run folder {str(self.path.parent)!r} is in use by pid {owner.get('pid')} on "
                                     f"{owner.get('host')} since {owner.get('started')}: wait for it, or use "
                                     f"another hydra.run.dir (lock file {self.path.name})")
@@ -241,8 +242,6 @@ class RunLock:
 
     @staticmethod
     def _stale(owner: dict) -> bool:
-        if owner.get("pid") == "?":
-            return False
         if owner.get("host") != socket.gethostname():
             return False  # another machine's process: cannot tell, so respect it
         pid = owner.get("pid")

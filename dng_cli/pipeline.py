@@ -20,6 +20,7 @@ from dng_cli.guidance import METHODS
 from dng_cli.models import SHIPPED, ClassConditionalEps, PairEps, build_unet, load_ddpm, resolve
 from dng_cli.sampler import SampleOutput, randn, sample
 from dng_cli.schedule import VARIANCES, NoiseSchedule
+from dng_cli.validate import check_types
 
 
 def forbidden_classes(method_cfg: DictConfig, num_classes: int) -> list[int]:
@@ -58,12 +59,6 @@ def build_schedule(sampler_cfg: DictConfig) -> NoiseSchedule:
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise UserError(f"sampler.steps={steps!r} is invalid: it must be an integer in [1, {len(base)}]")
     return base.respace(steps)
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UserError(f"{name}={value!r} is invalid: it must be a positive integer")
-    return value
 
 
 def check_model_cfg(model_cfg: DictConfig, dataset_cfg: DictConfig | None = None) -> None:
@@ -112,13 +107,7 @@ def check_run_cfg(cfg: DictConfig) -> None:
     if hasattr(guidance, "check_classes"):
         guidance.check_classes(len(forbidden))
     build_schedule(cfg.sampler)
-    _positive_int("n_samples", cfg.n_samples)
-    _positive_int("sampler.batch_size", cfg.sampler.batch_size)
-    if cfg.sampler.get("max_batch") is not None:
-        _positive_int("sampler.max_batch", cfg.sampler.max_batch)
-    for key in ("channels_last", "compile"):
-        if not isinstance(cfg.sampler.get(key, False), bool):
-            raise UserError(f"sampler.{key}={cfg.sampler.get(key)!r} is invalid: allowed are true, false")
+    check_types(cfg)  # n_samples, batch sizes, speed flags: the declared type/range table
     check_model_cfg(cfg.model, cfg.dataset)
 
 

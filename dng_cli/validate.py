@@ -9,7 +9,7 @@ from typing import Callable
 
 from omegaconf import DictConfig
 
-from dng_cli import UserError
+from dng_cli import UserError, one_line
 
 INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}
 MULTIRUN_FLAGS = {"-m", "--multirun"}
@@ -53,8 +53,7 @@ def compose(config_name: str, overrides: list[str], return_hydra_config: bool = 
     except UserError:
         raise
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(first) from None
+        raise UserError(one_line(err)) from None
     finally:
         GlobalHydra.instance().clear()
 
@@ -98,7 +97,7 @@ def sweep_jobs(config_name: str, overrides: list[str]) -> list[list[str]]:
     try:
         parsed = parser.parse_overrides(overrides)
     except Exception as err:
-        raise UserError(str(err).strip().splitlines()[0]) from None
+        raise UserError(one_line(err)) from None
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     axes: dict[str, list[str]] = {}
     base = compose(config_name, fixed, return_hydra_config=True)
@@ -121,7 +120,7 @@ def _values(parser, line: str) -> list[str]:
     try:
         return list(override.sweep_string_iterator())
     except Exception as err:  # range/glob/interval sweeps: enumerated by Hydra's sweeper only
-        raise UserError(f"{key}: {str(err).strip().splitlines()[0]}") from None
+        raise UserError(f"{key}: {one_line(err)}") from None
 
 
 # ------------------------------------------------------------------------------- declared types
@@ -144,6 +143,8 @@ SPEC: dict[str, tuple] = {
     "method.scale": (FLOAT, 0.0), "method.momentum_scale": (FLOAT, 0.0), "method.momentum_beta": (FLOAT,),
     "method.warmup_steps": (INT, 0), "metrics.kl_smoothing": (FLOAT, 0.0, None, False),
     "dataset.channels": (INT, 1), "dataset.image_size": (INT, 1), "dataset.num_classes": (INT, 2),
+    "pilot_n": (INT, 1), "pilot_seed": (INT, 0), "max_probes": (INT, 2), "tolerance": (FLOAT, 0.0, None, False),
+    "scale_min": (FLOAT, 0.0, None, False), "scale_max": (FLOAT, 0.0, None, False),
 }
 DEVICES = "cpu, cuda, cuda:<index>, auto"
 

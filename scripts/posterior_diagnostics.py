@@ -72,10 +72,8 @@ def replay(rows, prior, temperature, offset, update, normaliser) -> torch.Tensor
     log_p = torch.full_like(rows[0]["dd"], math.log(prior))
     out = []
     for row in rows:
-        var = row["var_small"] if update == "small" else row["var"]
-        prec = row["prec_small"] if update == "small" else row["prec"]
-        if update == "large":  # β' of the respaced step: 1/σ² with σ² = β'; precision ratio as for "sampled"
-            var, prec = row["var_large"], row["prec_large"]
+        suffix = {"small": "_small", "large": "_large"}.get(update, "")  # "sampled": what the chain drew with
+        var, prec = row["var" + suffix], row["prec" + suffix]
         a = (-(row["dd"] - 2 * row["rd"]) * temperature) / (2 * var) + 0.5 * offset * prec
         if normaliser == "mixture":
             p = log_p.exp().clamp(max=P_MAX)

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from dng_cli import UserError, calibration, pipeline
 from dng_cli.commands import evaluate
 from dng_cli.commands.common import entry, plain, setup_torch, write_json
+from dng_cli.validate import check_types
 
 log = logging.getLogger(__name__)
 SEARCH_KEYS = ("target_forbidden", "pilot_n", "pilot_seed", "scale_min", "scale_max", "tolerance", "max_probes",
@@ -28,11 +29,7 @@ def check_search(cfg: DictConfig, targets: list) -> None:
             raise UserError(f"target forbidden rate {t!r} is invalid: it must lie in [0, 1)")
     if not 0 < float(cfg.scale_min) < float(cfg.scale_max):
         raise UserError(f"scale_min={cfg.scale_min}, scale_max={cfg.scale_max} are invalid: need 0 < scale_min < scale_max")
-    if float(cfg.tolerance) <= 0:
-        raise UserError(f"tolerance={cfg.tolerance} is invalid: it must be > 0")
-    for key in ("pilot_n", "max_probes"):
-        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < (1 if key == "pilot_n" else 2):
-            raise UserError(f"{key}={cfg[key]!r} is invalid: it must be an integer >= {1 if key == 'pilot_n' else 2}")
+    check_types(cfg)  # pilot_n, max_probes, tolerance, ...: the declared type/range table
 
 
 def check_cfg(cfg: DictConfig) -> None:

@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from dng_cli import RunRefused, UserError
+from dng_cli import RunRefused, UserError, one_line
 from dng_cli.pipeline import hardware, plain, setup_torch  # noqa: F401  (re-exported for commands)
 from dng_cli.io import LOCK_NAME, RunLock, atomic_save, atomic_write_text, clean_temporaries, write_json  # noqa: F401
 
@@ -75,12 +76,11 @@ def entry(config_name: str, run: Callable[[DictConfig, Path], Any], cleanup: boo
     return main
 
 
-class SweepStatus:
+class SweepStatus(Callback):
     """Hydra callback (``hydra.callbacks.sweep_status``): after a multirun, one line naming the jobs
     that failed (their ``error.txt``) and a non-zero exit when any did."""
 
-    def __init__(self) -> None:
-        self.start = time.time()
+    start = 0.0
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.start = time.time()
@@ -93,11 +93,6 @@ class SweepStatus:
             print(f"dng: error: {len(failed)} job(s) of the sweep failed (their error.txt), first "
                   f"{failed[0].name}: {first}", file=sys.stderr)
             sys.exit(1)
-
-    def __getattr__(self, name: str):  # the other Callback hooks: nothing to do
-        if name.startswith("on_"):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
 
 
 def _settle_config(output_dir: Path, admitted: bool) -> None:
@@ -112,15 +107,6 @@ def _settle_config(output_dir: Path, admitted: bool) -> None:
         os.replace(pending, target)
     else:
         shutil.rmtree(pending, ignore_errors=True)
-
-
-def one_line(err: BaseException) -> str:
-    """An exception as one line: its message's first line (OSErrors: what failed on which path)."""
-    if isinstance(err, OSError) and not isinstance(err, UserError):
-        where = f" {str(err.filename)!r}" if err.filename else ""
-        return f"cannot write or read{where}: {err.strerror or type(err).__name__}"
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def remove_if_only_hydra(path: Path) -> None:

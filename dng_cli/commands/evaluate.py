@@ -30,12 +30,11 @@ def check_cfg(cfg: DictConfig) -> None:
     if not clf.is_file():
         raise UserError(f"model.classifier={str(cfg.model.classifier)!r} is not a classifier folder (config.json "
                         f"and model.safetensors) nor a shipped name ({', '.join(SHIPPED)})")
-    else:
-        conf = json.loads(clf.read_text())
-        for field, want in (("in_channels", int(cfg.dataset.channels)), ("num_classes", int(cfg.dataset.num_classes))):
-            if conf.get(field) is not None and conf[field] != want:
-                raise UserError(f"model.classifier={str(cfg.model.classifier)!r} does not fit dataset={cfg.dataset.name}: "
-                                f"its {field} is {conf[field]}, the dataset's is {want}")
+    conf = json.loads(clf.read_text())
+    for field, want in (("in_channels", int(cfg.dataset.channels)), ("num_classes", int(cfg.dataset.num_classes))):
+        if conf.get(field) is not None and conf[field] != want:
+            raise UserError(f"model.classifier={str(cfg.model.classifier)!r} does not fit dataset={cfg.dataset.name}: "
+                            f"its {field} is {conf[field]}, the dataset's is {want}")
     if cfg.metrics.fid.split not in ("train", "test"):
         raise UserError(f"metrics.fid.split={cfg.metrics.fid.split!r} is invalid: allowed are train, test")
 

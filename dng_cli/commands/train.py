@@ -23,6 +23,7 @@ from dng_cli import UserError
 from dng_cli.commands.common import atomic_save, entry, hardware, plain, setup_torch
 from dng_cli.data import load_tensors
 from dng_cli.io import recover_folder
+from dng_cli.validate import check_types
 from dng_cli.models import Classifier, build_unet, classify, load_ddpm, resolve
 from dng_cli.schedule import NoiseSchedule
 
@@ -48,11 +49,7 @@ class Batches:
 
 
 def _check_train_cfg(cfg: DictConfig) -> None:
-    for key in ("steps", "batch_size", "checkpoint_every"):
-        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] <= 0:
-            raise UserError(f"{key}={cfg[key]!r} is invalid: it must be a positive integer")
-    if not 0.0 <= float(cfg.get("label_dropout", 0.0)) < 1.0:
-        raise UserError(f"label_dropout={cfg.label_dropout} is invalid: it must lie in [0, 1)")
+    check_types(cfg)  # steps, batch_size, label_dropout, ...: the declared type/range table
     if cfg.get("lr_schedule", "constant") not in ("constant", "cosine"):
         raise UserError(f"lr_schedule={cfg.lr_schedule!r} is invalid: allowed are constant, cosine")
 
@@ -282,9 +279,7 @@ def run_classifier(cfg: DictConfig, output_dir: Path) -> dict:
 
 
 def check_classifier(cfg: DictConfig) -> None:
-    for key in ("epochs", "batch_size"):
-        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] <= 0:
-            raise UserError(f"{key}={cfg[key]!r} is invalid: it must be a positive integer")
+    check_types(cfg)
 
 
 def check_ddpm(cfg: DictConfig) -> None:
