@@ -5,6 +5,11 @@ caching — is the caller's business). The forbidden rate falls with λ for ever
 search is a bisection on log λ: λ_hi meets the target, λ_lo does not, and the bracket shrinks
 geometrically until λ_hi / λ_lo ≤ 1 + tolerance or the probe budget is spent. λ* is the smallest
 probed scale that met the target (conservative: it is never a scale that failed).
+
+Probes already run on the same pilot set (``known``: an earlier target's search over the same method)
+start the bracket: the smallest known scale that meets the target is λ_hi, the largest smaller one that
+fails is λ_lo, and only the missing ends are probed. A search for 0.3 % after one for 1 % thus starts
+inside [λ*(1 %), ...] instead of at the range ends.
 """
 
 from __future__ import annotations
@@ -53,27 +58,39 @@ def round_scale(scale: float, digits: int = 3) -> float:
 
 
 def calibrate(probe: Callable[[float], tuple[int, int]], target: float, scale_min: float, scale_max: float,
-              tolerance: float = 0.1, max_probes: int = 10) -> Calibration:
-    """Smallest scale in [scale_min, scale_max] with forbidden rate ≤ ``target`` (see module doc)."""
+              tolerance: float = 0.1, max_probes: int = 10, known: list[Probe] = ()) -> Calibration:
+    """Smallest scale in [scale_min, scale_max] with forbidden rate ≤ ``target`` (see module doc).
+
+    ``max_probes`` counts the probes this search runs; reused ``known`` probes are listed but free.
+    """
     result = Calibration(target, None)
+    scale_min, scale_max = round_scale(scale_min), round_scale(scale_max)
+    known = [p for p in known if scale_min <= p.scale <= scale_max]
+    new = 0
 
     def run(scale: float) -> Probe:
-        forbidden, n = probe(scale)
-        p = Probe(scale, int(forbidden), int(n))
-        result.probes.append(p)
+        nonlocal new
+        p = next((k for k in known if k.scale == scale), None)
+        if p is None:
+            forbidden, n = probe(scale)
+            p, new = Probe(scale, int(forbidden), int(n)), new + 1
+        if p not in result.probes:
+            result.probes.append(p)
         return p
 
-    hi = run(round_scale(scale_max))
+    meets = sorted((p for p in known if p.rate <= target), key=lambda p: p.scale)
+    hi = run(meets[0].scale if meets else scale_max)
     if hi.rate > target:
         result.reason = (f"forbidden rate {hi.rate:.3%} at the largest scale {hi.scale:g} is above the target "
                          f"{target:.3%}")
         return result
-    lo = run(round_scale(scale_min))
+    fails = sorted((p for p in known if p.rate > target and p.scale < hi.scale), key=lambda p: p.scale)
+    lo = run(fails[-1].scale if fails else scale_min)
     if lo.rate <= target:
         result.scale_star = lo.scale
         result.reason = "the smallest scale of the range already meets the target"
         return result
-    while len(result.probes) < max_probes and hi.scale / lo.scale > 1 + tolerance:
+    while new < max_probes and hi.scale / lo.scale > 1 + tolerance:
         mid_scale = round_scale(math.sqrt(lo.scale * hi.scale))
         if mid_scale in (lo.scale, hi.scale):
             break
@@ -83,5 +100,5 @@ def calibrate(probe: Callable[[float], tuple[int, int]], target: float, scale_mi
         else:
             lo = mid
     result.scale_star = hi.scale
-    result.reason = f"bracket [{lo.scale:g}, {hi.scale:g}] after {len(result.probes)} probes"
+    result.reason = f"bracket [{lo.scale:g}, {hi.scale:g}] after {len(result.probes)} probes ({new} new)"
     return result

@@ -30,6 +30,27 @@ def test_bisection_finds_the_smallest_scale_that_meets_the_target():
     assert summary["reached"] and summary["rate_at_star_ci"][0] <= summary["rate_at_star"]
 
 
+def test_a_second_target_starts_from_the_first_targets_probes():
+    """Known probes (same pilot set, an earlier target) start the bracket: the same λ*, fewer new probes."""
+    n, calls = 1000, []
+
+    def probe(scale):
+        calls.append(scale)
+        return round(n * 0.2 * math.exp(-scale)), n
+
+    first = calibrate(probe, target=0.01, scale_min=0.01, scale_max=1000, tolerance=0.1, max_probes=30)
+    calls.clear()
+    cold = calibrate(probe, target=0.003, scale_min=0.01, scale_max=1000, tolerance=0.1, max_probes=30)
+    n_cold = len(calls)
+    calls.clear()
+    warm = calibrate(probe, target=0.003, scale_min=0.01, scale_max=1000, tolerance=0.1, max_probes=30,
+                     known=first.probes)
+    assert warm.at_star().rate <= 0.003 and all(p.rate > 0.003 for p in warm.probes if p.scale < warm.scale_star)
+    assert abs(math.log(warm.scale_star / cold.scale_star)) <= math.log(1.1)
+    assert len(calls) < n_cold and not set(calls) & {p.scale for p in first.probes}
+    assert "new)" in warm.reason
+
+
 def test_bisection_gives_up_cleanly():
     res = calibrate(lambda s: (50, 100), target=0.01, scale_min=0.1, scale_max=10)
     assert res.scale_star is None and "above the target" in res.reason and len(res.probes) == 1
@@ -95,6 +116,32 @@ def test_compare_end_to_end_on_the_tiny_model(tmp_path, capsys):
     cli.main(["compare", *TINY, "methods=[np,dng_official_cli,dng]", "targets=[0.5]", "n_samples=6", "pilot_n=4",
               f"hydra.run.dir={out}"])
     assert {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")} == stamps
+
+
+def test_compare_shares_one_pilot_set_per_method_across_targets(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    cli.main(["compare", *TINY, "methods=[np]", "targets=[0.5,0.3]", "n_samples=4", "pilot_n=4",
+              "scale_min=0.01", "scale_max=1", f"hydra.run.dir={out}"])
+    listed = [json.loads((out / "calibrate" / f"np-{t}" / "calibration.json").read_text())["probes"] for t in ("0.5", "0.3")]
+    run = {p.parent.name for p in (out / "calibrate" / "np" / "probes").glob("scale=*/metrics.json")}
+    assert run == {f"scale={p['scale']:g}" for probes in listed for p in probes}
+    assert len(run) < sum(len(probes) for probes in listed)  # the second target reused the first one's probes
+
+
+def test_compare_table_carries_inception_fid_when_present():
+    from dng_cli.commands.compare import difference, table
+
+    def row(method, kl, fid, inc):
+        m = {"n_samples": 1000, "forbidden_rate": 0.01, "forbidden_rate_ci": [0.005, 0.02], "kl_uniform": kl,
+             "kl_uniform_se": 0.01, "fid": fid, "fid_se": 0.5, "fid_inception": inc, "fid_inception_se": 1.0}
+        return {"target": 0.01, "method": method, "scale_star": 1.0, "metrics": m}
+
+    ref, other = row("dng", 0.04, 6.0, 20.0), row("np", 0.10, 6.2, 30.0)
+    for key in ("kl_uniform", "fid", "fid_inception"):
+        other[f"{key}_vs_reference"] = difference(other["metrics"], ref["metrics"], key)
+    md = table([other, ref], "dng")
+    assert "Inception FID − dng" in md and "+10.000 [+7.228, +12.772] ✓" in md and "+0.200 [" in md
+    assert "Inception" not in table([{**other, "metrics": {**other["metrics"], "fid_inception": None}}], "dng")
 
 
 @pytest.mark.parametrize("args,match", [

@@ -1,8 +1,8 @@
 """``dng calibrate``: the smallest guidance scale whose forbidden rate is ≤ ``target_forbidden``.
 
 Each probe is a ``dng evaluate`` run of ``pilot_n`` samples (seeds ``pilot_seed``…) cached in
-``<run dir>/probes/scale=<λ>/`` with its fingerprint, so an interrupted calibration resumes and a
-second target reuses the probes it shares. Writes ``calibration.json`` (the probes, λ*, the rate at
+``<run dir>/probes/scale=<λ>/`` with its fingerprint, so an interrupted calibration resumes; ``dng compare``
+keeps one probe folder per method and starts each later target from the probes already run. Writes ``calibration.json`` (the probes, λ*, the rate at
 λ* with its Wilson interval); the search itself is ``dng_cli.calibration.calibrate``.
 """
 
@@ -36,7 +36,7 @@ def check_cfg(cfg: DictConfig) -> None:
     check_search(cfg, [cfg.target_forbidden])
     if "guidance_scale" not in cfg.method:
         raise UserError(f"method={cfg.method.name} has no guidance_scale to calibrate: allowed are np, sld, dng (or a dng preset)")
-    evaluate.check_cfg(run_cfg(cfg, cfg.method, 1.0, int(cfg.pilot_n), int(cfg.pilot_seed)))
+    evaluate.check_cfg(probe_cfg(cfg, cfg.method, 1.0))
 
 
 def run_cfg(cfg: DictConfig, method: DictConfig, scale: float, n: int, seed: int, label: str | None = None) -> DictConfig:
@@ -49,18 +49,31 @@ def run_cfg(cfg: DictConfig, method: DictConfig, scale: float, n: int, seed: int
     return OmegaConf.create(data)
 
 
+def probe_cfg(cfg: DictConfig, method: DictConfig, scale: float, label: str | None = None) -> DictConfig:
+    """A probe's evaluate config: the pilot seeds, and the fast classifier FID (a probe only counts forbidden
+    samples; Inception features would cost ~25 s per 300 samples on a 2-core CPU and decide nothing)."""
+    probe = run_cfg(cfg, method, scale, int(cfg.pilot_n), int(cfg.pilot_seed), label)
+    probe.metrics.fid.features = "classifier"
+    return probe
+
+
 def calibrate_method(cfg: DictConfig, method: DictConfig, target: float, folder: Path, network=None,
-                     label: str | None = None) -> dict:
-    """Calibrate one method to one target; probes cached under ``folder/probes``."""
+                     label: str | None = None, probes_dir: Path | None = None,
+                     known: list[calibration.Probe] = ()) -> dict:
+    """Calibrate one method to one target; probes cached under ``probes_dir`` (default ``folder/probes``).
+
+    ``known``: probes of this method on the same pilot set from an earlier target (they start the bracket).
+    """
+    probes_dir = probes_dir or folder / "probes"
+
     def probe(scale: float) -> tuple[int, int]:
-        m = evaluate.run(run_cfg(cfg, method, scale, int(cfg.pilot_n), int(cfg.pilot_seed), label),
-                         folder / "probes" / f"scale={scale:g}", network)
+        m = evaluate.run(probe_cfg(cfg, method, scale, label), probes_dir / f"scale={scale:g}", network)
         forbidden = sum(m["histogram_counts"][c] for c in m["forbidden"])
         log.info("probe %s scale %g: %d/%d forbidden", method.name, scale, forbidden, m["n_samples"])
         return forbidden, m["n_samples"]
 
     result = calibration.calibrate(probe, float(target), float(cfg.scale_min), float(cfg.scale_max),
-                                   float(cfg.tolerance), int(cfg.max_probes))
+                                   float(cfg.tolerance), int(cfg.max_probes), known)
     out = {"method": str(method.name), "method_config": OmegaConf.to_container(method, resolve=True),
            "pilot_n": int(cfg.pilot_n), "pilot_seed": int(cfg.pilot_seed), **result.as_dict()}
     write_json(folder / "calibration.json", out)

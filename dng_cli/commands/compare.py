@@ -21,13 +21,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from dng_cli import UserError, pipeline
+from dng_cli import UserError, calibration, pipeline
 from dng_cli.commands import evaluate
 from dng_cli.commands.calibrate import calibrate_method, check_search, run_cfg
 from dng_cli.commands.common import atomic_write_text, entry, setup_torch, write_json
 
 log = logging.getLogger(__name__)
 Z95 = 1.959963984540054
+COMPARED = ("kl_uniform", "fid", "fid_inception")  # differences to the reference (fid_inception when enabled)
 
 
 def method_config(name: str, forbidden: list) -> DictConfig:
@@ -65,11 +66,15 @@ def difference(a: dict, b: dict, key: str) -> dict | None:
 
 
 def table(rows: list[dict], reference: str) -> str:
-    lines = ["| target | method | λ* | N | forbidden % (95% CI) | KL ± s.e. | FID ± s.e. | KL − " + reference +
-             " [95% CI] | FID − " + reference + " [95% CI] |", "|---|---|---|---|---|---|---|---|---|"]
+    inception = any((r.get("metrics") or {}).get("fid_inception") is not None for r in rows)
+    head = ["target", "method", "λ*", "N", "forbidden % (95% CI)", "KL ± s.e.", "FID ± s.e."]
+    head += ["Inception FID ± s.e."] if inception else []
+    head += [f"KL − {reference} [95% CI]", f"FID − {reference} [95% CI]"]
+    head += [f"Inception FID − {reference} [95% CI]"] if inception else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.get("scale_star") is None:
-            lines.append(f"| {100 * r['target']:g} % | {r['method']} | not reached | | | | | {r['reason']} | |")
+            lines.append(f"| {100 * r['target']:g} % | {r['method']} | not reached | | {r['reason']} |" + " |" * (len(head) - 5))
             continue
         m = r["metrics"]
         lo, hi = m["forbidden_rate_ci"]
@@ -80,10 +85,14 @@ def table(rows: list[dict], reference: str) -> str:
                 return "—"
             return f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" + (" ✓" if d["resolved"] else "")
 
-        lines.append(f"| {100 * r['target']:g} % | {r['method']} | {r['scale_star']:g} | {m['n_samples']} | "
-                     f"{100 * m['forbidden_rate']:.2f} ({100 * lo:.2f}–{100 * hi:.2f}) | "
-                     f"{m['kl_uniform']:.3f} ± {m['kl_uniform_se']:.3f} | {m['fid']:.2f} ± {m['fid_se']:.2f} | "
-                     f"{diff('kl_uniform')} | {diff('fid')} |")
+        def est(key: str, digits: int) -> str:
+            return "—" if m.get(key) is None else f"{m[key]:.{digits}f} ± {m[f'{key}_se']:.{digits}f}"
+
+        cells = [f"{100 * r['target']:g} %", r["method"], f"{r['scale_star']:g}", str(m["n_samples"]),
+                 f"{100 * m['forbidden_rate']:.2f} ({100 * lo:.2f}–{100 * hi:.2f})", est("kl_uniform", 3), est("fid", 2)]
+        cells += [est("fid_inception", 2)] if inception else []
+        cells += [diff("kl_uniform"), diff("fid")] + ([diff("fid_inception")] if inception else [])
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n✓: the 95 % interval of the difference excludes 0 (resolved).\n"
 
 
@@ -121,11 +130,15 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     methods = [str(m) for m in cfg.methods]
     reference = "dng" if "dng" in methods else methods[-1]
     rows = []
+    known: dict[str, list[calibration.Probe]] = {name: [] for name in methods}  # one pilot set per method
     for target in [float(t) for t in cfg.targets]:
         for name in methods:
             method = method_config(name, list(cfg.forbidden))
             tag = f"{name}-{target:g}"
-            cal = calibrate_method(cfg, method, target, output_dir / "calibrate" / tag, network, label=name)
+            cal = calibrate_method(cfg, method, target, output_dir / "calibrate" / tag, network, label=name,
+                                   probes_dir=output_dir / "calibrate" / name / "probes", known=known[name])
+            known[name] = [calibration.Probe(p["scale"], p["forbidden"], p["n"]) for p in cal["probes"]] + [
+                p for p in known[name] if p.scale not in {q["scale"] for q in cal["probes"]}]
             row = {"target": target, "method": name, "scale_star": cal["scale_star"], "reason": cal["reason"],
                    "calibration": cal}
             if cal["scale_star"] is not None:
@@ -137,7 +150,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         ref = next((r for r in rows if r["target"] == target and r["method"] == reference and "metrics" in r), None)
         for r in rows:
             if r["target"] == target and "metrics" in r and ref is not None and r is not ref:
-                for key in ("kl_uniform", "fid"):
+                for key in COMPARED:
                     r[f"{key}_vs_reference"] = difference(r["metrics"], ref["metrics"], key)
     summary = {"reference": reference, "rows": [{k: v for k, v in r.items() if k != "calibration"} for r in rows]}
     for r in summary["rows"]:
