@@ -3,7 +3,10 @@
 Pure search logic over a ``probe(scale) -> (forbidden, n)`` callable (what a probe costs — sampling,
 caching — is the caller's business). The forbidden rate falls with λ for every method here, so the
 search is a bisection on log λ: λ_hi meets the target, λ_lo does not, and the bracket shrinks
-geometrically until λ_hi / λ_lo ≤ 1 + tolerance or the probe budget is spent. λ* is the smallest
+geometrically until λ_hi / λ_lo ≤ 1 + tolerance or the probe budget is spent. The bracket is found
+from the range ends (scale_max, then scale_min), or — given a start such as the method's configured
+scale — by stepping from it by a factor (4) until the target flips, which costs fewer probes when
+the start is within a few factors of λ*. λ* is the smallest
 probed scale that met the target (conservative: it is never a scale that failed).
 
 Probes already run on the same pilot set (``known``: an earlier target's search over the same method)
@@ -58,10 +61,14 @@ def round_scale(scale: float, digits: int = 3) -> float:
 
 
 def calibrate(probe: Callable[[float], tuple[int, int]], target: float, scale_min: float, scale_max: float,
-              tolerance: float = 0.1, max_probes: int = 10, known: list[Probe] = ()) -> Calibration:
+              tolerance: float = 0.1, max_probes: int = 10, known: list[Probe] = (), start: float | None = None,
+              step: float = 4.0) -> Calibration:
     """Smallest scale in [scale_min, scale_max] with forbidden rate ≤ ``target`` (see module doc).
 
-    ``max_probes`` counts the probes this search runs; reused ``known`` probes are listed but free.
+    ``start`` (e.g. the method's configured scale): find the bracket by stepping from it by factors of
+    ``step`` (down while the target is met, up while it is not) instead of probing the range ends first;
+    [scale_min, scale_max] stays the hard limit. ``max_probes`` counts the probes this search runs;
+    reused ``known`` probes are listed but free.
     """
     result = Calibration(target, None)
     scale_min, scale_max = round_scale(scale_min), round_scale(scale_max)
@@ -79,16 +86,35 @@ def calibrate(probe: Callable[[float], tuple[int, int]], target: float, scale_mi
         return p
 
     meets = sorted((p for p in known if p.rate <= target), key=lambda p: p.scale)
-    hi = run(meets[0].scale if meets else scale_max)
-    if hi.rate > target:
-        result.reason = (f"forbidden rate {hi.rate:.3%} at the largest scale {hi.scale:g} is above the target "
-                         f"{target:.3%}")
+    hi = meets[0] if meets else None
+    fails = sorted((p for p in known if p.rate > target and (hi is None or p.scale < hi.scale)), key=lambda p: p.scale)
+    lo = fails[-1] if fails else None
+    if hi is None and lo is None and start is not None:
+        first = run(round_scale(min(max(start, scale_min), scale_max)))
+        hi, lo = (first, None) if first.rate <= target else (None, first)
+    if start is None:  # no start: the range ends bracket the search
+        step = math.inf
+    while hi is None and new < max_probes:  # step up until the target is met (last try: scale_max)
+        p = run(scale_max if lo is None or lo.scale * step >= scale_max else round_scale(lo.scale * step))
+        hi, lo = (p, lo) if p.rate <= target else (None, p)
+        if hi is None and p.scale >= scale_max:
+            break
+    if hi is None:
+        top = max(result.probes, key=lambda p: p.scale)
+        result.reason = (f"forbidden rate {top.rate:.3%} at the largest scale {top.scale:g} is above the target "
+                         f"{target:.3%}" if top.scale >= scale_max else
+                         f"the probe budget ran out below the target (largest scale {top.scale:g})")
         return result
-    fails = sorted((p for p in known if p.rate > target and p.scale < hi.scale), key=lambda p: p.scale)
-    lo = run(fails[-1].scale if fails else scale_min)
-    if lo.rate <= target:
-        result.scale_star = lo.scale
-        result.reason = "the smallest scale of the range already meets the target"
+    while lo is None and new < max_probes:  # step down until the target is missed (last try: scale_min)
+        p = run(scale_min if hi.scale / step <= scale_min else round_scale(hi.scale / step))
+        hi, lo = (p, None) if p.rate <= target else (hi, p)
+        if lo is None and p.scale <= scale_min:
+            result.scale_star = p.scale
+            result.reason = "the smallest scale of the range already meets the target"
+            return result
+    if lo is None:
+        result.scale_star = hi.scale
+        result.reason = f"the probe budget ran out stepping down (nothing below {hi.scale:g} probed)"
         return result
     while new < max_probes and hi.scale / lo.scale > 1 + tolerance:
         mid_scale = round_scale(math.sqrt(lo.scale * hi.scale))

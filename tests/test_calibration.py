@@ -51,6 +51,24 @@ def test_a_second_target_starts_from_the_first_targets_probes():
     assert "new)" in warm.reason
 
 
+def test_stepping_from_a_start_scale_brackets_with_fewer_probes():
+    n = 1000
+
+    def probe(scale):
+        return round(n * 0.2 * math.exp(-scale)), n
+
+    ends = calibrate(probe, target=0.01, scale_min=0.01, scale_max=1000, tolerance=0.5, max_probes=30)
+    for start in (1.0, 10.0, 0.02, 999.0):
+        res = calibrate(probe, target=0.01, scale_min=0.01, scale_max=1000, tolerance=0.5, max_probes=30, start=start)
+        assert res.at_star().rate <= 0.01 and all(p.rate > 0.01 for p in res.probes if p.scale < res.scale_star)
+        assert max(p.scale for p in res.probes if p.scale < res.scale_star) * 1.5 >= res.scale_star
+        if start in (1.0, 10.0):
+            assert len(res.probes) < len(ends.probes)
+    assert calibrate(lambda s: (50, 100), 0.01, 0.1, 10, start=1.0).reason.startswith("forbidden rate 50.000% at the largest")
+    met = calibrate(lambda s: (0, 100), 0.01, 0.1, 10, start=1.0)
+    assert met.scale_star == 0.1 and "already meets" in met.reason
+
+
 def test_bisection_gives_up_cleanly():
     res = calibrate(lambda s: (50, 100), target=0.01, scale_min=0.1, scale_max=10)
     assert res.scale_star is None and "above the target" in res.reason and len(res.probes) == 1
@@ -77,11 +95,12 @@ def test_calibrates_np_on_the_analytic_mixture(gmm):
 
 def test_calibrate_command_caches_probes_and_refuses_unreachable(tmp_path, capsys):
     out = tmp_path / "cal"
-    cli.main(["calibrate", *TINY, "method=np", "pilot_n=4", "target_forbidden=0.5", f"hydra.run.dir={out}"])
-    cal = json.loads((out / "calibration.json").read_text())
-    assert cal["reached"] and cal["scale_star"] == 0.01 and len(cal["probes"]) == 2
-    assert len(list((out / "probes").glob("scale=*/metrics.json"))) == 2
-    assert "guidance_scale* = 0.01" in capsys.readouterr().out
+    cli.main(["calibrate", *TINY, "method=np", "pilot_n=4", "target_forbidden=0.5", "scale_min=0.1",
+              f"hydra.run.dir={out}"])
+    cal = json.loads((out / "calibration.json").read_text())  # steps down from np's scale 1: 1, 0.25, 0.1
+    assert cal["reached"] and cal["scale_star"] == 0.1 and [p["scale"] for p in cal["probes"]] == [0.1, 0.25, 1.0]
+    assert len(list((out / "probes").glob("scale=*/metrics.json"))) == 3
+    assert "guidance_scale* = 0.1" in capsys.readouterr().out
     # the tiny model's noise is all classified 8: forbidding 8 cannot be reached
     with pytest.raises(SystemExit) as exc:
         cli.main(["calibrate", *TINY, "method=np", "method.forbidden=[8]", "pilot_n=4", "scale_max=10",
@@ -146,7 +165,8 @@ def test_compare_table_carries_inception_fid_when_present():
 
 @pytest.mark.parametrize("args,match", [
     (["methods=[foo]"], "'foo'"), (["targets=[1.5]"], "1.5"), (["methods=[none]"], "no guidance_scale"),
-    (["scale_min=0"], "scale_min"), (["methods=[]"], "at least one"),
+    (["scale_min=0"], "scale_min"), (["methods=[]"], "at least one"), (["scale_start=-1"], "scale_start=-1"),
+    (["scale_start=foo"], "scale_start='foo'"),
 ])
 def test_compare_bad_input(tmp_path, capsys, args, match):
     with pytest.raises(SystemExit) as exc:

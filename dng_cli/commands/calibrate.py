@@ -19,8 +19,8 @@ from dng_cli.commands.common import entry, plain, setup_torch, write_json
 from dng_cli.validate import check_types
 
 log = logging.getLogger(__name__)
-SEARCH_KEYS = ("target_forbidden", "pilot_n", "pilot_seed", "scale_min", "scale_max", "tolerance", "max_probes",
-               "methods", "targets", "forbidden")
+SEARCH_KEYS = ("target_forbidden", "pilot_n", "pilot_seed", "scale_min", "scale_max", "scale_start", "tolerance",
+               "max_probes", "methods", "targets", "forbidden")
 
 
 def check_search(cfg: DictConfig, targets: list) -> None:
@@ -30,6 +30,10 @@ def check_search(cfg: DictConfig, targets: list) -> None:
     if not 0 < float(cfg.scale_min) < float(cfg.scale_max):
         raise UserError(f"scale_min={cfg.scale_min}, scale_max={cfg.scale_max} are invalid: need 0 < scale_min < scale_max")
     check_types(cfg)  # pilot_n, max_probes, tolerance, ...: the declared type/range table
+    start = cfg.get("scale_start")
+    if start not in (None, "method") and (isinstance(start, bool) or not isinstance(start, (int, float)) or start <= 0):
+        raise UserError(f"scale_start={start!r} is invalid: allowed are method (each method's guidance_scale), "
+                        f"null (the range ends) or a positive number")
 
 
 def check_cfg(cfg: DictConfig) -> None:
@@ -72,8 +76,12 @@ def calibrate_method(cfg: DictConfig, method: DictConfig, target: float, folder:
         log.info("probe %s scale %g: %d/%d forbidden", method.name, scale, forbidden, m["n_samples"])
         return forbidden, m["n_samples"]
 
+    start = cfg.get("scale_start")
+    if start == "method":
+        start = float(method.guidance_scale) if float(method.guidance_scale) > 0 else None
     result = calibration.calibrate(probe, float(target), float(cfg.scale_min), float(cfg.scale_max),
-                                   float(cfg.tolerance), int(cfg.max_probes), known)
+                                   float(cfg.tolerance), int(cfg.max_probes), known,
+                                   None if start is None else float(start))
     out = {"method": str(method.name), "method_config": OmegaConf.to_container(method, resolve=True),
            "pilot_n": int(cfg.pilot_n), "pilot_seed": int(cfg.pilot_seed), **result.as_dict()}
     write_json(folder / "calibration.json", out)
