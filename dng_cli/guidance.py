@@ -47,6 +47,7 @@ class Guidance:
     needs_conditional = True  # does it use ε_c (one network input per forbidden class)?
     needs_update = False  # does the sampler call ``update`` after each step?
     tracks_posterior = False  # does ``posterior`` return p(c | x_t, …, x_T)?
+    prompt_branches = False  # text-to-image only: eps_u = ε_∅, eps_c = [ε_prompt, ε_negative] (raw branches)
 
     def start(self, x_T: torch.Tensor, num_classes: int) -> State:
         return {}
@@ -229,9 +230,87 @@ def _check_finite_nonneg(name: str, value: float) -> float:
     return value
 
 
+class _PromptBranches(Guidance):
+    """Text-to-image methods defined on the raw branches ε_∅ (empty prompt), ε_p (prompt) and ε_n
+    (negative prompt / safety concept) with the classifier-free scale w, as diffusers' pipelines are."""
+
+    prompt_branches = True
+
+    def __init__(self, cfg_scale: float = 7.5):
+        self.cfg_scale = _check_finite_nonneg("cfg_scale", cfg_scale)
+
+    def check_classes(self, num_classes: int) -> None:
+        if num_classes != 1:
+            raise UserError(f"{type(self).__name__} removes one concept (the negative prompt), not {num_classes}")
+
+
+class ReplacedNegativePrompt(_PromptBranches):
+    """What Stable Diffusion users call a negative prompt (diffusers' ``negative_prompt``): the
+    negative prompt REPLACES the unconditional branch, ε̃ = ε_n + w (ε_p - ε_n); w ≤ 1: ε̃ = ε_p.
+    The DNG paper's NP instead keeps ε_∅ and pushes from a third branch (``NegativePrompting``)."""
+
+    needs_conditional = True
+
+    def __call__(self, eps_u, eps_c, step, state):
+        eps_p, eps_n = eps_c[0], eps_c[1]
+        w = self.cfg_scale
+        eps = eps_n + w * (eps_p - eps_n) if w > 1.0 else eps_p
+        return eps, eps_p.new_full((eps_p.shape[0],), w)
+
+
+class DiffusersSafeLatentDiffusion(_PromptBranches):
+    """Safe Latent Diffusion exactly as diffusers' ``StableDiffusionPipelineSafe`` (its "perform
+    guidance" block), with ε_s the safety concept (our negative prompt):
+
+        m = where(ε_p - ε_s ≥ sld_threshold, 0, min(|ε_p - ε_s| · sld_guidance_scale, 1))
+        γ = m ⊙ (ε_s - ε_∅) + sld_momentum_scale · ν;   ν ← sld_mom_beta · ν + (1 - sld_mom_beta) · γ
+        ε̃ = ε_∅ + w ((ε_p - ε_∅) - γ)    from step sld_warmup_steps on (before: plain CFG)
+
+    The safety term is scaled by the CFG scale w. Safety guidance is on only when
+    sld_guidance_scale > 1 and w > 1 (diffusers' rule); w ≤ 1 samples ε_p alone. Presets:
+    configs/method/sld_{weak,medium,strong,max}.yaml = diffusers' ``SafetyConfig``. The reported
+    effective scale is w times the mean of m (0 during warm-up)."""
+
+    def __init__(self, sld_guidance_scale: float = 1000.0, sld_warmup_steps: int = 10, sld_threshold: float = 0.01,
+                 sld_momentum_scale: float = 0.3, sld_mom_beta: float = 0.4, cfg_scale: float = 7.5):
+        super().__init__(cfg_scale)
+        self.sld_guidance_scale = _check_finite_nonneg("sld_guidance_scale", sld_guidance_scale)
+        if isinstance(sld_warmup_steps, bool) or not isinstance(sld_warmup_steps, int) or sld_warmup_steps < 0:
+            raise UserError(f"sld_warmup_steps={sld_warmup_steps} is invalid: it must be a non-negative integer")
+        self.sld_warmup_steps = sld_warmup_steps
+        self.sld_threshold = _number("sld_threshold", sld_threshold)
+        self.sld_momentum_scale = _check_finite_nonneg("sld_momentum_scale", sld_momentum_scale)
+        self.sld_mom_beta = _number("sld_mom_beta", sld_mom_beta)
+        if not 0.0 <= self.sld_mom_beta < 1.0:
+            raise UserError(f"sld_mom_beta={sld_mom_beta} is invalid: it must lie in [0, 1)")
+
+    def start(self, x_T, num_classes):
+        return {"momentum": torch.zeros_like(x_T)}
+
+    def __call__(self, eps_u, eps_c, step, state):
+        eps_0, eps_p, eps_s = eps_u, eps_c[0], eps_c[1]
+        w = self.cfg_scale
+        zero = eps_0.new_zeros(eps_0.shape[0])
+        if w <= 1.0:
+            return eps_p, zero
+        guidance = eps_p - eps_0
+        if self.sld_guidance_scale <= 1.0:
+            return eps_0 + w * guidance, zero
+        d = eps_p - eps_s
+        scale = torch.clamp(d.abs() * self.sld_guidance_scale, max=1.0)
+        mask = torch.where(d >= self.sld_threshold, torch.zeros_like(scale), scale)
+        gamma = mask * (eps_s - eps_0) + self.sld_momentum_scale * state["momentum"]
+        state["momentum"] = self.sld_mom_beta * state["momentum"] + (1 - self.sld_mom_beta) * gamma
+        if step < self.sld_warmup_steps:
+            return eps_0 + w * guidance, zero
+        return eps_0 + w * (guidance - gamma), w * mask.flatten(1).mean(-1)
+
+
 METHODS = {
     "none": NoGuidance,
     "np": NegativePrompting,
     "sld": SafeLatentDiffusion,
     "dng": DynamicNegativeGuidance,
+    "negative_prompt": ReplacedNegativePrompt,  # dng sd only
+    "sld_diffusers": DiffusersSafeLatentDiffusion,  # dng sd only
 }

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from dng_cli import UserError
 from dng_cli.guidance import METHODS
 from dng_cli.models import SHIPPED, ClassConditionalEps, PairEps, build_unet, load_ddpm, resolve
-from dng_cli.sampler import SampleOutput, randn, sample
+from dng_cli.sampler import SampleOutput, as_epsilon, check_prediction_type, randn, sample
 from dng_cli.schedule import VARIANCES, NoiseSchedule
 from dng_cli.validate import check_types
 
@@ -51,14 +51,44 @@ def build_guidance(method_cfg: DictConfig):
         raise UserError(f"method {name}: {err}") from None
 
 
-def build_schedule(sampler_cfg: DictConfig) -> NoiseSchedule:
+def model_scheduler_config(model_cfg: DictConfig) -> dict:
+    """The diffusers scheduler config the model was trained with: ``scheduler_config.json`` in its folder
+    (``dng train`` writes it; a pair's models must agree), ``model.scheduler`` for a random model. Without
+    one: {} — diffusers' DDPMScheduler defaults, the linear 1e-4…0.02 chain over T = 1000 that every
+    model trained here before the file existed used."""
+    from dng_cli.io import read_json_object
+
+    kind = model_cfg.get("kind")
+    if kind == "random":
+        return dict(OmegaConf.to_container(model_cfg.get("scheduler") or OmegaConf.create({})))
+    if kind == "conditional":
+        folders = {"model.path": resolve(str(model_cfg.path), "ddpm")}
+    else:
+        folders = {"model.unconditional": Path(str(model_cfg.unconditional)),
+                   **{f"model.forbidden_models.{c}": Path(str(p)) for c, p in model_cfg.forbidden_models.items()}}
+    configs = {k: read_json_object(f / "scheduler_config.json") if (f / "scheduler_config.json").is_file() else {}
+               for k, f in folders.items()}
+    first_key, first = next(iter(configs.items()))
+    for key, conf in configs.items():
+        if not torch.allclose(NoiseSchedule.from_scheduler(conf).betas, NoiseSchedule.from_scheduler(first).betas):
+            raise UserError(f"{key} was trained with another noise schedule than {first_key} "
+                            f"(their scheduler_config.json differ): a pair must share one")
+    return first
+
+
+def build_schedule(sampler_cfg: DictConfig, model_cfg: DictConfig) -> NoiseSchedule:
+    """The model's own chain (``model_scheduler_config``), respaced to ``sampler.steps``."""
     if sampler_cfg.variance not in VARIANCES:
         raise UserError(f"sampler.variance={sampler_cfg.variance!r} is invalid: allowed are {', '.join(VARIANCES)}")
-    base = NoiseSchedule.linear(int(sampler_cfg.num_train_timesteps), float(sampler_cfg.beta_start), float(sampler_cfg.beta_end))
+    base = NoiseSchedule.from_scheduler(model_scheduler_config(model_cfg))
     steps = sampler_cfg.steps
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise UserError(f"sampler.steps={steps!r} is invalid: it must be an integer in [1, {len(base)}]")
     return base.respace(steps)
+
+
+def prediction_type(model_cfg: DictConfig) -> str:
+    return str(model_scheduler_config(model_cfg).get("prediction_type", "epsilon"))
 
 
 def check_model_cfg(model_cfg: DictConfig, dataset_cfg: DictConfig | None = None) -> None:
@@ -103,12 +133,17 @@ def check_model_cfg(model_cfg: DictConfig, dataset_cfg: DictConfig | None = None
 def check_run_cfg(cfg: DictConfig) -> None:
     """Everything `dng sample` / `dng evaluate` can check before loading anything heavy."""
     guidance = build_guidance(cfg.method)
+    if guidance.prompt_branches:
+        allowed = ", ".join(k for k, v in METHODS.items() if not v.prompt_branches)
+        raise UserError(f"method {cfg.method.name} is for dng sd only (it guides with a text prompt's branches): "
+                        f"allowed here are {allowed}")
     forbidden = forbidden_classes(cfg.method, int(cfg.dataset.num_classes))
     if hasattr(guidance, "check_classes"):
         guidance.check_classes(len(forbidden))
-    build_schedule(cfg.sampler)
     check_types(cfg)  # n_samples, batch sizes, speed flags: the declared type/range table
     check_model_cfg(cfg.model, cfg.dataset)
+    check_prediction_type(prediction_type(cfg.model))
+    build_schedule(cfg.sampler, cfg.model)
 
 
 @dataclass
@@ -157,7 +192,9 @@ def build(cfg: DictConfig, device: torch.device, network=None, label: int | None
     eps_fn = make_eps_fn(network, cfg.model, forbidden, guidance, label, bool(s.get("channels_last", False)),
                          bool(s.get("compile", False)), s.get("max_batch"))
     shape = (int(cfg.dataset.channels), int(cfg.dataset.image_size), int(cfg.dataset.image_size))
-    return SamplingSetup(eps_fn, build_schedule(cfg.sampler), guidance, shape, device, cfg.sampler.variance)
+    schedule = build_schedule(cfg.sampler, cfg.model)
+    eps_fn = as_epsilon(eps_fn, schedule, prediction_type(cfg.model))
+    return SamplingSetup(eps_fn, schedule, guidance, shape, device, cfg.sampler.variance)
 
 
 def generate(gen: SamplingSetup, seeds: list[int], progress: bool = False) -> SampleOutput:

@@ -37,15 +37,19 @@ def _save_fig(fig, path: Path) -> None:
 
 
 def guidance_plot(timesteps: torch.Tensor, scale: torch.Tensor, posterior: torch.Tensor, path: Path,
-                  title: str = "", n_individual: int = 6, is_forbidden: torch.Tensor | None = None) -> None:
+                  title: str = "", n_individual: int = 6, is_forbidden: torch.Tensor | None = None,
+                  labels: list[str] | None = None) -> None:
     """λ_t and p(c | x_t…x_T) along the reverse process: the mean and a few individual samples.
 
     With ``is_forbidden`` (the classifier's verdict on each final image) the curves are coloured by
     it (red: classified forbidden, blue: kept), each group with its own mean: how early and how
-    clearly the posterior singles out the samples that end up forbidden."""
+    clearly the posterior singles out the samples that end up forbidden. With ``labels`` (one per
+    sample, e.g. ``dng sd``'s few images) every sample is its own labelled curve."""
     t = timesteps.numpy()
     post = posterior.sum(-1) if posterior.dim() == 3 else posterior
-    if is_forbidden is None:
+    if labels is not None:
+        groups = [(name, f"C{j % 10}", np.asarray([j]), None) for j, name in enumerate(labels)]
+    elif is_forbidden is None:
         groups = [("mean", "k", np.arange(post.shape[1]), None)]
     else:
         flags = np.asarray(is_forbidden, dtype=bool)
@@ -58,7 +62,7 @@ def guidance_plot(timesteps: torch.Tensor, scale: torch.Tensor, posterior: torch
         for name, color, idx, line_color in groups:
             if len(idx) == 0:
                 continue
-            for j in idx[:n_individual]:
+            for j in idx[:n_individual] if len(idx) > 1 else []:
                 ax.plot(t, v[:, j], lw=0.8, alpha=0.5, color=line_color)
             ax.plot(t, v[:, idx].mean(1), color=color, lw=2, label=name)
         ax.set_xlabel("timestep t")

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from dng_cli import UserError
 from dng_cli.guidance import Guidance, NoGuidance, StepInfo
 from dng_cli.schedule import NoiseSchedule
 
@@ -32,6 +33,37 @@ def randn(shape: Sequence[int], generator: Generators, device=None, dtype=torch.
     if generator is None or isinstance(generator, torch.Generator):
         return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
     return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"scheduler prediction_type={prediction_type!r} is not supported: allowed are "
+                        f"{', '.join(PREDICTION_TYPES)}")
+
+
+def as_epsilon(eps_fn: EpsFn, schedule: NoiseSchedule, prediction_type: str = "epsilon") -> EpsFn:
+    """``eps_fn`` of a model that predicts ``prediction_type`` (diffusers' names), as an ε-predictor.
+
+    At x_t = √ᾱ x_0 + √(1-ᾱ) ε: v = √ᾱ ε - √(1-ᾱ) x_0 gives ε = √ᾱ v + √(1-ᾱ) x_t, and a predicted
+    x_0 gives ε = (x_t - √ᾱ x_0)/√(1-ᾱ). Both are affine in the output with weights that do not depend
+    on it, so classifier-free and negative combinations commute with the conversion."""
+    check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return eps_fn
+    abar_all = schedule.original().alphas_cumprod
+
+    def converted(x: torch.Tensor, t: torch.Tensor):
+        abar = abar_all.to(x.device)[t.long()].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        a, b = abar.sqrt(), (1.0 - abar).sqrt()
+        outs = eps_fn(x, t)
+        if prediction_type == "v_prediction":
+            return tuple(None if o is None else a * o + b * x for o in outs)
+        return tuple(None if o is None else (x - a * o) / b for o in outs)
+
+    return converted
 
 
 def sample(eps_fn: EpsFn, schedule: NoiseSchedule, guidance: Guidance | None = None, x_T: torch.Tensor | None = None,

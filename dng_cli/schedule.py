@@ -44,6 +44,41 @@ class NoiseSchedule:
             raise UserError("betas must be a 1-d sequence in (0, 1)")
         return cls(torch.arange(len(betas)), betas, torch.cumprod(1.0 - betas, 0), len(betas))
 
+    @classmethod
+    def from_scheduler(cls, config) -> "NoiseSchedule":
+        """The β chain of a diffusers scheduler (an object with ``.config``, or its config dict / the
+        ``scheduler_config.json`` it saves): ``trained_betas``, or ``beta_schedule`` linear, scaled_linear
+        or squaredcos_cap_v2 over ``num_train_timesteps``, with diffusers' own defaults for missing keys."""
+        config = dict(getattr(config, "config", config))
+        T = int(config.get("num_train_timesteps", 1000))
+        start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+        if config.get("trained_betas") is not None:
+            return cls.from_betas(config["trained_betas"])
+        kind = config.get("beta_schedule", "linear")
+        if kind == "linear":
+            return cls.linear(T, start, end)
+        if kind == "scaled_linear":
+            return cls.from_betas(torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64) ** 2)
+        if kind == "squaredcos_cap_v2":  # Nichol & Dhariwal (2021), as diffusers' betas_for_alpha_bar
+            def abar(t):
+                return torch.cos(torch.as_tensor((t + 0.008) / 1.008 * torch.pi / 2, dtype=torch.float64)) ** 2
+            return cls.from_betas([min(1 - float(abar((i + 1) / T) / abar(i / T)), 0.999) for i in range(T)])
+        raise UserError(f"scheduler beta_schedule={kind!r} is not supported: allowed are linear, scaled_linear, "
+                        f"squaredcos_cap_v2 (or trained_betas)")
+
+    def scheduler_config(self, **extra) -> dict:
+        """This chain as a diffusers ``DDPMScheduler`` config (what a model folder's scheduler_config.json holds):
+        linear when it is one, else ``trained_betas``. ``extra``: e.g. ``prediction_type``."""
+        orig = self.original()
+        T, b = len(orig), orig.betas
+        config = {"_class_name": "DDPMScheduler", "num_train_timesteps": T, "beta_schedule": "linear",
+                  "beta_start": float(b[0]), "beta_end": float(b[-1]), "trained_betas": None,
+                  "variance_type": "fixed_small", "clip_sample": False, "prediction_type": "epsilon",
+                  "timestep_spacing": "linspace"}
+        if not torch.allclose(b, torch.linspace(float(b[0]), float(b[-1]), T, dtype=torch.float64), rtol=0, atol=1e-12):
+            config.update(beta_schedule="linear", trained_betas=b.tolist())
+        return {**config, **extra}
+
     def __len__(self) -> int:
         return int(self.timesteps.numel())
 

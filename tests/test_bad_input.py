@@ -64,9 +64,9 @@ CASES = [
     ("evaluate", T + ["sampler.batch_size=0"], "batch_size=0"),
     ("evaluate", T + ["sampler.batch_size=abc"], "batch_size='abc'"),
     ("evaluate", T + ["sampler.seed=-1"], "seed=-1"),
-    ("evaluate", T + ["sampler.beta_start=0"], "beta_start=0"),
-    ("evaluate", T + ["sampler.beta_end=2"], "beta_end=2"),
-    ("evaluate", T + ["sampler.num_train_timesteps=0"], "num_train_timesteps=0"),
+    ("evaluate", T + ["sampler.beta_start=0"], "beta_start"),  # the schedule is the model's (scheduler_config.json)
+    ("evaluate", T + ["+model.scheduler.beta_schedule=sigmoid"], "beta_schedule='sigmoid'"),
+    ("evaluate", T + ["+model.scheduler.prediction_type=flow"], "prediction_type='flow'"),
     # --- run values
     ("evaluate", T + ["n_samples=0"], "n_samples=0"),
     ("evaluate", T + ["n_samples=-3"], "n_samples=-3"),
@@ -144,7 +144,10 @@ CASES = [
     ("sd", ["sd_model=tiny_random"], "prompt has no value"),
     ("sd", ["sd_model=/nonexistent/sd", "prompt=x"], "/nonexistent/sd"),
     ("sd", ["sd_model=tiny_random", "prompt=x", "negative_prompt=", "method=np"], "negative_prompt is empty"),
-    ("sd", ["sd_model=tiny_random", "prompt=x", "negative_prompt=y", "steps=0"], "steps=0"),
+    ("sd", ["sd_model=tiny_random", "prompt=x", "negative_prompt=y", "sampler.steps=0"], "steps=0"),
+    ("sd", ["sd_model=tiny_random", "prompt=x", "negative_prompt=y", "sampler.variance=huge"], "variance='huge'"),
+    ("sd", ["sd_model=tiny_random", "prompt=x", "negative_prompt=y", "method=sld_medium", "method.sld_mom_beta=1"],
+     "sld_mom_beta=1"),
     ("sd", ["sd_model=tiny_random", "prompt=x", "negative_prompt=y", "cfg_scale=abc"], "cfg_scale='abc'"),
     ("frobnicate", [], "frobnicate"),
 ]

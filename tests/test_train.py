@@ -28,6 +28,15 @@ def test_train_ddpm_and_resume_exactly(compose, tiny_mnist, tmp_path):
     assert card["steps"] == 4 and card["conditional"] and "hardware" in card and "final_loss_ema" in card
     unet = load_ddpm(straight / "ema")
     assert unet.config.num_class_embeds == 11
+    from diffusers import DDPMScheduler
+
+    from dng_cli.schedule import NoiseSchedule
+
+    # the schedule travels with the weights, readable by diffusers and by our sampler
+    sched = DDPMScheduler.from_pretrained(straight / "ema")
+    assert sched.config.beta_schedule == "linear" and sched.config.num_train_timesteps == 1000
+    ours = NoiseSchedule.from_scheduler(json.loads((straight / "ema" / "scheduler_config.json").read_text()))
+    assert torch.allclose(ours.alphas_cumprod.float(), sched.alphas_cumprod)
     assert (straight / "ema" / "diffusion_pytorch_model.safetensors").is_file()
 
 

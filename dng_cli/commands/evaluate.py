@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from dng_cli import RunRefused, UserError, io, metrics, pipeline
 from dng_cli.commands.common import entry, plain, setup_torch, write_json
 from dng_cli.models import SHIPPED, classify, load_classifier, resolve
+from dng_cli.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,20 @@ def result_identity(cfg: DictConfig) -> dict:
         weights["unconditional"] = _weights_hash(Path(str(model.unconditional)) / unet, "model.unconditional")
         for c, p in model.forbidden_models.items():
             weights[f"class_{c}"] = _weights_hash(Path(str(p)) / unet, f"model.forbidden_models.{c}")
-    return {**result_config(plain(cfg)), **{f"weights.{k}": v for k, v in weights.items()}}
+    return {**result_config(plain(cfg)), **schedule_identity(cfg.model),
+            **{f"weights.{k}": v for k, v in weights.items()}}
+
+
+def schedule_identity(model_cfg: DictConfig) -> dict:
+    """The model's noise schedule as result keys. A linear ε-chain keeps the keys the sampler config
+    carried before the schedule moved into the model folder, so earlier results stay reusable."""
+    conf = pipeline.model_scheduler_config(model_cfg)
+    schedule = NoiseSchedule.from_scheduler(conf)
+    pred = str(conf.get("prediction_type", "epsilon"))
+    if conf.get("trained_betas") is None and conf.get("beta_schedule", "linear") == "linear" and pred == "epsilon":
+        return {"sampler.num_train_timesteps": float(len(schedule)), "sampler.beta_start": float(conf.get("beta_start", 1e-4)),
+                "sampler.beta_end": float(conf.get("beta_end", 0.02))}
+    return {"schedule.betas": io.fingerprint(schedule.betas.tolist()), "schedule.prediction_type": pred}
 
 
 def identity_weights(identity: dict) -> dict:

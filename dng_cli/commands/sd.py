@@ -8,7 +8,13 @@ unconditional part and the negative prompt the forbidden class:
     ε_c = ε_n
     ε̃  = ε_u - λ_t (ε_c - ε_u)         (NP: λ_t = λ; DNG: λ_t = λ p/(1-p); SLD: Eqs. 3-8)
 
-Sampling is DDPM ancestral on the latent with the model's own β schedule (respaced), so DNG's
+Methods defined on the raw branches (``method=negative_prompt``: diffusers' replaced-branch negative
+prompt; ``method=sld_weak|medium|strong|max``: diffusers' ``StableDiffusionPipelineSafe``) get
+ε_∅ and [ε_p, ε_n] instead (``Guidance.prompt_branches``).
+
+Sampling is DDPM ancestral on the latent with the model's own β schedule and prediction type (read
+from its scheduler/scheduler_config.json; v- and x₀-predictions are converted to ε), respaced: the
+chain equals diffusers' ``DDPMScheduler(timestep_spacing="linspace", clip_sample=False)``, and DNG's
 Gaussian transition ratio — and hence its posterior — is exact for the chain we sample. Other
 schedulers (DDIM with η=0, DPM-Solver, Euler) take deterministic or non-Gaussian steps: the
 posterior update then needs a stand-in variance and is only an approximation; we do not offer them.
@@ -24,12 +30,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dng_cli import UserError, pipeline
 from dng_cli.commands.common import atomic_save, atomic_write_text, entry, setup_torch
-from dng_cli.sampler import randn, sample
-from dng_cli.schedule import NoiseSchedule
+from dng_cli.guidance import METHODS
+from dng_cli.sampler import as_epsilon, check_prediction_type
+from dng_cli.schedule import VARIANCES, NoiseSchedule
+from dng_cli.validate import check_types
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +48,15 @@ class StableDiffusion:
     text_encoder: object
     unet: object
     vae: object
-    betas: torch.Tensor
+    scheduler_config: dict  # diffusers scheduler config: the β schedule and prediction_type
     scaling_factor: float
 
 
-def _scheduler_betas(config: dict) -> torch.Tensor:
-    kind, start, end, T = (config.get("beta_schedule", "scaled_linear"), config.get("beta_start", 0.00085),
-                           config.get("beta_end", 0.012), config.get("num_train_timesteps", 1000))
-    if kind == "scaled_linear":
-        return torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64) ** 2
-    if kind == "linear":
-        return torch.linspace(start, end, T, dtype=torch.float64)
-    raise UserError(f"scheduler beta_schedule={kind!r} is not supported: allowed are scaled_linear, linear")
+# Stable Diffusion 1.x/2.x's β schedule (diffusers' scheduler_config.json of those checkpoints)
+SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
 
-def tiny_random(seed: int = 0) -> StableDiffusion:
+def tiny_random(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusion:
     """A tiny randomly initialised SD (UNet, VAE, CLIP text encoder + character tokenizer): offline tests."""
     import json
     import tempfile
@@ -85,7 +87,7 @@ def tiny_random(seed: int = 0) -> StableDiffusion:
                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
                         latent_channels=4, norm_num_groups=4, sample_size=16)
     return StableDiffusion(tokenizer, text_encoder.eval(), unet.eval(), vae.eval(),
-                           _scheduler_betas({}), float(vae.config.scaling_factor))
+                           {**SD_SCHEDULER, "prediction_type": prediction_type}, float(vae.config.scaling_factor))
 
 
 def load(path: str) -> StableDiffusion:
@@ -106,7 +108,7 @@ def load(path: str) -> StableDiffusion:
         return StableDiffusion(CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
                                CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True).eval(),
                                UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True).eval(),
-                               vae.eval(), _scheduler_betas(sched), float(vae.config.scaling_factor))
+                               vae.eval(), sched, float(vae.config.scaling_factor))
     except UserError:
         raise
     except Exception as err:
@@ -121,10 +123,14 @@ def encode(sd: StableDiffusion, prompts: list[str], device) -> torch.Tensor:
 
 
 class PromptEps:
-    """eps_fn for SD: ε_u = CFG-guided prompt prediction, ε_c = negative-prompt prediction (one forward)."""
+    """eps_fn for SD, one batched UNet forward of [z; z; z] with the embeddings of "", prompt, negative.
 
-    def __init__(self, unet, embeddings: torch.Tensor, cfg_scale: float):
+    Default: ε_u = ε_∅ + w (ε_p - ε_∅) (the prompt with classifier-free guidance), ε_c = ε_n.
+    ``branches=True`` (methods with ``prompt_branches``): ε_u = ε_∅, ε_c = [ε_p, ε_n]."""
+
+    def __init__(self, unet, embeddings: torch.Tensor, cfg_scale: float, branches: bool = False):
         self.unet, self.embeddings, self.cfg_scale = unet, embeddings, cfg_scale  # embeddings: [3, L, D]
+        self.branches = branches
         self._cache: dict[int, torch.Tensor] = {}
 
     def __call__(self, z: torch.Tensor, t: torch.Tensor):
@@ -133,7 +139,25 @@ class PromptEps:
             self._cache[b] = self.embeddings.repeat_interleave(b, 0)
         out = self.unet(z.repeat(3, 1, 1, 1), t.repeat(3), encoder_hidden_states=self._cache[b], return_dict=False)[0]
         e0, ep, en = out.chunk(3)
+        if self.branches:
+            return e0, torch.stack([ep, en])
         return e0 + self.cfg_scale * (ep - e0), en
+
+
+def setup(sd: StableDiffusion, cfg: DictConfig, device: torch.device) -> pipeline.SamplingSetup:
+    """The SD model as a ``pipeline.SamplingSetup``: the same ``pipeline.generate`` path as ``dng sample``."""
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    guidance_cls = METHODS.get(method.get("name"))
+    if guidance_cls is not None and guidance_cls.prompt_branches:
+        method["cfg_scale"] = float(cfg.cfg_scale)
+    guidance = pipeline.build_guidance(OmegaConf.create(method))
+    emb = encode(sd, ["", str(cfg.prompt), str(cfg.negative_prompt)], device)
+    schedule = NoiseSchedule.from_scheduler(sd.scheduler_config).respace(int(cfg.sampler.steps))
+    eps_fn = as_epsilon(PromptEps(sd.unet, emb, float(cfg.cfg_scale), branches=guidance.prompt_branches), schedule,
+                        str(sd.scheduler_config.get("prediction_type", "epsilon")))
+    size = int(sd.unet.config.sample_size)
+    return pipeline.SamplingSetup(eps_fn, schedule, guidance, (int(sd.unet.config.in_channels), size, size), device,
+                                  str(cfg.sampler.variance))
 
 
 def check_cfg(cfg: DictConfig) -> None:
@@ -146,54 +170,45 @@ def check_cfg(cfg: DictConfig) -> None:
                         f"folder or tiny_random")
     if not str(cfg.prompt).strip():
         raise UserError("prompt is empty: pass prompt=\"...\"")
+    if cfg.sampler.variance not in VARIANCES:
+        raise UserError(f"sampler.variance={cfg.sampler.variance!r} is invalid: allowed are {', '.join(VARIANCES)}")
     pipeline.build_guidance(cfg.method)
     if cfg.method.name == "none":
         return
     if not str(cfg.negative_prompt).strip():
         raise UserError(f"negative_prompt is empty: method={cfg.method.name} needs the concept to remove")
-    for key in ("n_samples", "steps", "batch_size"):
-        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] <= 0:
-            raise UserError(f"{key}={cfg[key]!r} is invalid: it must be a positive integer")
+    check_types(cfg)  # n_samples, sampler.steps, sampler.batch_size, cfg_scale: the declared type/range table
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict:
     check_cfg(cfg)
-    device = setup_torch(cfg.device, cfg.get("num_threads"))
+    device = setup_torch(cfg.sampler.device, cfg.sampler.get("num_threads"))
     sd = tiny_random(int(cfg.seed)) if cfg.sd_model == "tiny_random" else load(str(cfg.sd_model))
+    check_prediction_type(str(sd.scheduler_config.get("prediction_type", "epsilon")))
     for m in (sd.text_encoder, sd.unet, sd.vae):
         m.to(device).requires_grad_(False)
-    emb = encode(sd, ["", str(cfg.prompt), str(cfg.negative_prompt)], device)
-    eps_fn = PromptEps(sd.unet, emb, float(cfg.cfg_scale))
-    schedule = NoiseSchedule.from_betas(sd.betas).respace(int(cfg.steps))
-    guidance = pipeline.build_guidance(cfg.method)
-    size = int(sd.unet.config.sample_size)
-    shape = (int(sd.unet.config.in_channels), size, size)
+    gen = setup(sd, cfg, device)
     seeds = [int(cfg.seed) + i for i in range(int(cfg.n_samples))]
+    batch = int(cfg.sampler.batch_size)
     t0 = time.time()
-    images, posts, scales = [], [], []
-    for i in range(0, len(seeds), int(cfg.batch_size)):
-        gens = [torch.Generator(device=device).manual_seed(s) for s in seeds[i:i + int(cfg.batch_size)]]
-        with torch.inference_mode():
-            out = sample(eps_fn, schedule, guidance, randn((len(gens), *shape), gens, device=device), gens,
-                         progress=bool(cfg.progress), variance=cfg.variance)
-            images.append(sd.vae.decode(out.images / sd.scaling_factor, return_dict=False)[0].cpu())
-        posts.append(out.posterior.cpu())
-        scales.append(out.scale.cpu())
+    out = pipeline.generate_all(gen, seeds, batch, progress=bool(cfg.sampler.progress))
+    with torch.inference_mode():
+        images = [sd.vae.decode(out.images[i:i + batch].to(device) / sd.scaling_factor, return_dict=False)[0].cpu()
+                  for i in range(0, len(seeds), batch)]
     wall = time.time() - t0
     uint8 = pipeline.to_uint8(torch.cat(images))
-    posterior, scale = torch.cat(posts, 1), torch.cat(scales, 1)
     output_dir.mkdir(parents=True, exist_ok=True)
-    from dng_cli.plots import trajectory_csv
-    from dng_cli.plots import guidance_plot, save_grid
+    from dng_cli.plots import guidance_plot, save_grid, trajectory_csv
 
     save_grid(uint8, output_dir / "samples.png")
     atomic_save(output_dir / "samples.npz", lambda tmp: np.savez_compressed(
-        open(tmp, "wb"), images=uint8.numpy(), seeds=np.asarray(seeds)))
-    atomic_write_text(output_dir / "trajectory.csv", trajectory_csv(out.timesteps, posterior, scale))
-    guidance_plot(out.timesteps, scale, posterior, output_dir / "guidance.png",
-                  title=f"{cfg.method.name}: '{cfg.prompt}' without '{cfg.negative_prompt}'")
+        open(tmp, "wb"), images=uint8.numpy(), latents=out.images.numpy(), seeds=np.asarray(seeds)))
+    atomic_write_text(output_dir / "trajectory.csv", trajectory_csv(out.timesteps, out.posterior, out.scale))
+    guidance_plot(out.timesteps, out.scale, out.posterior, output_dir / "guidance.png",
+                  title=f"{cfg.method.name}: '{cfg.prompt}' without '{cfg.negative_prompt}'",
+                  labels=[f"image {i} (seed {s})" for i, s in enumerate(seeds)] if len(seeds) <= 8 else None)
     log.info("%d images in %.1fs -> %s", len(seeds), wall, output_dir)
-    return {"images": uint8, "posterior": posterior, "scale": scale, "wall_time_s": wall}
+    return {"images": uint8, "latents": out.images, "posterior": out.posterior, "scale": out.scale, "wall_time_s": wall}
 
 
 main = entry("sd", run)

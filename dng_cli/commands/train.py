@@ -221,9 +221,13 @@ def _save_ema(out: Path, ema, cfg: DictConfig, step: int, loss: float | None, wa
         card["total_steps"] = step + int(init.get("steps") or 0)
         card["total_wall_time_s"] = round(wall + float(init.get("wall_time_s") or 0.0), 1)
 
+    schedule = NoiseSchedule.linear(cfg.schedule.num_train_timesteps, cfg.schedule.beta_start, cfg.schedule.beta_end)
+
     def save(tmp: str) -> None:
         ema.save_pretrained(tmp, safe_serialization=True)
         (Path(tmp) / "card.json").write_text(json.dumps(card, indent=2))
+        # the chain it was trained on, as diffusers' DDPMScheduler reads it: samplers build theirs from it
+        (Path(tmp) / "scheduler_config.json").write_text(json.dumps(schedule.scheduler_config(), indent=2) + "\n")
 
     atomic_save(out / "ema", save)
 
