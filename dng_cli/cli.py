@@ -56,7 +56,7 @@ commands:
 {commands}
 
 examples:
-  dng sample method=dng method.forbidden=[0]
+  dng sample method=dng forbidden=[0]
   dng evaluate --method=dng
   dng evaluate -m method=np,sld,dng method.guidance_scale=1,3,10
   dng evaluate -m experiment=mnist_paper

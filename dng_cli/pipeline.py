@@ -23,20 +23,21 @@ from dng_cli.schedule import VARIANCES, NoiseSchedule
 from dng_cli.validate import check_types
 
 
-def forbidden_classes(method_cfg: DictConfig, num_classes: int) -> list[int]:
-    raw = method_cfg.get("forbidden", [])
+def forbidden_classes(cfg: DictConfig, num_classes: int) -> list[int]:
+    """The top-level ``forbidden`` list, checked against the dataset's classes."""
+    raw = cfg.get("forbidden", [])
     raw = list(raw) if isinstance(raw, (list, tuple, ListConfig)) else [raw]
     if not raw:
-        raise UserError("method.forbidden=[] is invalid: name at least one forbidden class")
+        raise UserError("forbidden=[] is invalid: name at least one forbidden class")
     out = []
     for c in raw:
         if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < num_classes:
-            raise UserError(f"method.forbidden class {c!r} is out of range: allowed are 0..{num_classes - 1}")
+            raise UserError(f"forbidden class {c!r} is out of range: allowed are 0..{num_classes - 1}")
         if c in out:
-            raise UserError(f"method.forbidden class {c} is given twice")
+            raise UserError(f"forbidden class {c} is given twice")
         out.append(c)
     if len(out) == num_classes:
-        raise UserError(f"method.forbidden={out} forbids every class: at least one of 0..{num_classes - 1} must be kept")
+        raise UserError(f"forbidden={out} forbids every class: at least one of 0..{num_classes - 1} must be kept")
     return out
 
 
@@ -44,7 +45,7 @@ def build_guidance(method_cfg: DictConfig):
     name = method_cfg.get("name")
     if name not in METHODS:
         raise UserError(f"method={name!r} is unknown: allowed are {', '.join(METHODS)}")
-    kwargs = {k: v for k, v in method_cfg.items() if k not in ("name", "forbidden")}
+    kwargs = {k: v for k, v in method_cfg.items() if k != "name"}
     try:
         return METHODS[name](**kwargs)
     except TypeError as err:
@@ -137,7 +138,7 @@ def check_run_cfg(cfg: DictConfig) -> None:
         allowed = ", ".join(k for k, v in METHODS.items() if not v.prompt_branches)
         raise UserError(f"method {cfg.method.name} is for dng sd only (it guides with a text prompt's branches): "
                         f"allowed here are {allowed}")
-    forbidden = forbidden_classes(cfg.method, int(cfg.dataset.num_classes))
+    forbidden = forbidden_classes(cfg, int(cfg.dataset.num_classes))
     if hasattr(guidance, "check_classes"):
         guidance.check_classes(len(forbidden))
     check_types(cfg)  # n_samples, batch sizes, speed flags: the declared type/range table
@@ -186,7 +187,7 @@ def make_eps_fn(network, model_cfg: DictConfig, forbidden: list[int], guidance, 
 
 def build(cfg: DictConfig, device: torch.device, network=None, label: int | None = None) -> SamplingSetup:
     guidance = build_guidance(cfg.method)
-    forbidden = forbidden_classes(cfg.method, int(cfg.dataset.num_classes))
+    forbidden = forbidden_classes(cfg, int(cfg.dataset.num_classes))
     network = network if network is not None else load_model(cfg.model, device)
     s = cfg.sampler
     eps_fn = make_eps_fn(network, cfg.model, forbidden, guidance, label, bool(s.get("channels_last", False)),

@@ -62,6 +62,10 @@ def check(config_name: str, args: list[str], validator: Validator | None = None)
     """Validate the command line of one command (skipped for Hydra's info flags)."""
     if any(a in INFO_FLAGS for a in args):
         return
+    for a in args:
+        if a.lstrip("+~").startswith("method.forbidden"):
+            raise UserError(f"{a} is invalid: the classes to remove are the top-level key forbidden "
+                            f"(e.g. forbidden=[0,6])")
     check_choices(args)
     overrides = [a for a in args if not a.startswith("hydra.") and not a.startswith("-")]
     multirun = any(a in MULTIRUN_FLAGS for a in args)

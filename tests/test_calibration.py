@@ -103,7 +103,7 @@ def test_calibrate_command_caches_probes_and_refuses_unreachable(tmp_path, capsy
     assert "guidance_scale* = 0.1" in capsys.readouterr().out
     # the tiny model's noise is all classified 8: forbidding 8 cannot be reached
     with pytest.raises(SystemExit) as exc:
-        cli.main(["calibrate", *TINY, "method=np", "method.forbidden=[8]", "pilot_n=4", "scale_max=10",
+        cli.main(["calibrate", *TINY, "method=np", "forbidden=[8]", "pilot_n=4", "scale_max=10",
                   f"hydra.run.dir={tmp_path / 'cal8'}"])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()

@@ -31,8 +31,8 @@ def _fails(capsys, argv, match):
 
 @pytest.mark.parametrize("args,match", [
     (["method=foo"], "'foo'"),
-    (["method.forbidden=[10]"], "10"),
-    (["method.forbidden=[-1]"], "-1"),
+    (["forbidden=[10]"], "10"),
+    (["forbidden=[-1]"], "-1"),
     (["method=dng", "method.p_max=1.0"], "p_max=1.0"),
     (["method=dng", "method.p_max=1e-7"], "p_max"),
     (["method=dng", "method.prior=0"], "prior=0"),
@@ -42,7 +42,7 @@ def _fails(capsys, argv, match):
     (["method=dng", "method.temperature=-1"], "temperature=-1"),
     (["model=mnist", "model.path=/nonexistent/ckpt"], "/nonexistent/ckpt"),
     (["sampler.variance=medium"], "medium"),
-    (["method=dng_fewstep", "method.forbidden=[0,6,8]"], "3 forbidden classes"),
+    (["method=dng_fewstep", "forbidden=[0,6,8]"], "3 forbidden classes"),
     (["no_such_key=1"], "no_such_key"),
     (["sampler.max_batch=0"], "max_batch=0"),
     (["sampler.compile=maybe"], "compile='maybe'"),

@@ -12,7 +12,7 @@ TINY = ["model=tiny_random", "n_samples=6", "sampler.steps=2", "sampler.batch_si
 
 
 def test_evaluate_end_to_end_and_resume(compose, tmp_path):
-    cfg = compose("evaluate", TINY + ["method=dng", "method.forbidden=[0,6]"])
+    cfg = compose("evaluate", TINY + ["method=dng", "forbidden=[0,6]"])
     out = tmp_path / "run"
     result = evaluate.run(cfg, out)
     m = json.loads((out / "metrics.json").read_text())

@@ -185,7 +185,7 @@ def test_a_new_method_is_one_class_and_its_config(gmm, monkeypatch):
             return torch.full((1, 1), float(state["updates"]))
 
     monkeypatch.setitem(G.METHODS, "half_np", HalfNP)
-    method = build_guidance(OmegaConf.create({"name": "half_np", "forbidden": [0], "guidance_scale": 2.0}))
+    method = build_guidance(OmegaConf.create({"name": "half_np", "guidance_scale": 2.0}))
     out = _run(gmm, method, steps=20, n=4)
     assert out.scale[:10].eq(1.0).all() and out.scale[10:].eq(2.0).all()
     assert out.posterior[-1].eq(19).all()  # 19 noisy steps updated it (not the last, noiseless one)

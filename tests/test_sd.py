@@ -108,7 +108,7 @@ def test_sld_preset_values_are_diffusers_safety_config():
     from dng_cli.commands.compare import method_config
 
     for preset in ("WEAK", "MEDIUM", "STRONG", "MAX"):
-        conf = OmegaConf.to_container(method_config(f"sld_{preset.lower()}", [0]))
+        conf = OmegaConf.to_container(method_config(f"sld_{preset.lower()}"))
         assert {k: conf[k] for k in getattr(SafetyConfig, preset)} == getattr(SafetyConfig, preset)
 
 

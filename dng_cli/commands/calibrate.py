@@ -20,7 +20,7 @@ from dng_cli.validate import check_types
 
 log = logging.getLogger(__name__)
 SEARCH_KEYS = ("target_forbidden", "pilot_n", "pilot_seed", "scale_min", "scale_max", "scale_start", "tolerance",
-               "max_probes", "methods", "targets", "forbidden")
+               "max_probes", "methods", "targets")
 
 
 def check_search(cfg: DictConfig, targets: list) -> None:

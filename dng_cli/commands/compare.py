@@ -31,17 +31,15 @@ Z95 = 1.959963984540054
 COMPARED = ("kl_uniform", "fid", "fid_inception")  # differences to the reference (fid_inception when enabled)
 
 
-def method_config(name: str, forbidden: list) -> DictConfig:
-    """configs/method/<name>.yaml with its same-group ``defaults`` parents merged in, and ``forbidden`` set."""
+def method_config(name: str) -> DictConfig:
+    """configs/method/<name>.yaml with its same-group ``defaults`` parents merged in."""
     root = resources.files("dng_cli.configs") / "method"
     if not (root / f"{name}.yaml").is_file():
         options = sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
         raise UserError(f"methods entry {name!r} is unknown: allowed are {', '.join(options)}")
     conf = OmegaConf.create((root / f"{name}.yaml").read_text())
     parents = [d for d in conf.pop("defaults", []) if d != "_self_"]
-    merged = OmegaConf.merge(*(method_config(p, forbidden) for p in parents), conf) if parents else conf
-    merged.forbidden = list(forbidden)
-    return merged
+    return OmegaConf.merge(*(method_config(p) for p in parents), conf) if parents else conf
 
 
 def check_cfg(cfg: DictConfig) -> None:
@@ -50,7 +48,7 @@ def check_cfg(cfg: DictConfig) -> None:
         raise UserError("methods and targets must each name at least one entry")
     check_search(cfg, targets)
     for name in methods:
-        m = method_config(str(name), list(cfg.forbidden))
+        m = method_config(str(name))
         if "guidance_scale" not in m:
             raise UserError(f"methods entry {name!r} has no guidance_scale to calibrate")
         evaluate.check_cfg(run_cfg(cfg, m, 1.0, int(cfg.n_samples), int(cfg.seed)))
@@ -133,7 +131,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     known: dict[str, list[calibration.Probe]] = {name: [] for name in methods}  # one pilot set per method
     for target in [float(t) for t in cfg.targets]:
         for name in methods:
-            method = method_config(name, list(cfg.forbidden))
+            method = method_config(name)
             tag = f"{name}-{target:g}"
             cal = calibrate_method(cfg, method, target, output_dir / "calibrate" / tag, network, label=name,
                                    probes_dir=output_dir / "calibrate" / name / "probes", known=known[name])

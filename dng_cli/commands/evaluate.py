@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dng_cli import RunRefused, UserError, io, metrics, pipeline
 from dng_cli.commands.common import entry, plain, setup_torch, write_json
@@ -116,8 +116,19 @@ def result_identity(cfg: DictConfig) -> dict:
         weights["unconditional"] = _weights_hash(Path(str(model.unconditional)) / unet, "model.unconditional")
         for c, p in model.forbidden_models.items():
             weights[f"class_{c}"] = _weights_hash(Path(str(p)) / unet, f"model.forbidden_models.{c}")
-    return {**result_config(plain(cfg)), **schedule_identity(cfg.model),
-            **{f"weights.{k}": v for k, v in weights.items()}}
+    return {**identity_config(plain(cfg)), **{f"weights.{k}": v for k, v in weights.items()}}
+
+
+def identity_config(config: dict) -> dict:
+    """``result_config`` with the keys results were identified by before ``forbidden`` moved to the top
+    level and the schedule into the model folder, so results written before either stay reusable."""
+    config = dict(config)
+    if "forbidden" in config:
+        config["method"] = {**config.get("method", {}), "forbidden": config.pop("forbidden")}
+    identity = result_config(config)
+    if isinstance(config.get("model"), dict):
+        identity.update(schedule_identity(OmegaConf.create(config["model"])))
+    return identity
 
 
 def schedule_identity(model_cfg: DictConfig) -> dict:
@@ -154,7 +165,7 @@ def finished_result(metrics_path: Path, identity: dict, fingerprint: str, recomp
         log.info("%s was made by this config: skipping finished run", metrics_path)
         return old
     old_weights = old.get("weights") if old.get("fingerprint") is not None else identity_weights(identity)
-    old_identity = {**result_config(old.get("config") or {}),
+    old_identity = {**identity_config(old.get("config") or {}),
                     **{f"weights.{k}": v for k, v in (old_weights or {}).items()}}
     if old.get("fingerprint") is None:  # written before fingerprints: compare what it recorded
         if old_identity == identity:
@@ -179,7 +190,7 @@ def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
             return finished
     device = setup_torch(cfg.sampler.device, cfg.sampler.get("num_threads"))
     num_classes = int(cfg.dataset.num_classes)
-    forbidden = pipeline.forbidden_classes(cfg.method, num_classes)
+    forbidden = pipeline.forbidden_classes(cfg, num_classes)
     classifier = load_classifier(cfg.model.classifier)
     # FID on the classifier's features always (fast, offline); Inception too with metrics.fid.features=inception
     clf_net = metrics.feature_network("classifier", classifier)

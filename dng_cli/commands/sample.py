@@ -26,7 +26,7 @@ def final_verdict(cfg: DictConfig, images: torch.Tensor) -> torch.Tensor | None:
     if OmegaConf.is_missing(cfg.model, "classifier") or cfg.model.get("classifier") is None:
         return None
     preds, _ = classify(load_classifier(cfg.model.classifier), images)
-    return metrics.is_forbidden(preds, pipeline.forbidden_classes(cfg.method, int(cfg.dataset.num_classes)))
+    return metrics.is_forbidden(preds, pipeline.forbidden_classes(cfg, int(cfg.dataset.num_classes)))
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict:
@@ -46,7 +46,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
                 lambda tmp: np.savez_compressed(open(tmp, "wb"), images=images.numpy(), seeds=np.asarray(seeds)))
     atomic_write_text(output_dir / "trajectory.csv", trajectory_csv(out.timesteps, out.posterior, out.scale))
     guidance_plot(out.timesteps, out.scale, out.posterior, output_dir / "guidance.png",
-                  title=f"{cfg.method.name}, forbidden {list(cfg.method.forbidden)}, {len(gen.schedule)} steps",
+                  title=f"{cfg.method.name}, forbidden {list(cfg.forbidden)}, {len(gen.schedule)} steps",
                   is_forbidden=final_verdict(cfg, images))
     log.info("%d samples in %.1fs (%.1f images/s) -> %s", len(seeds), wall, len(seeds) / wall, output_dir)
     return {"images": images, "output": out, "wall_time_s": wall}
