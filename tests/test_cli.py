@@ -105,3 +105,21 @@ def test_bad_input_subprocess_one_line(tmp_path):
     assert res.returncode != 0
     assert len(res.stderr.strip().splitlines()) == 1 and "p_max=2" in res.stderr
     assert not run_dir.exists()
+
+
+def test_lower_modules_never_import_commands_or_scripts():
+    """The layering of the README's Layout: arrows only point down."""
+    import ast
+    from pathlib import Path
+
+    import dng_cli
+
+    root = Path(dng_cli.__file__).parent
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith(("dng_cli.commands", "scripts")), f"{path.name} imports {name}"
+    io_imports = [n for n in ast.walk(ast.parse((root / "io.py").read_text())) if isinstance(n, ast.ImportFrom)]
+    assert [n.module for n in io_imports if (n.module or "").startswith("dng_cli")] == ["dng_cli"]  # error types only
