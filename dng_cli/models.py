@@ -16,7 +16,7 @@ from torch import nn
 from dng_cli import UserError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-SHIPPED = {"mnist": ASSETS / "mnist"}
+SHIPPED = {p.name: p for p in sorted(ASSETS.iterdir()) if p.is_dir()}  # assets/<name>/{ddpm,classifier,fid}
 
 
 # ----------------------------------------------------------------------------------------- UNet

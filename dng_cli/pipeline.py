@@ -41,6 +41,13 @@ def forbidden_classes(cfg: DictConfig, num_classes: int) -> list[int]:
     return out
 
 
+def forbidden_names(cfg: DictConfig, forbidden: list[int]) -> str:
+    """"[6 Shirt]" from the dataset's class names ("[0]" when the names are the indices themselves)."""
+    names = list(cfg.dataset.get("class_names") or [])
+    return "[" + ", ".join(f"{c}" if len(names) <= c or str(names[c]) == str(c) else f"{c} {names[c]}"
+                           for c in forbidden) + "]"
+
+
 def build_guidance(method_cfg: DictConfig):
     name = method_cfg.get("name")
     if name not in METHODS:

@@ -75,7 +75,8 @@ def guidance_plot(timesteps: torch.Tensor, scale: torch.Tensor, posterior: torch
     _save_fig(fig, path)
 
 
-def histogram_plot(histogram: Sequence[float], forbidden: Sequence[int], path: Path, title: str = "") -> None:
+def histogram_plot(histogram: Sequence[float], forbidden: Sequence[int], path: Path, title: str = "",
+                   class_names: Sequence[str] | None = None) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.2))
     colors = ["tab:red" if c in forbidden else "tab:blue" for c in range(len(histogram))]
     ax.bar(range(len(histogram)), histogram, color=colors)
@@ -83,7 +84,11 @@ def histogram_plot(histogram: Sequence[float], forbidden: Sequence[int], path: P
     if kept > 0:
         ax.axhline(1.0 / kept, color="k", ls="--", lw=1, label="uniform over kept classes")
         ax.legend()
-    ax.set_xticks(range(len(histogram)))
+    if class_names is not None and len(class_names) == len(histogram):
+        ax.set_xticks(range(len(histogram)), [str(n) for n in class_names], rotation=45 if max(map(len, map(str, class_names))) > 2 else 0,
+                      ha="right" if max(map(len, map(str, class_names))) > 2 else "center")
+    else:
+        ax.set_xticks(range(len(histogram)))
     ax.set_xlabel("predicted class (red: forbidden)")
     ax.set_ylabel("fraction of samples")
     ax.set_title(title)

@@ -123,3 +123,20 @@ def test_lower_modules_never_import_commands_or_scripts():
                 assert not name.startswith(("dng_cli.commands", "scripts")), f"{path.name} imports {name}"
     io_imports = [n for n in ast.walk(ast.parse((root / "io.py").read_text())) if isinstance(n, ast.ImportFrom)]
     assert [n.module for n in io_imports if (n.module or "").startswith("dng_cli")] == ["dng_cli"]  # error types only
+
+
+def test_class_names_come_from_the_dataset_config(compose):
+    from dng_cli.pipeline import forbidden_names
+
+    fashion = compose("evaluate", ["dataset=fashion_mnist", "model=tiny_random", "forbidden=[6,0]"])
+    assert forbidden_names(fashion, [6, 0]) == "[6 Shirt, 0 T-shirt/top]"
+    assert forbidden_names(compose("evaluate", ["model=tiny_random"]), [0]) == "[0]"
+
+
+def test_a_model_that_is_not_shipped_names_the_shipped_ones(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", "dataset=fashion_mnist", "model=fashion_mnist", f"hydra.run.dir={tmp_path / 'r'}"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'fashion_mnist'" in err and "mnist" in err

@@ -252,7 +252,8 @@ def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
 
     save_grid(images[:100], output_dir / "samples.png", nrow=10)
     histogram_plot(result["histogram"], forbidden, output_dir / "histogram.png",
-                   title=f"{cfg.method.name} (scale {result['guidance_scale']}), forbidden {forbidden}")
+                   title=f"{cfg.method.name} (scale {result['guidance_scale']}), forbidden {pipeline.forbidden_names(cfg, forbidden)}",
+                   class_names=cfg.dataset.get("class_names"))
     write_json(metrics_path, result)  # last: its presence marks the run finished
     log.info("forbidden %.2f%% [%.2f, %.2f], KL %.4f, FID %.3f (full %.3f), %.1f images/s -> %s",
              100 * result["forbidden_rate"], *(100 * v for v in result["forbidden_rate_ci"]), result["kl_uniform"],

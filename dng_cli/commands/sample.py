@@ -46,7 +46,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
                 lambda tmp: np.savez_compressed(open(tmp, "wb"), images=images.numpy(), seeds=np.asarray(seeds)))
     atomic_write_text(output_dir / "trajectory.csv", trajectory_csv(out.timesteps, out.posterior, out.scale))
     guidance_plot(out.timesteps, out.scale, out.posterior, output_dir / "guidance.png",
-                  title=f"{cfg.method.name}, forbidden {list(cfg.forbidden)}, {len(gen.schedule)} steps",
+                  title=f"{cfg.method.name}, forbidden {pipeline.forbidden_names(cfg, list(cfg.forbidden))}, {len(gen.schedule)} steps",
                   is_forbidden=final_verdict(cfg, images))
     log.info("%d samples in %.1fs (%.1f images/s) -> %s", len(seeds), wall, len(seeds) / wall, output_dir)
     return {"images": images, "output": out, "wall_time_s": wall}
