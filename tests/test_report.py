@@ -30,8 +30,20 @@ def test_report_on_fixture_runs(tmp_path, capsys):
     assert "| dng | 0 | 5 | 25 | 100 | 1.0 (0.0–3.0) | 0.050 ± 0.012 | 1.5 | 2.5 | 3.5 |" in md
     assert "| np | 0 | 1 | 25 | 100 | 5.0 (3.0–7.0) | 0.200 | 3 | 4 | 3.5 |" in md  # older runs: no s.e.
     assert float(rows[0]["kl_uniform_se"]) == 0.0123
-    assert "classifier-abc" in md
+    assert "classifier-abc" in md and "Inception" not in md
     assert (tmp_path / "pareto_kl.png").stat().st_size > 0 and (tmp_path / "pareto_fid.png").stat().st_size > 0
+
+
+def test_report_carries_fid_se_and_inception_fid_when_present(tmp_path, capsys):
+    m = {**_metrics("dng", 5.0, 0.01, 0.05, 1.5), "fid_se": 0.21, "fid_inception": 20.5, "fid_inception_se": 1.3,
+         "fid_inception_full": 25.0}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(m))
+    cli.main(["report", str(tmp_path)])
+    md = (tmp_path / "report.md").read_text()
+    assert "| 1.5 ± 0.21 | 2.5 | 20.5 ± 1.3 | 25 | 3.5 |" in md and "Inception FID ± s.e." in md
+    row = next(csv.DictReader((tmp_path / "report.csv").open()))
+    assert float(row["fid_inception"]) == 20.5 and float(row["fid_se"]) == 0.21
 
 
 def test_report_no_runs(tmp_path, capsys):

@@ -15,7 +15,8 @@ from dng_cli.commands.common import atomic_write_text, entry
 
 log = logging.getLogger(__name__)
 COLUMNS = ["label", "method", "forbidden", "guidance_scale", "steps", "n_samples", "forbidden_rate", "forbidden_rate_lo",
-           "forbidden_rate_hi", "kl_uniform", "kl_uniform_se", "fid", "fid_full", "fid_features", "images_per_s", "run"]
+           "forbidden_rate_hi", "kl_uniform", "kl_uniform_se", "fid", "fid_se", "fid_full", "fid_features",
+           "fid_inception", "fid_inception_se", "fid_inception_full", "images_per_s", "run"]
 
 
 REQUIRED = ("method", "forbidden", "forbidden_rate", "forbidden_rate_ci", "kl_uniform", "steps", "n_samples")
@@ -112,13 +113,22 @@ def _kl(r: dict) -> str:
     return f"{r['kl_uniform']:.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
 
+def _fid(r: dict, key: str = "fid") -> str:
+    se = r.get(f"{key}_se")
+    return _fmt(r.get(key)) + (f" ± {se:.2g}" if se is not None else "")
+
+
 def markdown(rows: list[dict], failed: list[tuple[str, str]] = ()) -> str:
-    head = "| method | forbidden | scale | steps | N | forbidden % (95% CI) | KL ± s.e. | FID | FID (full) | images/s |\n"
-    head += "|---|---|---|---|---|---|---|---|---|---|\n"
+    inception = any(r.get("fid_inception") is not None for r in rows)  # runs with metrics.fid.features=inception
+    head = ("| method | forbidden | scale | steps | N | forbidden % (95% CI) | KL ± s.e. | FID ± s.e. | FID (full) |"
+            + (" Inception FID ± s.e. | Inception FID (full) |" if inception else "") + " images/s |\n")
+    head += "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if inception else "") + "---|\n"
     lines = [
         f"| {r['label']} | {_fmt(r['forbidden'])} | {_fmt(r.get('guidance_scale'))} | {r['steps']} | {r['n_samples']} "
         f"| {100 * r['forbidden_rate']:.1f} ({100 * r['forbidden_rate_lo']:.1f}–{100 * r['forbidden_rate_hi']:.1f}) "
-        f"| {_kl(r)} | {_fmt(r['fid'])} | {_fmt(r['fid_full'])} | {r['images_per_s']:.1f} |"
+        f"| {_kl(r)} | {_fid(r)} | {_fmt(r['fid_full'])} |"
+        + (f" {_fid(r, 'fid_inception')} | {_fmt(r.get('fid_inception_full'))} |" if inception else "")
+        + f" {r['images_per_s']:.1f} |"
         for r in rows
     ]
     features = sorted({r.get("fid_features", "") for r in rows})
