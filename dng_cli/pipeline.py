@@ -86,9 +86,13 @@ def model_scheduler_config(model_cfg: DictConfig) -> dict:
 
 def build_schedule(sampler_cfg: DictConfig, model_cfg: DictConfig) -> NoiseSchedule:
     """The model's own chain (``model_scheduler_config``), respaced to ``sampler.steps``."""
+    return respaced(NoiseSchedule.from_scheduler(model_scheduler_config(model_cfg)), sampler_cfg)
+
+
+def respaced(base: NoiseSchedule, sampler_cfg: DictConfig) -> NoiseSchedule:
+    """``base`` respaced to ``sampler.steps`` after checking the sampler's ``steps`` and ``variance``."""
     if sampler_cfg.variance not in VARIANCES:
         raise UserError(f"sampler.variance={sampler_cfg.variance!r} is invalid: allowed are {', '.join(VARIANCES)}")
-    base = NoiseSchedule.from_scheduler(model_scheduler_config(model_cfg))
     steps = sampler_cfg.steps
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise UserError(f"sampler.steps={steps!r} is invalid: it must be an integer in [1, {len(base)}]")

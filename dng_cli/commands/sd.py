@@ -36,7 +36,7 @@ from dng_cli import UserError, pipeline
 from dng_cli.commands.common import atomic_save, atomic_write_text, entry, setup_torch
 from dng_cli.guidance import METHODS
 from dng_cli.sampler import as_epsilon, check_prediction_type
-from dng_cli.schedule import VARIANCES, NoiseSchedule
+from dng_cli.schedule import NoiseSchedule
 from dng_cli.validate import check_types
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def setup(sd: StableDiffusion, cfg: DictConfig, device: torch.device) -> pipelin
         method["cfg_scale"] = float(cfg.cfg_scale)
     guidance = pipeline.build_guidance(OmegaConf.create(method))
     emb = encode(sd, ["", str(cfg.prompt), str(cfg.negative_prompt)], device)
-    schedule = NoiseSchedule.from_scheduler(sd.scheduler_config).respace(int(cfg.sampler.steps))
+    schedule = pipeline.respaced(NoiseSchedule.from_scheduler(sd.scheduler_config), cfg.sampler)
     eps_fn = as_epsilon(PromptEps(sd.unet, emb, float(cfg.cfg_scale), branches=guidance.prompt_branches), schedule,
                         str(sd.scheduler_config.get("prediction_type", "epsilon")))
     size = int(sd.unet.config.sample_size)
@@ -170,8 +170,7 @@ def check_cfg(cfg: DictConfig) -> None:
                         f"folder or tiny_random")
     if not str(cfg.prompt).strip():
         raise UserError("prompt is empty: pass prompt=\"...\"")
-    if cfg.sampler.variance not in VARIANCES:
-        raise UserError(f"sampler.variance={cfg.sampler.variance!r} is invalid: allowed are {', '.join(VARIANCES)}")
+    pipeline.respaced(NoiseSchedule.from_scheduler(SD_SCHEDULER), cfg.sampler)  # steps, variance
     pipeline.build_guidance(cfg.method)
     if cfg.method.name == "none":
         return
