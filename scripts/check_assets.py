@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from dng_cli import metrics
 from dng_cli.data import load_tensors
@@ -51,6 +53,7 @@ def main() -> None:
     ap.add_argument("--classifier", default=None, help="a classifier folder; default: the shipped one")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    args.class_names = OmegaConf.load(Path(__file__).parents[1] / "configs" / "dataset" / f"{args.dataset}.yaml").class_names
     if args.threads:
         torch.set_num_threads(args.threads)
     ddpm = args.ddpm or args.dataset
@@ -63,13 +66,21 @@ def main() -> None:
     x, y = load_tensors(args.dataset, args.root, "test")
     preds, _ = classify(clf, to_uint8(x))
     report["classifier_test_accuracy"] = (preds == y).double().mean().item()
+    confusion = torch.zeros(10, 10, dtype=torch.long)
+    confusion.index_put_((y, preds), torch.ones_like(y), accumulate=True)
+    report["classifier_per_class_accuracy"] = (confusion.diag() / confusion.sum(1)).tolist()
+    off = confusion.clone().fill_diagonal_(0)
+    top = off.flatten().topk(5)
+    report["classifier_top_confusions"] = [  # [true, predicted, share of the true class's test images]
+        [int(i) // 10, int(i) % 10, round(int(n) / int(confusion[int(i) // 10].sum()), 4)] for n, i in zip(*top)]
 
     t0 = time.time()
-    correct = 0
+    per_class = []
     for c in range(10):
         imgs = draw(unet, schedule, c, list(range(1000 * c, 1000 * c + args.per_class)), args.steps)
-        correct += (classify(clf, imgs)[0] == c).sum().item()
-    report["conditional_accuracy"] = correct / (10 * args.per_class)
+        per_class.append((classify(clf, imgs)[0] == c).double().mean().item())
+    report["conditional_accuracy"] = sum(per_class) / 10
+    report["conditional_per_class_accuracy"] = per_class
     report["conditional_samples"] = 10 * args.per_class
 
     imgs = draw(unet, schedule, None, list(range(args.unguided)), args.steps)
@@ -99,8 +110,13 @@ def main() -> None:
     report["threads"] = torch.get_num_threads()
 
     print(f"classifier test accuracy      {100 * report['classifier_test_accuracy']:.2f}%  (target >= {100 * targets['classifier']:.0f}%)")
+    names = args.class_names
+    print("classifier confuses           " + ", ".join(
+        f"{names[t]}->{names[q]} {100 * r:.1f}%" for t, q, r in report["classifier_top_confusions"]))
     print(f"conditional accuracy @{args.steps} st.  {100 * report['conditional_accuracy']:.1f}%  (target >= {100 * targets['conditional']:.0f}%, "
           f"{report['conditional_samples']} samples)")
+    print("  per class                   " + ", ".join(
+        f"{names[c]} {100 * a:.0f}%" for c, a in enumerate(report["conditional_per_class_accuracy"])))
     print(f"unguided KL to uniform        {report['unguided_kl_uniform']:.4f}  (target <= 0.03, {args.unguided} samples)")
     print(f"unguided FID vs test split    {report['unguided_fid_vs_test']:.3f}  (classifier features)")
     print(f"network throughput            {report['network_image_evals_per_s']:.0f} image-evals/s at batch 128 "

@@ -24,10 +24,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--classifier", default="mnist")
+    p.add_argument("--classifier", default=None, help="a classifier folder or shipped name (default: the dataset's)")
     p.add_argument("--root", default="data")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    args.classifier = args.classifier or args.dataset
     clf_path = resolve(args.classifier, "classifier")
     net = metrics.ClassifierFeatures(load_classifier(args.classifier))
     images, labels = load_tensors(args.dataset, args.root, args.split)

@@ -129,7 +129,9 @@ def test_compare_end_to_end_on_the_tiny_model(tmp_path, capsys):
     assert d["lo"] <= d["diff"] <= d["hi"]
     for name in ("compare.csv", "compare.md", "compare.png"):
         assert (out / name).is_file()
-    assert "| 50 % | np |" in (out / "compare.md").read_text()
+    md = (out / "compare.md").read_text()
+    assert "| 50 % | np |" in md
+    assert "**Class histogram**" in md and "| 50 % np λ*=0.01 | 6 |" in md  # where the removed mass went
     # a second run reuses every probe and evaluation (fingerprints match)
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
     cli.main(["compare", *TINY, "methods=[np,dng_official_cli,dng]", "targets=[0.5]", "n_samples=6", "pilot_n=4",

@@ -46,6 +46,21 @@ def test_report_carries_fid_se_and_inception_fid_when_present(tmp_path, capsys):
     assert float(row["fid_inception"]) == 20.5 and float(row["fid_se"]) == 0.21
 
 
+def test_report_shows_each_runs_class_histogram_with_the_datasets_names(tmp_path, capsys):
+    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    hist = [0.2, 0.1, 0.15, 0.1, 0.15, 0.1, 0.01, 0.09, 0.05, 0.05]
+    m = {**_metrics("np", 2.0, 0.01, 0.1, 3.0), "forbidden": [6], "histogram": hist,
+         "config": {"dataset": {"class_names": names}}}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(m))
+    cli.main(["report", str(tmp_path)])
+    md = (tmp_path / "report.md").read_text()
+    assert "| run | N | T-shirt/top | Trouser | Pullover | Dress | Coat | Sandal | Shirt | Sneaker | Bag | Ankle boot |" in md
+    assert "| np 2 | 100 | 20.0 | 10.0 | 15.0 | 10.0 | 15.0 | 10.0 | **1.0** | 9.0 | 5.0 | 5.0 |" in md
+    row = next(csv.DictReader((tmp_path / "report.csv").open()))
+    assert [float(v) for v in row["histogram"].split()] == hist
+
+
 def test_report_no_runs(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["report", str(tmp_path)])

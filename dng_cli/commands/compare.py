@@ -22,7 +22,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from dng_cli import UserError, calibration, pipeline
-from dng_cli.commands import evaluate
+from dng_cli.commands import evaluate, report
 from dng_cli.commands.calibrate import calibrate_method, check_search, run_cfg
 from dng_cli.commands.common import atomic_write_text, entry, setup_torch, write_json
 
@@ -169,6 +169,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
                     df.get("diff"), df.get("lo"), df.get("hi")])
     atomic_write_text(output_dir / "compare.csv", buf.getvalue())
     md = table(rows, reference)
+    md += "\n" + report.histogram_markdown([(f"{100 * r['target']:g} % {r['method']} λ*={r['scale_star']:g}", r["metrics"])
+                                            for r in rows if "metrics" in r])
     atomic_write_text(output_dir / "compare.md", md)
     plot(rows, output_dir / "compare.png")
     print(md)

@@ -16,7 +16,7 @@ from dng_cli.commands.common import atomic_write_text, entry
 log = logging.getLogger(__name__)
 COLUMNS = ["label", "method", "forbidden", "guidance_scale", "steps", "n_samples", "forbidden_rate", "forbidden_rate_lo",
            "forbidden_rate_hi", "kl_uniform", "kl_uniform_se", "fid", "fid_se", "fid_full", "fid_features",
-           "fid_inception", "fid_inception_se", "fid_inception_full", "images_per_s", "run"]
+           "fid_inception", "fid_inception_se", "fid_inception_full", "images_per_s", "histogram", "run"]
 
 
 REQUIRED = ("method", "forbidden", "forbidden_rate", "forbidden_rate_ci", "kl_uniform", "steps", "n_samples")
@@ -118,6 +118,33 @@ def _fid(r: dict, key: str = "fid") -> str:
     return _fmt(r.get(key)) + (f" ± {se:.2g}" if se is not None else "")
 
 
+def class_names(m: dict, n: int) -> list[str]:
+    """The dataset's class names recorded in a run's config (indices for runs without them)."""
+    names = ((m.get("config") or {}).get("dataset") or {}).get("class_names")
+    return [str(c) for c in names] if names and len(names) == n else [str(i) for i in range(n)]
+
+
+def histogram_markdown(entries: list[tuple[str, dict]]) -> str:
+    """Each run's class histogram as a table, one per dataset: which kept classes absorb the mass
+    removed from the forbidden ones (bold), which KL alone does not say."""
+    groups: dict[tuple[str, ...], list[tuple[str, dict]]] = {}
+    for label, m in entries:
+        if m.get("histogram"):
+            groups.setdefault(tuple(class_names(m, len(m["histogram"]))), []).append((label, m))
+    if not groups:
+        return ""
+    tables = []
+    for names, items in groups.items():
+        lines = ["| run | N | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for label, m in items:
+            forbidden = {int(c) for c in m.get("forbidden") or []}
+            cells = [f"**{100 * h:.1f}**" if c in forbidden else f"{100 * h:.1f}" for c, h in enumerate(m["histogram"])]
+            lines.append(f"| {label} | {m.get('n_samples', '')} | " + " | ".join(cells) + " |")
+        tables.append("\n".join(lines))
+    return ("**Class histogram** (% of the samples the classifier assigns to each class; forbidden classes in "
+            "bold) — where the removed mass goes:\n\n" + "\n\n".join(tables) + "\n")
+
+
 def markdown(rows: list[dict], failed: list[tuple[str, str]] = ()) -> str:
     inception = any(r.get("fid_inception") is not None for r in rows)  # runs with metrics.fid.features=inception
     head = ("| method | forbidden | scale | steps | N | forbidden % (95% CI) | KL ± s.e. | FID ± s.e. | FID (full) |"
@@ -157,6 +184,8 @@ def run(cfg: DictConfig, output_dir: Path) -> list[dict]:
         w.writerow({k: _fmt(r.get(k), 6) for k in COLUMNS})
     atomic_write_text(root / "report.csv", buf.getvalue())
     text = markdown(rows, failed)
+    hist = histogram_markdown([(f"{r['label']} {_fmt(r.get('guidance_scale'))}", r) for r in rows])
+    text += "\n" + hist if hist else ""
     targets = [float(t) for t in cfg.get("targets") or []]
     if targets:
         text += "\n" + matched_markdown(matched(rows, targets))
