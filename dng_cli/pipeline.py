@@ -135,11 +135,25 @@ def check_model_cfg(model_cfg: DictConfig, dataset_cfg: DictConfig | None = None
             if conf.get(field) is not None and conf.get(field) != value:
                 raise UserError(f"{key} does not fit dataset={dataset_cfg.name}: its {field} is {conf.get(field)}, "
                                 f"the dataset's is {value}")
+    if kind == "conditional":
+        check_trained_on("model.path", str(model_cfg.path), "ddpm", dataset_cfg)
     if kind in ("conditional", "random"):
         embeds = next(iter(configs.values())).get("num_class_embeds")
         if embeds is not None and embeds != int(dataset_cfg.num_classes) + 1:
             raise UserError(f"model={model_cfg.get('name')} does not fit dataset={dataset_cfg.name}: it has "
                             f"{embeds - 1} classes (+ null label), the dataset {int(dataset_cfg.num_classes)}")
+
+
+def check_trained_on(key: str, value: str, kind: str, dataset_cfg: DictConfig) -> None:
+    """Refuse a model or classifier whose card says it was trained on another dataset: same image size and
+    class count (mnist vs fashion_mnist) would otherwise run with the wrong class names and FID reference."""
+    import json
+
+    card = resolve(value, kind) / "card.json"
+    trained = (json.loads(card.read_text()).get("data") or {}).get("dataset") if card.is_file() else None
+    if trained is not None and trained != dataset_cfg.name:
+        raise UserError(f"{key}={value!r} was trained on {trained}, not on dataset={dataset_cfg.name}: "
+                        f"add dataset={trained}")
 
 
 def check_run_cfg(cfg: DictConfig) -> None:

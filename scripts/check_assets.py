@@ -70,6 +70,9 @@ def main() -> None:
     confusion.index_put_((y, preds), torch.ones_like(y), accumulate=True)
     report["classifier_per_class_accuracy"] = (confusion.diag() / confusion.sum(1)).tolist()
     off = confusion.clone().fill_diagonal_(0)
+    # share of the other classes' test images the classifier calls c: the floor of the "forbidden rate" that
+    # removing class c can reach as this classifier measures it, even with every sample of c gone
+    report["classifier_false_positive_rate"] = (off.sum(0) / (len(y) - confusion.sum(1))).tolist()
     top = off.flatten().topk(5)
     report["classifier_top_confusions"] = [  # [true, predicted, share of the true class's test images]
         [int(i) // 10, int(i) % 10, round(int(n) / int(confusion[int(i) // 10].sum()), 4)] for n, i in zip(*top)]
@@ -113,11 +116,15 @@ def main() -> None:
     names = args.class_names
     print("classifier confuses           " + ", ".join(
         f"{names[t]}->{names[q]} {100 * r:.1f}%" for t, q, r in report["classifier_top_confusions"]))
+    print("classifier false positives    " + ", ".join(  # the floor of a measured forbidden rate
+        f"{names[c]} {100 * r:.1f}%" for c, r in enumerate(report["classifier_false_positive_rate"])))
     print(f"conditional accuracy @{args.steps} st.  {100 * report['conditional_accuracy']:.1f}%  (target >= {100 * targets['conditional']:.0f}%, "
           f"{report['conditional_samples']} samples)")
     print("  per class                   " + ", ".join(
         f"{names[c]} {100 * a:.0f}%" for c, a in enumerate(report["conditional_per_class_accuracy"])))
     print(f"unguided KL to uniform        {report['unguided_kl_uniform']:.4f}  (target <= 0.03, {args.unguided} samples)")
+    print("  histogram                   " + ", ".join(
+        f"{names[c]} {100 * h:.1f}%" for c, h in enumerate(report["unguided_histogram"])))
     print(f"unguided FID vs test split    {report['unguided_fid_vs_test']:.3f}  (classifier features)")
     print(f"network throughput            {report['network_image_evals_per_s']:.0f} image-evals/s at batch 128 "
           f"channels_last, {report['network_image_evals_per_s_nchw']:.0f} NCHW (target >= 150; {report['threads']} threads)")

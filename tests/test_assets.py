@@ -1,4 +1,5 @@
-"""The shipped MNIST assets load (safetensors, no pickles) and run: `dng sample` with no model argument."""
+"""The shipped assets (MNIST, Fashion-MNIST) load (safetensors, no pickles) and run: `dng sample` with no model
+argument, and with model=fashion_mnist."""
 
 import json
 import subprocess
@@ -12,21 +13,30 @@ from dng_cli import cli
 from dng_cli.models import SHIPPED, load_classifier, load_ddpm
 
 
-def test_shipped_assets_load():
-    unet = load_ddpm("mnist")
+@pytest.mark.parametrize("name, accuracy", [("mnist", 0.99), ("fashion_mnist", 0.92)])
+def test_shipped_assets_load(name, accuracy):
+    unet = load_ddpm(name)
     assert unet.config.num_class_embeds == 11 and unet.config.sample_size == 28
     assert sum(p.numel() for p in unet.parameters()) < 5_000_000  # <= 20 MB in float32
-    clf = load_classifier("mnist")
+    clf = load_classifier(name)
     assert clf(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
-    card = json.loads((SHIPPED["mnist"] / "ddpm" / "card.json").read_text())
-    assert card["steps"] > 0 and card["data"]["dataset"] == "mnist"
-    assert json.loads((SHIPPED["mnist"] / "classifier" / "card.json").read_text())["test_accuracy"] >= 0.99
-    assert list((SHIPPED["mnist"] / "fid").glob("mnist-test-classifier-*.npz"))
+    card = json.loads((SHIPPED[name] / "ddpm" / "card.json").read_text())
+    assert card["steps"] > 0 and card["data"]["dataset"] == name
+    assert (SHIPPED[name] / "ddpm" / "scheduler_config.json").is_file()
+    assert json.loads((SHIPPED[name] / "classifier" / "card.json").read_text())["test_accuracy"] >= accuracy
+    assert list((SHIPPED[name] / "fid").glob(f"{name}-test-classifier-*.npz"))
 
 
 def test_default_sample_two_steps(tmp_path):
     run_dir = tmp_path / "run"
     cli.main(["sample", "sampler.steps=2", "n_samples=4", "sampler.progress=false", f"hydra.run.dir={run_dir}"])
+    assert (run_dir / "samples.npz").is_file() and (run_dir / "guidance.png").is_file()
+
+
+def test_fashion_mnist_samples_two_steps_with_its_class_names(tmp_path):
+    run_dir = tmp_path / "run"
+    cli.main(["sample", "dataset=fashion_mnist", "model=fashion_mnist", "forbidden=[6]", "sampler.steps=2",
+              "n_samples=4", "sampler.progress=false", f"hydra.run.dir={run_dir}"])
     assert (run_dir / "samples.npz").is_file() and (run_dir / "guidance.png").is_file()
 
 

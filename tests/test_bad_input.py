@@ -91,6 +91,8 @@ CASES = [
     ("evaluate", ["dataset=cifar10"], "does not fit dataset=cifar10"),
     ("evaluate", T + ["dataset=cifar10"], "does not fit dataset=cifar10"),
     ("evaluate", ["dataset=mnist", "dataset.num_classes=5"], "does not fit"),
+    ("evaluate", ["model.classifier=fashion_mnist"], "trained on fashion_mnist, not on dataset=mnist"),
+    ("sample", ["model=fashion_mnist"], "trained on fashion_mnist, not on dataset=mnist"),
     ("evaluate", T + ["metrics.fid.features=foo"], "features='foo'"),
     ("evaluate", T + ["metrics.fid.split=val"], "split='val'"),
     ("evaluate", T + ["metrics.kl_smoothing=0"], "kl_smoothing=0"),

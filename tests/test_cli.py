@@ -137,6 +137,6 @@ def test_a_model_that_is_not_shipped_names_the_shipped_ones(tmp_path, capsys):
     import pytest
 
     with pytest.raises(SystemExit):
-        cli.main(["evaluate", "dataset=fashion_mnist", "model=fashion_mnist", f"hydra.run.dir={tmp_path / 'r'}"])
+        cli.main(["evaluate", "model.path=fashion_mnist2", f"hydra.run.dir={tmp_path / 'r'}"])
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "'fashion_mnist'" in err and "mnist" in err
+    assert len(err.splitlines()) == 1 and "'fashion_mnist2'" in err and "mnist" in err

@@ -25,6 +25,14 @@ def test_paper_experiment_grid(compose):
     assert cfg.hydra.sweeper.params.method == "np,sld,dng"
 
 
+def test_fashion_experiment_composes_dataset_model_and_forbidden_shirt(compose):
+    cfg = compose("evaluate", ["experiment=fashion_paper", "method=dng", "grid_index=2"], return_hydra_config=True)
+    assert cfg.dataset.name == "fashion_mnist" and cfg.model.name == "fashion_mnist"
+    assert list(cfg.forbidden) == [6] and cfg.dataset.class_names[6] == "Shirt"
+    assert cfg.method.guidance_scale == cfg.grids.dng[2]
+    assert cfg.hydra.sweeper.params.method == "np,sld,dng"
+
+
 def _sweep(sweep_dir, *extra):
     return subprocess.run([sys.executable, "-m", "dng_cli.cli", "evaluate", "-m", "launcher=local", "model=tiny_random",
                            "n_samples=4", "sampler.steps=2", "sampler.batch_size=4", "sampler.progress=false",

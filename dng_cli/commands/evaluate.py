@@ -36,6 +36,7 @@ def check_cfg(cfg: DictConfig) -> None:
         if conf.get(field) is not None and conf[field] != want:
             raise UserError(f"model.classifier={str(cfg.model.classifier)!r} does not fit dataset={cfg.dataset.name}: "
                             f"its {field} is {conf[field]}, the dataset's is {want}")
+    pipeline.check_trained_on("model.classifier", str(cfg.model.classifier), "classifier", cfg.dataset)
     if cfg.metrics.fid.split not in ("train", "test"):
         raise UserError(f"metrics.fid.split={cfg.metrics.fid.split!r} is invalid: allowed are train, test")
 
