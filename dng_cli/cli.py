@@ -60,6 +60,7 @@ examples:
   dng evaluate --method=dng
   dng evaluate -m method=np,sld,dng method.guidance_scale=1,3,10
   dng evaluate -m experiment=mnist_paper
+  dng evaluate dataset=fashion_mnist model=fashion_mnist forbidden=[6]
   dng calibrate method=np target_forbidden=0.01
   dng compare "methods=[np,sld,dng]" "targets=[0.01,0.003]" n_samples=2000
   dng report outputs/multirun/evaluate/<sweep>
