@@ -241,7 +241,9 @@ def test_ctrl_c_is_one_line_and_leaves_no_lock(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "dng_cli.cli", "evaluate", *T, "n_samples=4", "sampler.steps=2",
                              "sampler.progress=false", f"hydra.run.dir={run_dir}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "DNG_TEST_PAUSE": "evaluate"})  # waits where sampling starts
+                            env={**os.environ, "DNG_TEST_PAUSE": "evaluate"},  # waits where sampling starts
+                            # a shell's background job (`pytest &`) ignores SIGINT, and children inherit that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
         if "DNG_TEST_PAUSED evaluate" in line:
             break
