@@ -128,11 +128,7 @@ def pause_for_tests(point: str) -> None:
     """Fault injection for the kill tests: ``DNG_TEST_PAUSE=<point>`` sleeps here after printing a mark."""
     if os.environ.get("DNG_TEST_PAUSE") == point:
         print(f"DNG_TEST_PAUSED {point}", flush=True)
-        # short sleeps: a SIGINT the kernel hands to another thread (torch's pool) only sets Python's flag,
-        # which the main thread sees when a sleep returns — one long sleep would hide it for the full hour
-        deadline = time.monotonic() + 3600
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
+        time.sleep(3600)
 
 
 def write_json(path: Path, obj: Any) -> None:

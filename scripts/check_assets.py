@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--classifier", default=None, help="a classifier folder; default: the shipped one")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    args.class_names = OmegaConf.load(Path(__file__).parents[1] / "configs" / "dataset" / f"{args.dataset}.yaml").class_names
+    names = list(OmegaConf.load(Path(__file__).parents[1] / "configs" / "dataset" / f"{args.dataset}.yaml").class_names)
     if args.threads:
         torch.set_num_threads(args.threads)
     ddpm = args.ddpm or args.dataset
@@ -113,7 +113,6 @@ def main() -> None:
     report["threads"] = torch.get_num_threads()
 
     print(f"classifier test accuracy      {100 * report['classifier_test_accuracy']:.2f}%  (target >= {100 * targets['classifier']:.0f}%)")
-    names = args.class_names
     print("classifier confuses           " + ", ".join(
         f"{names[t]}->{names[q]} {100 * r:.1f}%" for t, q, r in report["classifier_top_confusions"]))
     print("classifier false positives    " + ", ".join(  # the floor of a measured forbidden rate
