@@ -31,14 +31,15 @@ from dng_cli.schedule import NoiseSchedule
 TARGETS = {"mnist": {"classifier": 0.99, "conditional": 0.95}, "fashion_mnist": {"classifier": 0.92, "conditional": 0.85}}
 
 
-def draw(unet, schedule, label, seeds, steps, batch=128):
+def draw(unet, schedule, label, seeds, steps, batch=128, device="cpu"):
     out = []
     schedule = schedule.respace(steps)
-    eps_fn = ClassConditionalEps(unet, [], label=label, channels_last=True, max_batch=128)  # as `dng sample`
+    eps_fn = ClassConditionalEps(unet, [], label=label, channels_last=True, max_batch=batch)  # as `dng sample`
     for i in range(0, len(seeds), batch):
-        gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + batch]]
+        gens = [torch.Generator(device=device).manual_seed(s) for s in seeds[i:i + batch]]
         with torch.inference_mode():
-            out.append(sample(eps_fn, schedule, None, randn((len(gens), 1, 28, 28), gens), gens, progress=False).images)
+            x_T = randn((len(gens), 1, 28, 28), gens, device=device)
+            out.append(sample(eps_fn, schedule, None, x_T, gens, progress=False).images.cpu())
     return to_uint8(torch.cat(out))
 
 
@@ -52,12 +53,14 @@ def main() -> None:
     ap.add_argument("--ddpm", default=None, help="a DDPM folder (e.g. a training run's ema/); default: the shipped one")
     ap.add_argument("--classifier", default=None, help="a classifier folder; default: the shipped one")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (samples then differ from the CPU's: CUDA generators)")
+    ap.add_argument("--batch", type=int, default=128, help="samples per network call")
     args = ap.parse_args()
     names = list(OmegaConf.load(Path(__file__).parents[1] / "configs" / "dataset" / f"{args.dataset}.yaml").class_names)
     if args.threads:
         torch.set_num_threads(args.threads)
     ddpm = args.ddpm or args.dataset
-    unet, clf = load_ddpm(ddpm), load_classifier(args.classifier or args.dataset)
+    unet, clf = load_ddpm(ddpm).to(args.device), load_classifier(args.classifier or args.dataset)
     config = resolve(ddpm, "ddpm") / "scheduler_config.json"  # the model's own chain
     schedule = NoiseSchedule.from_scheduler(json.loads(config.read_text()) if config.is_file() else {})
     report: dict = {"dataset": args.dataset}
@@ -80,37 +83,42 @@ def main() -> None:
     t0 = time.time()
     per_class = []
     for c in range(10):
-        imgs = draw(unet, schedule, c, list(range(1000 * c, 1000 * c + args.per_class)), args.steps)
+        imgs = draw(unet, schedule, c, list(range(1000 * c, 1000 * c + args.per_class)), args.steps,
+                    args.batch, args.device)
         per_class.append((classify(clf, imgs)[0] == c).double().mean().item())
     report["conditional_accuracy"] = sum(per_class) / 10
     report["conditional_per_class_accuracy"] = per_class
     report["conditional_samples"] = 10 * args.per_class
 
-    imgs = draw(unet, schedule, None, list(range(args.unguided)), args.steps)
+    imgs = draw(unet, schedule, None, list(range(args.unguided)), args.steps, args.batch, args.device)
     preds, feats = classify(clf, imgs)
     counts = metrics.class_histogram(preds, 10)
     stats = metrics.load_stats(next((SHIPPED[args.dataset] / "fid").glob(f"{args.dataset}-test-classifier-*.npz")))
     report["unguided_kl_uniform"] = metrics.kl_uniform(counts, [])
+    report["unguided_kl_uniform_se"] = metrics.kl_uniform_se(counts, [])
     report["unguided_histogram"] = [c / len(preds) for c in counts]
     report["unguided_fid_vs_test"] = metrics.fid_from_features(feats, metrics.reference_stats(stats))
     report["unguided_samples"] = args.unguided
     report["sampling_wall_s"] = round(time.time() - t0, 1)
 
-    t = torch.full((128,), 500)
-    lab = torch.full((128,), 10)
+    t = torch.full((128,), 500, device=args.device)
+    lab = torch.full((128,), 10, device=args.device)
     for fmt, key in ((torch.channels_last, "network_image_evals_per_s"),
                      (torch.contiguous_format, "network_image_evals_per_s_nchw")):
         unet = unet.to(memory_format=fmt)
-        xb = torch.randn(128, 1, 28, 28).contiguous(memory_format=fmt)
+        xb = torch.randn(128, 1, 28, 28, device=args.device).contiguous(memory_format=fmt)
         with torch.inference_mode():
             unet(xb, t, class_labels=lab)
             t0 = time.perf_counter()
             for _ in range(10):
                 unet(xb, t, class_labels=lab)
+            if args.device != "cpu":
+                torch.cuda.synchronize()
             report[key] = 10 * 128 / (time.perf_counter() - t0)
     report["ddpm_params"] = sum(p.numel() for p in unet.parameters())
     report["steps"] = args.steps
     report["threads"] = torch.get_num_threads()
+    report["device"] = args.device
 
     print(f"classifier test accuracy      {100 * report['classifier_test_accuracy']:.2f}%  (target >= {100 * targets['classifier']:.0f}%)")
     print("classifier confuses           " + ", ".join(
@@ -121,12 +129,13 @@ def main() -> None:
           f"{report['conditional_samples']} samples)")
     print("  per class                   " + ", ".join(
         f"{names[c]} {100 * a:.0f}%" for c, a in enumerate(report["conditional_per_class_accuracy"])))
-    print(f"unguided KL to uniform        {report['unguided_kl_uniform']:.4f}  (target <= 0.03, {args.unguided} samples)")
+    print(f"unguided KL to uniform        {report['unguided_kl_uniform']:.4f} ± {report['unguided_kl_uniform_se']:.4f}  "
+          f"(target <= 0.03, {args.unguided} samples)")
     print("  histogram                   " + ", ".join(
         f"{names[c]} {100 * h:.1f}%" for c, h in enumerate(report["unguided_histogram"])))
     print(f"unguided FID vs test split    {report['unguided_fid_vs_test']:.3f}  (classifier features)")
     print(f"network throughput            {report['network_image_evals_per_s']:.0f} image-evals/s at batch 128 "
-          f"channels_last, {report['network_image_evals_per_s_nchw']:.0f} NCHW (target >= 150; {report['threads']} threads)")
+          f"channels_last, {report['network_image_evals_per_s_nchw']:.0f} NCHW (target >= 150; {report['threads']} threads, {args.device})")
     print(json.dumps(report))
 
 

@@ -207,6 +207,46 @@ def test_evaluate_reports_inception_fid_next_to_the_classifier_fid(compose, tiny
     assert list((tmp_path / "fid").glob("mnist-test-inception-ts-*.npz"))
 
 
+def test_turning_inception_on_rescores_the_saved_samples_without_sampling(compose, tiny_mnist, tmp_path, monkeypatch):
+    import hashlib
+    import json
+
+    from dng_cli import RunRefused, pipeline
+    from dng_cli.commands import evaluate
+
+    path = _standin_file(tmp_path)
+    monkeypatch.setattr(metrics, "TORCHSCRIPT_INCEPTION_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
+    base = ["model=tiny_random", "n_samples=6", "sampler.steps=1", "sampler.progress=false", "method=np",
+            f"dataset.root={tiny_mnist}", f"metrics.fid.cache_dir={tmp_path / 'fid'}"]
+    out = tmp_path / "run"
+    first = evaluate.run(compose("evaluate", base), out)
+    with np.load(out / "samples.npz") as f:
+        assert f["images"].shape == (6, 1, 28, 28) and f["images"].dtype == np.uint8 and f["seeds"].tolist() == list(range(6))
+    assert "fid_inception" not in first
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a rescore must not sample")
+
+    monkeypatch.setattr(pipeline, "generate_all", no_sampling)
+    inception = base + ["metrics.fid.features=inception", f"metrics.fid.inception_weights={path}"]
+    again = evaluate.run(compose("evaluate", inception), out)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m == json.loads(json.dumps(again))
+    assert m["rescored"] == {"from": "samples.npz", "changed": ["metrics.fid.features"], "sampled_on": "cpu"}
+    assert m["fid_inception"] is not None and m["fid_inception_features"].startswith("inception-ts-")
+    for key in ("fid", "fid_se", "kl_uniform", "histogram_counts", "wall_time_s", "images_per_s"):
+        assert m[key] == first[key], key  # the same samples: classifier scores and sampling times unchanged
+    assert m["fingerprint"] != first["fingerprint"] and m["config"]["metrics"]["fid"]["features"] == "inception"
+    assert evaluate.run(compose("evaluate", inception), out) == m  # now a finished run of this config
+    # anything beyond metric settings is still another config: refused, never rescored
+    with pytest.raises(RunRefused, match="sampler.steps"):
+        evaluate.run(compose("evaluate", inception[:2] + ["sampler.steps=2"] + inception[3:]), out)
+    # without its samples a run cannot be rescored: refused as before
+    (out / "samples.npz").unlink()
+    with pytest.raises(RunRefused, match="metrics.fid.features"):
+        evaluate.run(compose("evaluate", base), out)
+
+
 def test_real_inception_weights_when_installed():
     path = metrics.torchscript_inception_path()
     if path is None:

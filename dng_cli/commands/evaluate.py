@@ -1,7 +1,7 @@
 """``dng evaluate``: the paper's experiment for one configuration — sample N, classify, score.
 
 Writes metrics.json (atomically; a finished run is skipped when re-run in the same folder),
-samples.png and histogram.png. Metric definitions live in ``dng_cli.metrics``.
+samples.png, samples.npz (every scored image, uint8, with its seed) and histogram.png. Metric definitions live in ``dng_cli.metrics``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -86,7 +87,7 @@ def method_label(cfg: DictConfig) -> str:
 
 
 # Keys that change how fast a result is made or where files live, never the numbers in it.
-NOT_RESULT_KEYS = ("skip_existing", "overwrite", "label", "grids", "grid_index", "sampler.batch_size", "sampler.max_batch",
+NOT_RESULT_KEYS = ("skip_existing", "overwrite", "save_samples", "label", "grids", "grid_index", "sampler.batch_size", "sampler.max_batch",
                    "sampler.channels_last", "sampler.compile", "sampler.progress", "sampler.num_threads",
                    "sampler.device", "dataset.root", "metrics.fid.cache_dir", "model.path", "model.classifier",
                    "model.unconditional", "model.forbidden_models", "metrics.fid.inception_weights")
@@ -154,9 +155,20 @@ def _weights_hash(path: Path, key: str) -> str:
     return io.sha256_file(path)
 
 
+RESCORE_PREFIX = "metrics."  # settings that change how saved samples are scored, never the samples
+
+
+def differing_keys(old: dict, new: dict) -> list[str]:
+    a, b = dict(io.flatten(old)), dict(io.flatten(new))
+    return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+
+
 def finished_result(metrics_path: Path, identity: dict, fingerprint: str, recompute: bool) -> dict | None:
     """The finished result in ``metrics_path`` when it was made by this very config, else None
-    (recompute: the old file is removed first). A result of another config is refused, never reused."""
+    (recompute: the old file is removed first). A result of another config is refused, never reused,
+    with one exception: when only metric settings differ (``metrics.*``, e.g. Inception FID turned on)
+    and the run saved its samples, the old result comes back with ``"rescore": [the changed keys]`` and
+    ``run`` scores the saved samples again."""
     old = io.read_json_object(metrics_path)
     if recompute or old is None:
         log.info("%s: recomputing (%s)", metrics_path, "overwrite=true" if recompute else "unreadable")
@@ -173,6 +185,9 @@ def finished_result(metrics_path: Path, identity: dict, fingerprint: str, recomp
             log.warning("%s predates result fingerprints: its config matches, its weights were not recorded; "
                         "skipping finished run", metrics_path)
             return old
+    changed = differing_keys(old_identity, identity)
+    if changed and all(k.startswith(RESCORE_PREFIX) for k in changed) and (metrics_path.parent / "samples.npz").is_file():
+        return {**old, "rescore": changed}  # same samples, other metric settings: score them again, no sampling
     key, there, here = io.first_difference(old_identity, identity) or ("fingerprint", old.get("fingerprint"), fingerprint)
     raise RunRefused(f"{metrics_path.parent} holds a finished run of another config ({key}={there!r} there, "
                     f"{here!r} here): use another output folder, or overwrite=true to recompute it")
@@ -187,22 +202,12 @@ def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
     if metrics_path.exists():
         finished = finished_result(metrics_path, identity, fingerprint, recompute=bool(cfg.get("overwrite", False))
                                    or not cfg.skip_existing)
+        if finished is not None and "rescore" in finished:
+            return rescore(cfg, output_dir, finished, identity, fingerprint)
         if finished is not None:
             return finished
     device = setup_torch(cfg.sampler.device, cfg.sampler.get("num_threads"))
-    num_classes = int(cfg.dataset.num_classes)
-    forbidden = pipeline.forbidden_classes(cfg, num_classes)
-    classifier = load_classifier(cfg.model.classifier)
-    # FID on the classifier's features always (fast, offline); Inception too with metrics.fid.features=inception
-    clf_net = metrics.feature_network("classifier", classifier)
-    fid_key = metrics.features_key("classifier", resolve(cfg.model.classifier, "classifier"))
-    stats = fid_reference(cfg, clf_net, fid_key)
-    inception = None
-    if cfg.metrics.fid.features == "inception":
-        inc_net = metrics.feature_network("inception", None, cfg.metrics.fid.get("inception_weights"))
-        inc_key = metrics.features_key("inception", net=inc_net)
-        inception = (inc_net, inc_key, fid_reference(cfg, inc_net, inc_key))
-
+    scorer = Scorer(cfg)  # reference statistics first: a missing Inception file fails before any sampling
     gen = pipeline.build(cfg, device, network)
     n = int(cfg.n_samples)
     seeds = [int(cfg.sampler.seed) + i for i in range(n)]
@@ -211,32 +216,15 @@ def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
     out = pipeline.generate_all(gen, seeds, int(cfg.sampler.batch_size), progress=bool(cfg.sampler.progress))
     wall = time.time() - t0
     images = pipeline.to_uint8(out.images)
-
-    preds, feats = classify(classifier, images)
-    inception_scores = {}
-    if inception is not None:
-        inc_net, inc_key, inc_stats = inception
-        with torch.inference_mode():
-            inc_feats = torch.cat([inc_net(images[i:i + 32]) for i in range(0, n, 32)])
-        inception_scores = {**fid_scores(inc_feats, inc_stats, forbidden, "fid_inception"),
-                            "fid_inception_features": inc_key}
-    counts = metrics.class_histogram(preds, num_classes)
+    scores, preds = scorer(images)
     result = {
         "method": cfg.method.name,
         "label": method_label(cfg),
-        "forbidden": forbidden,
+        "forbidden": scorer.forbidden,
         "guidance_scale": cfg.method.get("guidance_scale"),
-        **metrics.forbidden_rate(counts, forbidden),
-        "kl_uniform": metrics.kl_uniform(counts, forbidden, float(cfg.metrics.kl_smoothing)),
-        "kl_uniform_se": metrics.kl_uniform_se(counts, forbidden, float(cfg.metrics.kl_smoothing)),
-        **fid_scores(feats, stats, forbidden),
-        "fid_features": fid_key,
-        **inception_scores,
-        "fid_reference": {"dataset": cfg.dataset.name, "split": cfg.metrics.fid.split, "excluded": forbidden},
-        "histogram": [c / n for c in counts],
-        "histogram_counts": counts,
+        **scores,
         "mean_final_posterior": float(out.posterior[-1].sum(-1).mean()) if out.posterior.dim() == 3 else float(out.posterior[-1].mean()),
-        **(metrics.posterior_detection(out.posterior, metrics.is_forbidden(preds, forbidden))
+        **(metrics.posterior_detection(out.posterior, metrics.is_forbidden(preds, scorer.forbidden))
            if gen.guidance.tracks_posterior else {}),
         "mean_guidance_scale": float(out.scale.mean()),
         "n_samples": n,
@@ -249,13 +237,87 @@ def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
         "weights": identity_weights(identity),
     }
     output_dir.mkdir(parents=True, exist_ok=True)
-    from dng_cli.plots import histogram_plot, save_grid
+    from dng_cli.plots import save_grid
 
     save_grid(images[:100], output_dir / "samples.png", nrow=10)
-    histogram_plot(result["histogram"], forbidden, output_dir / "histogram.png",
-                   title=f"{cfg.method.name} (scale {result['guidance_scale']}), forbidden {pipeline.forbidden_names(cfg, forbidden)}",
+    if cfg.get("save_samples", True):  # every image scored, so a metric added later needs no resampling
+        io.atomic_save(output_dir / "samples.npz", lambda tmp: np.savez_compressed(
+            open(tmp, "wb"), images=images.numpy(), seeds=np.asarray(seeds)))
+    return finish(cfg, output_dir, result)
+
+
+class Scorer:
+    """Everything ``run`` measures on finished uint8 samples: forbidden rate, class balance, FID on the
+    classifier's features and, with metrics.fid.features=inception, Inception FID."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.forbidden = pipeline.forbidden_classes(cfg, int(cfg.dataset.num_classes))
+        self.classifier = load_classifier(cfg.model.classifier)
+        clf_net = metrics.feature_network("classifier", self.classifier)
+        self.fid_key = metrics.features_key("classifier", resolve(cfg.model.classifier, "classifier"))
+        self.stats = fid_reference(cfg, clf_net, self.fid_key)
+        self.inception = None
+        if cfg.metrics.fid.features == "inception":
+            inc_net = metrics.feature_network("inception", None, cfg.metrics.fid.get("inception_weights"))
+            inc_key = metrics.features_key("inception", net=inc_net)
+            self.inception = (inc_net, inc_key, fid_reference(cfg, inc_net, inc_key))
+
+    def __call__(self, images: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        cfg, forbidden, n = self.cfg, self.forbidden, len(images)
+        preds, feats = classify(self.classifier, images)
+        inception_scores = {}
+        if self.inception is not None:
+            inc_net, inc_key, inc_stats = self.inception
+            with torch.inference_mode():
+                inc_feats = torch.cat([inc_net(images[i:i + 32]) for i in range(0, n, 32)])
+            inception_scores = {**fid_scores(inc_feats, inc_stats, forbidden, "fid_inception"),
+                                "fid_inception_features": inc_key}
+        counts = metrics.class_histogram(preds, int(cfg.dataset.num_classes))
+        smoothing = float(cfg.metrics.kl_smoothing)
+        return {
+            **metrics.forbidden_rate(counts, forbidden),
+            "kl_uniform": metrics.kl_uniform(counts, forbidden, smoothing),
+            "kl_uniform_se": metrics.kl_uniform_se(counts, forbidden, smoothing),
+            **fid_scores(feats, self.stats, forbidden),
+            "fid_features": self.fid_key,
+            **inception_scores,
+            "fid_reference": {"dataset": cfg.dataset.name, "split": cfg.metrics.fid.split, "excluded": forbidden},
+            "histogram": [c / n for c in counts],
+            "histogram_counts": counts,
+        }, preds
+
+
+SCORE_KEYS = ("fid_inception", "fid_inception_se", "fid_inception_full", "fid_inception_full_se", "fid_inception_features")
+
+
+def rescore(cfg: DictConfig, output_dir: Path, old: dict, identity: dict, fingerprint: str) -> dict:
+    """Score a finished run's saved samples (samples.npz) under this config's metric settings; what
+    sampling measured (wall time, the posterior's detection scores) is kept."""
+    with np.load(output_dir / "samples.npz") as f:
+        images, seeds = torch.from_numpy(f["images"]), f["seeds"].tolist()
+    want = [int(cfg.sampler.seed) + i for i in range(int(cfg.n_samples))]
+    if seeds != want:
+        raise RunRefused(f"{output_dir / 'samples.npz'} holds {len(seeds)} samples from seed {seeds[0] if seeds else None}, "
+                         f"not the {len(want)} from seed {want[0]} this config draws: use another output folder, "
+                         f"or overwrite=true to recompute it")
+    log.info("%s: scoring its saved samples again (%s changed)", output_dir, ", ".join(old["rescore"]))
+    scores, _ = Scorer(cfg)(images)
+    result = {k: v for k, v in old.items() if k not in SCORE_KEYS and k != "rescore"}
+    result.update(scores, config=plain(cfg), fingerprint=fingerprint, weights=identity_weights(identity),
+                  rescored={"from": "samples.npz", "changed": old["rescore"],
+                            "sampled_on": (old.get("config") or {}).get("sampler", {}).get("device")})
+    return finish(cfg, output_dir, result)
+
+
+def finish(cfg: DictConfig, output_dir: Path, result: dict) -> dict:
+    from dng_cli.plots import histogram_plot
+
+    histogram_plot(result["histogram"], result["forbidden"], output_dir / "histogram.png",
+                   title=f"{cfg.method.name} (scale {result['guidance_scale']}), forbidden "
+                         f"{pipeline.forbidden_names(cfg, result['forbidden'])}",
                    class_names=cfg.dataset.get("class_names"))
-    write_json(metrics_path, result)  # last: its presence marks the run finished
+    write_json(output_dir / "metrics.json", result)  # last: its presence marks the run finished
     log.info("forbidden %.2f%% [%.2f, %.2f], KL %.4f, FID %.3f (full %.3f), %.1f images/s -> %s",
              100 * result["forbidden_rate"], *(100 * v for v in result["forbidden_rate_ci"]), result["kl_uniform"],
              result["fid"] or float("nan"), result["fid_full"] or float("nan"), result["images_per_s"], output_dir)
