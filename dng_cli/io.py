@@ -181,14 +181,17 @@ def flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield prefix, obj
 
 
-def first_difference(old: dict, new: dict) -> tuple[str, Any, Any] | None:
-    """The first key (dotted, sorted) whose value differs between two nested dicts: keys both have
-    first (a changed value names the change better than a key only one side has)."""
+def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """Every dotted key whose value differs between two nested dicts, as (key, old value, new value):
+    keys both have first, sorted (a changed value names the change better than a key only one side has)."""
     a, b = dict(flatten(old)), dict(flatten(new))
-    for key in [*sorted(set(a) & set(b)), *sorted(set(a) ^ set(b))]:
-        if a.get(key, "<absent>") != b.get(key, "<absent>"):
-            return key, a.get(key, "<absent>"), b.get(key, "<absent>")
-    return None
+    return [(key, a.get(key, "<absent>"), b.get(key, "<absent>")) for key in [*sorted(set(a) & set(b)), *sorted(set(a) ^ set(b))]
+            if a.get(key, "<absent>") != b.get(key, "<absent>")]
+
+
+def first_difference(old: dict, new: dict) -> tuple[str, Any, Any] | None:
+    """The first of ``differences``, or None."""
+    return next(iter(differences(old, new)), None)
 
 
 # ------------------------------------------------------------------------------------------ locks

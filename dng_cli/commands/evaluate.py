@@ -158,11 +158,6 @@ def _weights_hash(path: Path, key: str) -> str:
 RESCORE_PREFIX = "metrics."  # settings that change how saved samples are scored, never the samples
 
 
-def differing_keys(old: dict, new: dict) -> list[str]:
-    a, b = dict(io.flatten(old)), dict(io.flatten(new))
-    return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
-
-
 def finished_result(metrics_path: Path, identity: dict, fingerprint: str, recompute: bool) -> dict | None:
     """The finished result in ``metrics_path`` when it was made by this very config, else None
     (recompute: the old file is removed first). A result of another config is refused, never reused,
@@ -185,10 +180,11 @@ def finished_result(metrics_path: Path, identity: dict, fingerprint: str, recomp
             log.warning("%s predates result fingerprints: its config matches, its weights were not recorded; "
                         "skipping finished run", metrics_path)
             return old
-    changed = differing_keys(old_identity, identity)
-    if changed and all(k.startswith(RESCORE_PREFIX) for k in changed) and (metrics_path.parent / "samples.npz").is_file():
-        return {**old, "rescore": changed}  # same samples, other metric settings: score them again, no sampling
-    key, there, here = io.first_difference(old_identity, identity) or ("fingerprint", old.get("fingerprint"), fingerprint)
+    changed = io.differences(old_identity, identity)
+    if changed and all(k.startswith(RESCORE_PREFIX) for k, _, _ in changed) and (metrics_path.parent / "samples.npz").is_file():
+        # same samples, other metric settings: score them again, no sampling
+        return {**old, "rescore": sorted(k for k, _, _ in changed)}
+    key, there, here = changed[0] if changed else ("fingerprint", old.get("fingerprint"), fingerprint)
     raise RunRefused(f"{metrics_path.parent} holds a finished run of another config ({key}={there!r} there, "
                     f"{here!r} here): use another output folder, or overwrite=true to recompute it")
 
@@ -288,9 +284,6 @@ class Scorer:
         }, preds
 
 
-SCORE_KEYS = ("fid_inception", "fid_inception_se", "fid_inception_full", "fid_inception_full_se", "fid_inception_features")
-
-
 def rescore(cfg: DictConfig, output_dir: Path, old: dict, identity: dict, fingerprint: str) -> dict:
     """Score a finished run's saved samples (samples.npz) under this config's metric settings; what
     sampling measured (wall time, the posterior's detection scores) is kept."""
@@ -303,7 +296,8 @@ def rescore(cfg: DictConfig, output_dir: Path, old: dict, identity: dict, finger
                          f"or overwrite=true to recompute it")
     log.info("%s: scoring its saved samples again (%s changed)", output_dir, ", ".join(old["rescore"]))
     scores, _ = Scorer(cfg)(images)
-    result = {k: v for k, v in old.items() if k not in SCORE_KEYS and k != "rescore"}
+    # Scorer's keys replace the old ones; the Inception ones are dropped first, as this config may not make them
+    result = {k: v for k, v in old.items() if not k.startswith("fid_inception") and k != "rescore"}
     result.update(scores, config=plain(cfg), fingerprint=fingerprint, weights=identity_weights(identity),
                   rescored={"from": "samples.npz", "changed": old["rescore"],
                             "sampled_on": (old.get("config") or {}).get("sampler", {}).get("device")})
