@@ -242,9 +242,12 @@ def test_turning_inception_on_rescores_the_saved_samples_without_sampling(compos
     with pytest.raises(RunRefused, match="sampler.steps"):
         evaluate.run(compose("evaluate", inception[:2] + ["sampler.steps=2"] + inception[3:]), out)
     # without its samples a run cannot be rescored: refused as before
-    (out / "samples.npz").unlink()
+    monkeypatch.undo()
+    evaluate.run(compose("evaluate", base + ["method.guidance_scale=2", "overwrite=true", "save_samples=false"]), out)
+    assert not (out / "samples.npz").exists()  # the earlier config's samples went with its result
     with pytest.raises(RunRefused, match="metrics.fid.features"):
-        evaluate.run(compose("evaluate", base), out)
+        evaluate.run(compose("evaluate", base + ["method.guidance_scale=2", "metrics.fid.features=inception",
+                                                 f"metrics.fid.inception_weights={path}"]), out)
 
 
 def test_real_inception_weights_when_installed():

@@ -239,6 +239,8 @@ def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
     if cfg.get("save_samples", True):  # every image scored, so a metric added later needs no resampling
         io.atomic_save(output_dir / "samples.npz", lambda tmp: np.savez_compressed(
             open(tmp, "wb"), images=images.numpy(), seeds=np.asarray(seeds)))
+    else:  # an earlier run's samples (overwrite=true) must not be rescored as this run's
+        (output_dir / "samples.npz").unlink(missing_ok=True)
     return finish(cfg, output_dir, result)
 
 
