@@ -302,7 +302,8 @@ def rescore(cfg: DictConfig, output_dir: Path, old: dict, identity: dict, finger
     result = {k: v for k, v in old.items() if not k.startswith("fid_inception") and k != "rescore"}
     result.update(scores, config=plain(cfg), fingerprint=fingerprint, weights=identity_weights(identity),
                   rescored={"from": "samples.npz", "changed": old["rescore"],
-                            "sampled_on": (old.get("config") or {}).get("sampler", {}).get("device")})
+                            "sampled_on": (old.get("rescored") or {}).get("sampled_on")  # a rescore of a rescore
+                            or (old.get("config") or {}).get("sampler", {}).get("device")})
     return finish(cfg, output_dir, result)
 
 
