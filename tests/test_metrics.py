@@ -238,13 +238,13 @@ def test_turning_inception_on_rescores_the_saved_samples_without_sampling(compos
         assert m[key] == first[key], key  # the same samples: classifier scores and sampling times unchanged
     assert m["fingerprint"] != first["fingerprint"] and m["config"]["metrics"]["fid"]["features"] == "inception"
     assert evaluate.run(compose("evaluate", inception), out) == m  # now a finished run of this config
+    # anything beyond metric settings is still another config: refused, never rescored
+    with pytest.raises(RunRefused, match="sampler.steps"):
+        evaluate.run(compose("evaluate", inception[:2] + ["sampler.steps=2"] + inception[3:]), out)
     m["rescored"]["sampled_on"] = "cuda"  # as if drawn on a GPU, rescored here: a second rescore keeps the GPU
     (out / "metrics.json").write_text(json.dumps(m))
     again = evaluate.run(compose("evaluate", inception + ["metrics.kl_smoothing=0.5"]), out)
     assert again["rescored"]["sampled_on"] == "cuda" and again["rescored"]["changed"] == ["metrics.kl_smoothing"]
-    # anything beyond metric settings is still another config: refused, never rescored
-    with pytest.raises(RunRefused, match="sampler.steps"):
-        evaluate.run(compose("evaluate", inception[:2] + ["sampler.steps=2"] + inception[3:]), out)
     # without its samples a run cannot be rescored: refused as before
     monkeypatch.undo()
     evaluate.run(compose("evaluate", base + ["method.guidance_scale=2", "overwrite=true", "save_samples=false"]), out)
