@@ -30,8 +30,18 @@ def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("dng.pick"):
         # ${dng.pick:${grids},${method.name},${grid_index}} -> grids[method.name][grid_index]
         OmegaConf.register_new_resolver("dng.pick", lambda table, key, index: table[key][int(index)])
+    if not OmegaConf.has_resolver("dng.process"):
+        # this process, as <host>-<pid>: Hydra's pending config folder is this process's own
+        OmegaConf.register_new_resolver("dng.process", _process_name, use_cache=True)
     if not OmegaConf.has_resolver("dng.dirname"):
         OmegaConf.register_new_resolver("dng.dirname", short_dirname)
+
+
+def _process_name() -> str:
+    import os
+    import socket
+
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 MAX_DIRNAME_BYTES = 200

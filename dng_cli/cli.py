@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -91,6 +92,10 @@ def _error(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        os.getcwd()
+    except OSError:  # before torch is imported: its libraries abort on a deleted working directory
+        _error("the current working directory no longer exists: cd into an existing folder and re-run")
     if not argv:
         print(usage(), file=sys.stderr)
         sys.exit(2)
@@ -118,13 +123,42 @@ def main(argv: list[str] | None = None) -> None:
         check(cmd.config, args, getattr(module, cmd.check, None))
     except UserError as err:
         _error(str(err))
-    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # errors reach this front, which prints them as one line
     sys.argv = [f"dng {name}"] + args
+    previous = signal.signal(signal.SIGTERM, _terminated)  # kill/scancel: clean up as for Ctrl-C, then exit
     try:
         getattr(module, cmd.main)()
+    except OSError as err:  # Hydra's own writes (its config, the run folder): disk full, a bad path
+        from dng_cli import one_line, runs
+
+        for folder in runs.created_folders():
+            runs.remove_if_ours(folder)
+        _error(one_line(err))
+    except UserError as err:  # raised in a Hydra callback (e.g. an impossible run folder name)
+        _error(str(err).strip().splitlines()[0])
+    except Exception as err:
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        if isinstance(err, (HydraException, OmegaConfBaseException)):
+            _error(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        raise
+    except Terminated:
+        print("dng: terminated; re-run the same command to resume (finished runs are kept)", file=sys.stderr)
+        sys.exit(143)
     except KeyboardInterrupt:
         print("dng: interrupted; re-run the same command to resume (finished runs are kept)", file=sys.stderr)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM (kill, scancel, a job's time limit): unwinds like Ctrl-C, so locks and temporaries go."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 if __name__ == "__main__":

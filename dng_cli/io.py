@@ -1,6 +1,6 @@
-"""Files and run folders: atomic writes, JSON, a lock per run folder, result fingerprints.
+"""Files: atomic writes, JSON, fingerprints (the lock and everything else about a run folder: ``runs``).
 
-The bottom layer: it imports nothing else from ``dng_cli`` but ``UserError``. Every result file is
+The bottom layer: it imports nothing from ``dng_cli``. Every result file is
 written to a temporary name in its own folder and renamed into place, so a crash at any moment
 leaves either the old file or the new one, plus at worst a ``.<name>.*`` temporary that the next
 run of that folder removes (``clean_temporaries``).
@@ -14,13 +14,10 @@ import logging
 import os
 import re
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
-
-from dng_cli import RunRefused, UserError
 
 log = logging.getLogger("dng")
 TEMP_MARK = ".tmp-"  # every temporary this module creates is named .<target name>.tmp-<random>
@@ -125,10 +122,17 @@ def _default_mode(path: Path) -> None:
 
 
 def pause_for_tests(point: str) -> None:
-    """Fault injection for the kill tests: ``DNG_TEST_PAUSE=<point>`` sleeps here after printing a mark."""
+    """Fault injection for the kill tests: ``DNG_TEST_PAUSE=<point>`` waits here after printing a mark —
+    until the file named by ``DNG_TEST_RESUME`` exists (then it goes on), else for an hour."""
     if os.environ.get("DNG_TEST_PAUSE") == point:
         print(f"DNG_TEST_PAUSED {point}", flush=True)
-        time.sleep(3600)
+        resume = os.environ.get("DNG_TEST_RESUME")
+        if not resume:
+            time.sleep(3600)
+            return
+        deadline = time.time() + 3600
+        while not os.path.exists(resume) and time.time() < deadline:
+            time.sleep(0.05)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -194,71 +198,18 @@ def first_difference(old: dict, new: dict) -> tuple[str, Any, Any] | None:
     return next(iter(differences(old, new)), None)
 
 
-# ------------------------------------------------------------------------------------------ locks
-class RunLock:
-    """An exclusive lock on a run folder: ``<folder>/.dng.lock`` holding the owner's pid, host and start.
+class LazyFileHandler(logging.FileHandler):
+    """Hydra's job log file (``hydra.job_logging.handlers.file``), created with its first line, so a run
+    refused before it logs anything leaves no log in a folder it does not own; when the file cannot be
+    opened (its folder removed, a full disk) file logging stops and the console keeps every line."""
 
-    A second process is refused with one line while the owner lives; a lock whose owner is gone
-    (same host, dead pid) is taken over with a warning."""
+    def __init__(self, filename, mode: str = "a", encoding=None, delay: bool = True, errors=None):
+        super().__init__(filename, mode, encoding, delay=True, errors=errors)
 
-    def __init__(self, folder: Path):
-        self.path = Path(folder) / LOCK_NAME
-        self.held = False
-
-    def __enter__(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(3):
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is None:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                # an unreadable lock is its owner writing it right now (young) or a crash's leftover
-                stale = not self._young() if owner is None else self._stale(owner)
-                if not stale:
-                    owner = owner or {"pid": "?", "host": "?", "started": "just now"}
-                    raise RunRefused(f"run folder {str(self.path.parent)!r} is in use by pid {owner.get('pid')} on "
-                                    f"{owner.get('host')} since {owner.get('started')}: wait for it, or use "
-                                    f"another hydra.run.dir (lock file {self.path.name})")
-                log.warning("taking over the stale lock %s (%s)", self.path,
-                            f"pid {owner.get('pid')} on {owner.get('host')} is gone" if owner else "unreadable")
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return self
-        raise UserError(f"could not take the lock {str(self.path)!r}: another process keeps taking it")
-
-    def _owner(self) -> dict | None:
-        try:
-            owner = json.loads(self.path.read_text())
-            return owner if isinstance(owner, dict) else None
-        except (OSError, ValueError):
-            return None
-
-    def _young(self, seconds: float = 10.0) -> bool:
-        try:
-            return time.time() - self.path.stat().st_mtime < seconds
-        except OSError:
-            return False
-
-    @staticmethod
-    def _stale(owner: dict) -> bool:
-        if owner.get("host") != socket.gethostname():
-            return False  # another machine's process: cannot tell, so respect it
-        pid = owner.get("pid")
-        if not isinstance(pid, int) or pid <= 0:
-            return True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-
-    def __exit__(self, *exc) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+                self.stream = self._open()
+            except OSError:
+                return
+        super().emit(record)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dng_cli import UserError
+from dng_cli import UserError, runs
+from dng_cli.io import sha256_file
 from dng_cli.guidance import METHODS
 from dng_cli.models import SHIPPED, ClassConditionalEps, PairEps, build_unet, load_ddpm, resolve
 from dng_cli.sampler import SampleOutput, as_epsilon, check_prediction_type, randn, sample
@@ -260,6 +261,14 @@ def setup_torch(device: str = "cpu", num_threads: int | None = None) -> torch.de
     return torch.device(device)
 
 
+def device_name(device: torch.device) -> str:
+    """The device actually used, as recorded with a result ("cpu", "cuda:0"; never "auto")."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
 def plain(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
@@ -270,3 +279,46 @@ def hardware() -> str:
     if torch.cuda.is_available():
         return f"cuda:{torch.cuda.get_device_name(0)}"
     return f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()} threads={torch.get_num_threads()}"
+
+
+# ------------------------------------------------------------------------------ result identity
+def result_identity(cfg: DictConfig, classifier: bool = True) -> dict:
+    """Everything that determines a result (``runs.identity``): the result config and the hashes of the
+    weights it used (``classifier=False``: a command that only samples, e.g. ``dng sample``)."""
+    model, unet = cfg.model, "diffusion_pytorch_model.safetensors"
+    weights = {"classifier": _weights_hash(resolve(model.classifier, "classifier") / "model.safetensors",
+                                           "model.classifier")} if classifier else {}
+    if model.kind == "conditional":
+        weights["ddpm"] = _weights_hash(resolve(model.path, "ddpm") / unet, "model.path")
+    elif model.kind == "pair":
+        weights["unconditional"] = _weights_hash(Path(str(model.unconditional)) / unet, "model.unconditional")
+        for c, p in model.forbidden_models.items():
+            weights[f"class_{c}"] = _weights_hash(Path(str(p)) / unet, f"model.forbidden_models.{c}")
+    return runs.identity(plain(cfg), weights, schedule_of)
+
+
+def identity_config(config: dict) -> dict:
+    """``runs.identity_config`` with the model's noise schedule (see ``schedule_identity``)."""
+    return runs.identity_config(config, schedule_of)
+
+
+def schedule_of(model: dict) -> dict:
+    return schedule_identity(OmegaConf.create(model))
+
+
+def schedule_identity(model_cfg: DictConfig) -> dict:
+    """The model's noise schedule as result keys. A linear ε-chain keeps the keys the sampler config
+    carried before the schedule moved into the model folder, so earlier results stay reusable."""
+    conf = model_scheduler_config(model_cfg)
+    schedule = NoiseSchedule.from_scheduler(conf)
+    pred = str(conf.get("prediction_type", "epsilon"))
+    if conf.get("trained_betas") is None and conf.get("beta_schedule", "linear") == "linear" and pred == "epsilon":
+        return {"sampler.num_train_timesteps": float(len(schedule)), "sampler.beta_start": float(conf.get("beta_start", 1e-4)),
+                "sampler.beta_end": float(conf.get("beta_end", 0.02))}
+    return {"schedule.betas": runs.fingerprint(schedule.betas.tolist()), "schedule.prediction_type": pred}
+
+
+def _weights_hash(path: Path, key: str) -> str:
+    if not path.is_file():
+        raise UserError(f"{key}: weights file {str(path)!r} not found")
+    return sha256_file(path)

@@ -212,7 +212,20 @@ def check_output_location(config_name: str, overrides: list[str], multirun: bool
     except Exception:  # a resolver Hydra only has at run time: nothing to check here
         return
     p = target if target.is_absolute() else Path.cwd() / target
-    while not p.exists():
+    for part in p.parts:
+        if len(part.encode()) > 255:
+            raise UserError(f"{key}={str(target)[:60]!r}… is invalid: the folder name {part[:24]!r}… is "
+                            f"{len(part.encode())} bytes, file systems allow 255")
+    try:
+        p.resolve(strict=False)
+    except (RuntimeError, OSError) as err:  # RuntimeError: Python < 3.13 on a symlink loop
+        raise UserError(f"{key}={str(target)!r} is invalid: {str(err).strip().splitlines()[0]}") from None
+    while True:
+        try:
+            if p.exists():
+                break
+        except OSError as err:
+            raise UserError(f"{key}={str(target)!r} is invalid: {err.strerror or type(err).__name__}") from None
         if p.parent == p:
             return
         p = p.parent

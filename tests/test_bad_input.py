@@ -281,3 +281,133 @@ def test_sd_without_transformers_names_the_extra(capsys, tmp_path, monkeypatch):
     err = _one_line_failure(capsys, ["sd", "sd_model=tiny_random", "prompt=x", "negative_prompt=y",
                                      f"hydra.run.dir={tmp_path / 'run'}"])
     assert 'pip install -e ".[sd]"' in err and not (tmp_path / "run").exists()
+
+
+# --- run folders: what a folder on disk can hold; each case one line, and the folder left as it was
+def _finished_run(tmp_path):
+    run_dir = tmp_path / "run"
+    cli.main(["evaluate", *T, "n_samples=3", "sampler.steps=1", "sampler.progress=false", "method=np",
+              f"hydra.run.dir={run_dir}"])
+    return run_dir
+
+
+def _edit_metrics(**changes):
+    def setup(tmp_path):
+        import json
+
+        run_dir = _finished_run(tmp_path)
+        m = json.loads((run_dir / "metrics.json").read_text())
+        (run_dir / "metrics.json").write_text(json.dumps({**m, **changes} if changes.pop("_merge", True) else changes))
+        return run_dir
+    return setup
+
+
+def _only_fingerprint(tmp_path):
+    run_dir = _finished_run(tmp_path)
+    (run_dir / "metrics.json").write_text('{"fingerprint": 1}')
+    return run_dir
+
+
+def _truncated_samples(tmp_path):
+    run_dir = _finished_run(tmp_path)
+    data = (run_dir / "samples.npz").read_bytes()
+    (run_dir / "samples.npz").write_bytes(data[: len(data) // 2])
+    return run_dir
+
+
+def _wrong_shape_samples(tmp_path):
+    import numpy as np
+
+    run_dir = _finished_run(tmp_path)
+    with np.load(run_dir / "samples.npz") as f:
+        arrays = dict(f)
+    arrays["images"] = arrays["images"][:, :, :14]
+    np.savez_compressed(run_dir / "samples.npz", **arrays)
+    return run_dir
+
+
+def _symlink_loop(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    return tmp_path / "loop" / "run"
+
+
+def _files(folder):
+    try:
+        return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.suffix != ".log"}
+    except OSError:  # a path that cannot be a folder
+        return None
+
+
+FOLDER_CASES = [  # (name, setup(tmp_path) -> run dir, extra overrides, match)
+    ("symlink loop", _symlink_loop, [], "Symlink loop"),
+    ("name over 255 bytes", lambda tmp_path: tmp_path / ("a" * 300), [], "300 bytes, file systems allow 255"),
+    ("config not an object", _edit_metrics(config=[1, 2]), ["method=np"], "its config is a list, not an object"),
+    ("weights not an object", _edit_metrics(weights="abc"), ["method=np"], "its weights is a str, not an object"),
+    ("fingerprint not a string", _only_fingerprint, ["method=np"], "its fingerprint is a int, not a string"),
+    ("truncated samples.npz", _truncated_samples, ["method=np", "metrics.kl_smoothing=2"], "samples.npz is unreadable"),
+    ("wrong-shape samples.npz", _wrong_shape_samples, ["method=np", "metrics.kl_smoothing=2"], "not uint8 images of shape (1, 28, 28)"),
+]
+
+
+@pytest.mark.parametrize("name,setup,extra,match", FOLDER_CASES, ids=[c[0] for c in FOLDER_CASES])
+def test_bad_run_folder(capsys, tmp_path, monkeypatch, name, setup, extra, match):
+    monkeypatch.chdir(tmp_path)
+    run_dir = setup(tmp_path)
+    capsys.readouterr()
+    before = _files(run_dir)
+    err = _one_line_failure(capsys, ["evaluate", *T, "n_samples=3", "sampler.steps=1", "sampler.progress=false", *extra,
+                                     f"hydra.run.dir={run_dir}"])
+    assert match in err, err
+    assert _files(run_dir) == before
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.e2e
+def test_a_deleted_working_directory_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = (f"import os, sys; os.chdir({str(gone)!r}); os.rmdir({str(gone)!r}); "
+              "from dng_cli import cli; cli.main(['evaluate', 'model=tiny_random'])")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "working directory no longer exists" in res.stderr
+
+
+def test_report_skips_wrong_types_nulls_and_rates_outside_their_interval(tmp_path, capsys):
+    import json
+
+    good = {"method": "np", "forbidden": [0], "forbidden_rate": 0.0, "forbidden_rate_ci": [0.0, 0.1], "kl_uniform": 0.1,
+            "kl_uniform_se": 0.01, "steps": 2, "n_samples": 4, "fid": 1.0, "fid_full": 1.0, "images_per_s": 1.0}
+    bad = {"string_rate": {"forbidden_rate": "0.1"}, "null_kl": {"kl_uniform": None}, "null_fid_se_ok": {"fid_se": None},
+           "outside_ci": {"forbidden_rate": 0.5}, "bool_steps": {"steps": True}, "fid_string": {"fid": "x"},
+           "forbidden_str": {"forbidden": "0"}, "hist_str": {"histogram": ["a"]}, "config_list": {"config": [1]}}
+    for name, change in {"good": {}, **bad}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({**good, **change}))
+    cli.main(["report", str(tmp_path)])
+    out = capsys.readouterr()
+    skipped = [line for line in (out.out + out.err).splitlines() if "skipping" in line]
+    assert len(skipped) == len(bad) - 1 and "Traceback" not in out.err, skipped  # a null s.e. is fine
+    assert len((tmp_path / "report.csv").read_text().strip().splitlines()) == 1 + 2  # header, good, null_fid_se_ok
+
+
+def test_report_writes_no_table_when_it_cannot_finish(tmp_path, monkeypatch):
+    import json
+
+    from dng_cli import plots
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "metrics.json").write_text(json.dumps({
+        "method": "np", "forbidden": [0], "forbidden_rate": 0.0, "forbidden_rate_ci": [0.0, 0.1], "kl_uniform": 0.1,
+        "steps": 2, "n_samples": 4, "fid_full": 1.0, "images_per_s": 1.0}))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr(plots, "pareto_plot", broken)
+    with pytest.raises(RuntimeError):
+        cli.main(["report", str(tmp_path)])
+    assert not (tmp_path / "report.csv").exists() and not (tmp_path / "report.md").exists()

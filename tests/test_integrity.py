@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dng_cli import UserError, cli, io, short_dirname
+from dng_cli import UserError, cli, io, runs, short_dirname
 from dng_cli.commands import evaluate
 
 TINY = ["model=tiny_random", "n_samples=3", "sampler.steps=1", "sampler.batch_size=4", "sampler.progress=false"]
@@ -65,15 +65,15 @@ def test_cli_refusal_keeps_the_folder_consistent(tmp_path):
 
 def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, caplog):
     folder = tmp_path / "run"
-    with io.RunLock(folder):
+    with runs.RunLock(folder):
         with pytest.raises(UserError, match="in use by pid"):
-            with io.RunLock(folder):
+            with runs.RunLock(folder):
                 pass
     assert not (folder / io.LOCK_NAME).exists()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (folder / io.LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename, "started": "x"}))
-    with io.RunLock(folder) as lock:
+    with runs.RunLock(folder) as lock:
         assert lock.held and json.loads((folder / io.LOCK_NAME).read_text())["pid"] == os.getpid()
     assert "stale lock" in caplog.text
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -14,26 +12,31 @@ from typing import Any, Callable
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from dng_cli import RunRefused, UserError, one_line
+from dng_cli import RunRefused, UserError, one_line, runs
 from dng_cli.pipeline import hardware, plain, setup_torch  # noqa: F401  (re-exported for commands)
-from dng_cli.io import LOCK_NAME, RunLock, atomic_save, atomic_write_text, clean_temporaries, write_json  # noqa: F401
+from dng_cli.io import LOCK_NAME, atomic_save, atomic_write_text, clean_temporaries, write_json  # noqa: F401
+from dng_cli.runs import RunLock
 
 CONFIG_PATH = "pkg://dng_cli.configs"
 log = logging.getLogger("dng")
 
 
-PENDING_SUBDIR = ".hydra_pending"  # Hydra writes a job's config here; it becomes .hydra once the run is admitted
+PENDING_SUBDIR = runs.PENDING_PREFIX  # Hydra writes a job's config to .hydra_pending-<host>-<pid> (configs' output_subdir)
 
 
-def entry(config_name: str, run: Callable[[DictConfig, Path], Any], cleanup: bool = True, lock: bool = True):
+def entry(config_name: str, run: Callable[[DictConfig, Path], Any], cleanup: bool = True, lock: bool = True,
+          commits: bool = False):
     """A ``@hydra.main`` function for ``run``.
 
-    - one-line errors for bad input (``UserError``); a run dir that then holds nothing but Hydra's
-      own files is removed (no half-written outputs, no empty folders);
-    - with ``lock``, the run folder is locked for the run (a second process is refused), and the
-      temporaries of interrupted writes in it are removed first;
-    - Hydra writes the job's config to ``.hydra_pending/``, which replaces ``.hydra/`` only once the
-      run is admitted: a refused run never leaves a config next to results it did not make;
+    - one-line errors for bad input (``UserError``); a run dir that this process created and that then
+      holds nothing but its own Hydra files is removed (no half-written outputs, no empty folders) —
+      never a folder, lock or config of another process;
+    - with ``lock``, the run folder is locked for the run (a second process is refused), a folder holding
+      another command's result is refused, and the temporaries of interrupted writes in it are removed;
+    - Hydra writes the job's config to this process's own ``.hydra_pending-<host>-<pid>/``, which replaces
+      ``.hydra/`` only with the result it describes: ``commits`` commands (evaluate) promote it in their
+      result's commit (a skipped finished run leaves ``.hydra`` as it was), the others once they succeed;
+      a refused or failed run never leaves its config next to results it did not make;
     - a failing multirun job writes ``error.txt`` and the other jobs go on; a job that succeeds
       removes an earlier ``error.txt``."""
     import hydra
@@ -45,21 +48,26 @@ def entry(config_name: str, run: Callable[[DictConfig, Path], Any], cleanup: boo
         hc = HydraConfig.get()
         output_dir = Path(hc.runtime.output_dir)
         multirun = hc.mode == RunMode.MULTIRUN
+        if hc.output_subdir is not None:
+            runs.set_pending(output_dir, output_dir / str(hc.output_subdir))
         try:
-            with RunLock(output_dir) if lock else contextlib.nullcontext():
-                if lock:
-                    clean_temporaries(output_dir)
-                admitted = False
-                try:
+            try:
+                with RunLock(output_dir) if lock else contextlib.nullcontext():
+                    if lock:
+                        runs.claim(output_dir, config_name)
+                        runs.clean_folder(output_dir)
                     result = run(cfg, output_dir)
-                    admitted = True
-                except BaseException as err:
-                    # a refused run or a single run's bad input leaves the folder's config as it was;
-                    # a job that failed keeps its config next to its error.txt
-                    admitted = not isinstance(err, RunRefused) and (multirun or not isinstance(err, UserError))
-                    raise
-                finally:
-                    _settle_config(output_dir, admitted)
+                    if commits:
+                        runs.drop_config(output_dir)  # still pending: the run was skipped, .hydra stays as it was
+                    else:
+                        runs.promote_config(output_dir)
+            except BaseException as err:
+                # a failed job keeps its config next to its error.txt, unless the folder holds a result
+                if multirun and not isinstance(err, RunRefused) and not runs.has_result(output_dir):
+                    runs.promote_config(output_dir)
+                elif not (cleanup and not multirun and isinstance(err, (UserError, OSError))):
+                    runs.drop_config(output_dir)
+                raise
             (output_dir / "error.txt").unlink(missing_ok=True)
             return result
         except Exception as err:
@@ -69,11 +77,22 @@ def entry(config_name: str, run: Callable[[DictConfig, Path], Any], cleanup: boo
                 return None
             if isinstance(err, (UserError, OSError)):
                 if cleanup:
-                    remove_if_only_hydra(output_dir)
+                    runs.remove_if_ours(output_dir)
+                    runs.drop_config(output_dir)
                 fail(one_line(err))
             raise
+        finally:
+            runs.set_pending(output_dir, None)
 
     return main
+
+
+class RunFolder(Callback):
+    """Hydra callback (``hydra.callbacks.run_folder``): before Hydra creates a single run's folder, check
+    its path and note whether it existed (``runs.note_run_folder``)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        runs.note_run_folder(Path(str(config.hydra.run.dir)))
 
 
 class SweepStatus(Callback):
@@ -95,36 +114,9 @@ class SweepStatus(Callback):
             sys.exit(1)
 
 
-def _settle_config(output_dir: Path, admitted: bool) -> None:
-    """Promote the job's pending Hydra config to ``.hydra`` (admitted runs) or drop it (refused ones)."""
-    pending = output_dir / PENDING_SUBDIR
-    if not pending.is_dir():
-        return
-    if admitted:
-        target = output_dir / ".hydra"
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(pending, target)
-    else:
-        shutil.rmtree(pending, ignore_errors=True)
-
-
 def remove_if_only_hydra(path: Path) -> None:
-    """Delete ``path`` when all it holds is Hydra's bookkeeping (.hydra/, .hydra_pending/, *.log):
-    never user results; then its parents up to ``outputs/`` if they were left empty."""
-    bookkeeping = (".hydra", PENDING_SUBDIR, LOCK_NAME)
-    if not (path.is_dir() and all(e.name in bookkeeping or e.suffix == ".log" for e in path.iterdir())):
-        return
-    shutil.rmtree(path, ignore_errors=True)
-    parent = path.resolve().parent
-    if "outputs" not in parent.parts:
-        return
-    while parent.name != "outputs":  # e.g. outputs/evaluate/ left empty by this run
-        try:
-            parent.rmdir()  # only if empty
-        except OSError:
-            break
-        parent = parent.parent
+    """``runs.remove_if_ours`` (kept for callers of earlier versions)."""
+    runs.remove_if_ours(path)
 
 
 def fail(message: str, code: int = 2) -> None:

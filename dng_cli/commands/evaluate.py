@@ -11,14 +11,12 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from dng_cli import RunRefused, UserError, io, metrics, pipeline
-from dng_cli.commands.common import entry, plain, setup_torch, write_json
+from dng_cli import UserError, io, metrics, pipeline, runs
+from dng_cli.commands.common import entry, plain, setup_torch
 from dng_cli.models import SHIPPED, classify, load_classifier, resolve
-from dng_cli.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
 
@@ -86,113 +84,31 @@ def method_label(cfg: DictConfig) -> str:
     return str(cfg.method.name)
 
 
-# Keys that change how fast a result is made or where files live, never the numbers in it.
-NOT_RESULT_KEYS = ("skip_existing", "overwrite", "save_samples", "label", "grids", "grid_index", "sampler.batch_size", "sampler.max_batch",
-                   "sampler.channels_last", "sampler.compile", "sampler.progress", "sampler.num_threads",
-                   "sampler.device", "dataset.root", "metrics.fid.cache_dir", "model.path", "model.classifier",
-                   "model.unconditional", "model.forbidden_models", "metrics.fid.inception_weights")
+NOT_RESULT_KEYS, RESCORE_PREFIX = runs.NOT_RESULT_KEYS, runs.RESCORE_PREFIX
+result_config = runs.result_config
+identity_weights = runs.identity_weights
 
 
-def result_config(config: dict) -> dict:
-    """The resolved config minus speed/progress/path keys (see NOT_RESULT_KEYS)."""
-    return {k: _canonical(v) for k, v in io.flatten(config)
-            if not any(k == n or k.startswith(n + ".") for n in NOT_RESULT_KEYS)}
-
-
-def _canonical(value):
-    """Numbers compare by value (a scale given as 2 on the command line is the yaml's 2.0)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, list):
-        return [_canonical(v) for v in value]
-    return value
-
-
-def result_identity(cfg: DictConfig) -> dict:
-    """Everything that determines a result: the result config and the hashes of the weights it used."""
-    model, unet = cfg.model, "diffusion_pytorch_model.safetensors"
-    weights = {"classifier": _weights_hash(resolve(model.classifier, "classifier") / "model.safetensors", "model.classifier")}
-    if model.kind == "conditional":
-        weights["ddpm"] = _weights_hash(resolve(model.path, "ddpm") / unet, "model.path")
-    elif model.kind == "pair":
-        weights["unconditional"] = _weights_hash(Path(str(model.unconditional)) / unet, "model.unconditional")
-        for c, p in model.forbidden_models.items():
-            weights[f"class_{c}"] = _weights_hash(Path(str(p)) / unet, f"model.forbidden_models.{c}")
-    return {**identity_config(plain(cfg)), **{f"weights.{k}": v for k, v in weights.items()}}
-
-
-def identity_config(config: dict) -> dict:
-    """``result_config`` with the keys results were identified by before ``forbidden`` moved to the top
-    level and the schedule into the model folder, so results written before either stay reusable."""
-    config = dict(config)
-    if "forbidden" in config:
-        config["method"] = {**config.get("method", {}), "forbidden": config.pop("forbidden")}
-    identity = result_config(config)
-    if isinstance(config.get("model"), dict):
-        identity.update(schedule_identity(OmegaConf.create(config["model"])))
-    return identity
-
-
-def schedule_identity(model_cfg: DictConfig) -> dict:
-    """The model's noise schedule as result keys. A linear ε-chain keeps the keys the sampler config
-    carried before the schedule moved into the model folder, so earlier results stay reusable."""
-    conf = pipeline.model_scheduler_config(model_cfg)
-    schedule = NoiseSchedule.from_scheduler(conf)
-    pred = str(conf.get("prediction_type", "epsilon"))
-    if conf.get("trained_betas") is None and conf.get("beta_schedule", "linear") == "linear" and pred == "epsilon":
-        return {"sampler.num_train_timesteps": float(len(schedule)), "sampler.beta_start": float(conf.get("beta_start", 1e-4)),
-                "sampler.beta_end": float(conf.get("beta_end", 0.02))}
-    return {"schedule.betas": io.fingerprint(schedule.betas.tolist()), "schedule.prediction_type": pred}
-
-
-def identity_weights(identity: dict) -> dict:
-    return {k[len("weights."):]: v for k, v in identity.items() if k.startswith("weights.")}
-
-
-def _weights_hash(path: Path, key: str) -> str:
-    if not path.is_file():
-        raise UserError(f"{key}: weights file {str(path)!r} not found")
-    return io.sha256_file(path)
-
-
-RESCORE_PREFIX = "metrics."  # settings that change how saved samples are scored, never the samples
+result_identity, identity_config, schedule_identity = pipeline.result_identity, pipeline.identity_config, pipeline.schedule_identity
+_schedule_of = pipeline.schedule_of
 
 
 def finished_result(metrics_path: Path, identity: dict, fingerprint: str, recompute: bool) -> dict | None:
-    """The finished result in ``metrics_path`` when it was made by this very config, else None
-    (recompute: the old file is removed first). A result of another config is refused, never reused,
-    with one exception: when only metric settings differ (``metrics.*``, e.g. Inception FID turned on)
-    and the run saved its samples, the old result comes back with ``"rescore": [the changed keys]`` and
-    ``run`` scores the saved samples again."""
-    old = io.read_json_object(metrics_path)
-    if recompute or old is None:
-        log.info("%s: recomputing (%s)", metrics_path, "overwrite=true" if recompute else "unreadable")
-        metrics_path.unlink()
-        return None
-    if old.get("fingerprint") == fingerprint:
-        log.info("%s was made by this config: skipping finished run", metrics_path)
-        return old
-    old_weights = old.get("weights") if old.get("fingerprint") is not None else identity_weights(identity)
-    old_identity = {**identity_config(old.get("config") or {}),
-                    **{f"weights.{k}": v for k, v in (old_weights or {}).items()}}
-    if old.get("fingerprint") is None:  # written before fingerprints: compare what it recorded
-        if old_identity == identity:
-            log.warning("%s predates result fingerprints: its config matches, its weights were not recorded; "
-                        "skipping finished run", metrics_path)
-            return old
-    changed = io.differences(old_identity, identity)
-    if changed and all(k.startswith(RESCORE_PREFIX) for k, _, _ in changed) and (metrics_path.parent / "samples.npz").is_file():
-        # same samples, other metric settings: score them again, no sampling
-        return {**old, "rescore": sorted(k for k, _, _ in changed)}
-    key, there, here = changed[0] if changed else ("fingerprint", old.get("fingerprint"), fingerprint)
-    raise RunRefused(f"{metrics_path.parent} holds a finished run of another config ({key}={there!r} there, "
-                    f"{here!r} here): use another output folder, or overwrite=true to recompute it")
+    """``runs.finished_result`` with the model's noise schedule."""
+    return runs.finished_result(metrics_path, identity, fingerprint, recompute, _schedule_of)
 
 
 def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
-    """One evaluation; ``network``: an already loaded model (what ``pipeline.load_model`` returns) to reuse."""
+    """One evaluation; ``network``: an already loaded model (what ``pipeline.load_model`` returns) to reuse.
+    The folder is locked for the run (re-entrant: the CLI entry point or compare may hold it already)."""
     check_cfg(cfg)
-    metrics_path = output_dir / "metrics.json"
+    with runs.RunLock(output_dir, reentrant=True):
+        runs.clean_folder(output_dir)
+        return _run(cfg, output_dir, network)
+
+
+def _run(cfg: DictConfig, output_dir: Path, network) -> dict:
+    metrics_path = output_dir / runs.RESULT_NAME
     identity = result_identity(cfg)
     fingerprint = io.fingerprint(identity)
     if metrics_path.exists():
@@ -213,6 +129,9 @@ def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
     wall = time.time() - t0
     images = pipeline.to_uint8(out.images)
     scores, preds = scorer(images)
+    sampled_on = pipeline.device_name(gen.device)
+    samples_fp = runs.samples_fingerprint(identity)
+    save_samples = bool(cfg.get("save_samples", True))
     result = {
         "method": cfg.method.name,
         "label": method_label(cfg),
@@ -228,20 +147,25 @@ def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
         "seed": int(cfg.sampler.seed),
         "wall_time_s": round(wall, 3),
         "images_per_s": n / wall,
+        "sampled_on": sampled_on,
+        "samples": {"fingerprint": samples_fp, "saved": save_samples},
         "config": plain(cfg),
         "fingerprint": fingerprint,
         "weights": identity_weights(identity),
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
     from dng_cli.plots import save_grid
 
-    save_grid(images[:100], output_dir / "samples.png", nrow=10)
-    if cfg.get("save_samples", True):  # every image scored, so a metric added later needs no resampling
-        io.atomic_save(output_dir / "samples.npz", lambda tmp: np.savez_compressed(
-            open(tmp, "wb"), images=images.numpy(), seeds=np.asarray(seeds)))
-    else:  # an earlier run's samples (overwrite=true) must not be rescored as this run's
-        (output_dir / "samples.npz").unlink(missing_ok=True)
-    return finish(cfg, output_dir, result)
+    stage = runs.ResultStage(output_dir)  # every file aside; the old result stays until the commit
+    try:
+        save_grid(images[:100], stage.path("samples.png"), nrow=10)
+        io.pause_for_tests("evaluate_write")
+        if save_samples:  # every image scored, so a metric added later needs no resampling
+            runs.save_samples(stage.path(runs.SAMPLES_NAME), images.numpy(), seeds, samples_fp, sampled_on, "evaluate")
+        else:  # an earlier run's samples (overwrite=true) must not be rescored as this run's
+            stage.remove(runs.SAMPLES_NAME)
+        return finish(cfg, output_dir, result, stage)
+    finally:
+        stage.discard()
 
 
 class Scorer:
@@ -287,38 +211,39 @@ class Scorer:
 
 
 def rescore(cfg: DictConfig, output_dir: Path, old: dict, identity: dict, fingerprint: str) -> dict:
-    """Score a finished run's saved samples (samples.npz) under this config's metric settings; what
-    sampling measured (wall time, the posterior's detection scores) is kept."""
-    with np.load(output_dir / "samples.npz") as f:
-        images, seeds = torch.from_numpy(f["images"]), f["seeds"].tolist()
+    """Score a finished run's saved samples (samples.npz, checked to be that run's) under this config's
+    metric settings; what sampling measured (wall time, the posterior's detection scores) is kept."""
     want = [int(cfg.sampler.seed) + i for i in range(int(cfg.n_samples))]
-    if seeds != want:
-        raise RunRefused(f"{output_dir / 'samples.npz'} holds {len(seeds)} samples from seed {seeds[0] if seeds else None}, "
-                         f"not the {len(want)} from seed {want[0]} this config draws: use another output folder, "
-                         f"or overwrite=true to recompute it")
+    shape = (int(cfg.dataset.channels), int(cfg.dataset.image_size), int(cfg.dataset.image_size))
+    images, _ = runs.saved_samples(output_dir, old, want, shape, runs.samples_fingerprint(identity))
     log.info("%s: scoring its saved samples again (%s changed)", output_dir, ", ".join(old["rescore"]))
-    scores, _ = Scorer(cfg)(images)
+    scores, _ = Scorer(cfg)(torch.from_numpy(images))
     # Scorer's keys replace the old ones; the Inception ones are dropped first, as this config may not make them
     result = {k: v for k, v in old.items() if not k.startswith("fid_inception") and k != "rescore"}
     result.update(scores, config=plain(cfg), fingerprint=fingerprint, weights=identity_weights(identity),
-                  rescored={"from": "samples.npz", "changed": old["rescore"],
+                  rescored={"from": runs.SAMPLES_NAME, "changed": old["rescore"],
                             "sampled_on": (old.get("rescored") or {}).get("sampled_on")  # a rescore of a rescore
-                            or (old.get("config") or {}).get("sampler", {}).get("device")})
-    return finish(cfg, output_dir, result)
+                            or old.get("sampled_on") or (old.get("config") or {}).get("sampler", {}).get("device")})
+    stage = runs.ResultStage(output_dir)
+    try:
+        return finish(cfg, output_dir, result, stage)
+    finally:
+        stage.discard()
 
 
-def finish(cfg: DictConfig, output_dir: Path, result: dict) -> dict:
+def finish(cfg: DictConfig, output_dir: Path, result: dict, stage: runs.ResultStage) -> dict:
+    """The histogram plot into ``stage``, then the commit: files renamed in, metrics.json last."""
     from dng_cli.plots import histogram_plot
 
-    histogram_plot(result["histogram"], result["forbidden"], output_dir / "histogram.png",
+    histogram_plot(result["histogram"], result["forbidden"], stage.path("histogram.png"),
                    title=f"{cfg.method.name} (scale {result['guidance_scale']}), forbidden "
                          f"{pipeline.forbidden_names(cfg, result['forbidden'])}",
                    class_names=cfg.dataset.get("class_names"))
-    write_json(output_dir / "metrics.json", result)  # last: its presence marks the run finished
+    stage.commit(result)
     log.info("forbidden %.2f%% [%.2f, %.2f], KL %.4f, FID %.3f (full %.3f), %.1f images/s -> %s",
              100 * result["forbidden_rate"], *(100 * v for v in result["forbidden_rate_ci"]), result["kl_uniform"],
              result["fid"] or float("nan"), result["fid_full"] or float("nan"), result["images_per_s"], output_dir)
     return result
 
 
-main = entry("evaluate", run)
+main = entry("evaluate", run, commits=True)

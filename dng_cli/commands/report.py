@@ -22,6 +22,46 @@ COLUMNS = ["label", "method", "forbidden", "guidance_scale", "steps", "n_samples
 REQUIRED = ("method", "forbidden", "forbidden_rate", "forbidden_rate_ci", "kl_uniform", "steps", "n_samples")
 
 
+NUMBERS = ("forbidden_rate", "kl_uniform")  # required numbers
+OPTIONAL_NUMBERS = ("guidance_scale", "kl_uniform_se", "kl_kept", "kl_kept_se", "fid", "fid_se", "fid_full",
+                    "fid_inception", "fid_inception_se", "fid_inception_full", "images_per_s")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def malformed(m: dict) -> str | None:
+    """Why a metrics.json cannot be tabulated (a wrong type, a null, a rate outside its interval), or None."""
+    missing = [k for k in REQUIRED if k not in m]
+    if missing:
+        return f"no {missing[0]} (not a dng evaluate result)"
+    for key in NUMBERS:
+        if not _number(m[key]):
+            return f"{key} is {m[key]!r}, not a number"
+    for key in ("steps", "n_samples"):
+        if not isinstance(m[key], int) or isinstance(m[key], bool) or m[key] < 1:
+            return f"{key} is {m[key]!r}, not a positive integer"
+    for key in OPTIONAL_NUMBERS:
+        if m.get(key) is not None and not _number(m[key]):
+            return f"{key} is {m[key]!r}, not a number"
+    ci = m["forbidden_rate_ci"]
+    if not (isinstance(ci, list) and len(ci) == 2 and all(_number(v) for v in ci)):
+        return "malformed forbidden_rate_ci"
+    if not 0.0 <= ci[0] <= m["forbidden_rate"] <= ci[1] <= 1.0:
+        return f"forbidden_rate {m['forbidden_rate']!r} lies outside its interval {ci!r}"
+    if not isinstance(m["forbidden"], list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in m["forbidden"]):
+        return f"forbidden is {m['forbidden']!r}, not a list of class indices"
+    hist = m.get("histogram")
+    if hist is not None and not (isinstance(hist, list) and all(_number(h) for h in hist)):
+        return "malformed histogram"
+    if not isinstance(m.get("label", m["method"]), str) or not isinstance(m["method"], str):
+        return "method or label is not a string"
+    if m.get("config") is not None and not isinstance(m["config"], dict):
+        return "config is not an object"
+    return None
+
+
 def collect(root: Path) -> list[dict]:
     rows = []
     for path in sorted(root.rglob("metrics.json")):
@@ -30,15 +70,11 @@ def collect(root: Path) -> list[dict]:
             if not path.is_file():
                 log.warning("skipping %s: not a file", path)
             continue
-        missing = [k for k in REQUIRED if k not in m]
-        if missing:
-            log.warning("skipping %s: no %s (not a dng evaluate result)", path, missing[0])
+        why = malformed(m)
+        if why is not None:
+            log.warning("skipping %s: %s", path, why)
             continue
-        try:
-            lo, hi = m["forbidden_rate_ci"]
-        except (TypeError, ValueError):
-            log.warning("skipping %s: malformed forbidden_rate_ci", path)
-            continue
+        lo, hi = m["forbidden_rate_ci"]
         rows.append({**m, "label": m.get("label", m["method"]), "forbidden_rate_lo": lo, "forbidden_rate_hi": hi,
                      "run": str(path.parent.relative_to(root)) or "."})
     rows.sort(key=lambda r: (r["label"], str(r.get("forbidden")), r.get("guidance_scale") or 0.0, r["run"]))
@@ -49,7 +85,8 @@ def unfinished(root: Path) -> list[tuple[str, str]]:
     """Job folders below root without a result: (folder, why) — its error.txt line, or "no metrics.json"
     for a job that started (Hydra config written) but never finished."""
     out = []
-    jobs = {p.parent.parent for p in root.rglob("config.yaml") if p.parent.name in (".hydra", ".hydra_pending")}
+    jobs = {p.parent.parent for p in root.rglob("config.yaml")
+            if p.parent.name == ".hydra" or p.parent.name.startswith(".hydra_pending")}
     for job in sorted(jobs | {p.parent for p in root.rglob("error.txt")}):
         if (job / "metrics.json").is_file():
             continue
@@ -153,9 +190,9 @@ def markdown(rows: list[dict], failed: list[tuple[str, str]] = ()) -> str:
     lines = [
         f"| {r['label']} | {_fmt(r['forbidden'])} | {_fmt(r.get('guidance_scale'))} | {r['steps']} | {r['n_samples']} "
         f"| {100 * r['forbidden_rate']:.1f} ({100 * r['forbidden_rate_lo']:.1f}–{100 * r['forbidden_rate_hi']:.1f}) "
-        f"| {_kl(r)} | {_fid(r)} | {_fmt(r['fid_full'])} |"
+        f"| {_kl(r)} | {_fid(r)} | {_fmt(r.get('fid_full'))} |"
         + (f" {_fid(r, 'fid_inception')} | {_fmt(r.get('fid_inception_full'))} |" if inception else "")
-        + f" {r['images_per_s']:.1f} |"
+        + (f" {r['images_per_s']:.1f} |" if r.get('images_per_s') is not None else " |")
         for r in rows
     ]
     features = sorted({r.get("fid_features", "") for r in rows})
@@ -182,18 +219,19 @@ def run(cfg: DictConfig, output_dir: Path) -> list[dict]:
     w.writeheader()
     for r in rows:
         w.writerow({k: _fmt(r.get(k), 6) for k in COLUMNS})
-    atomic_write_text(root / "report.csv", buf.getvalue())
     text = markdown(rows, failed)
     hist = histogram_markdown([(f"{r['label']} {_fmt(r.get('guidance_scale'))}", r) for r in rows])
     text += "\n" + hist if hist else ""
     targets = [float(t) for t in cfg.get("targets") or []]
     if targets:
         text += "\n" + matched_markdown(matched(rows, targets))
-    atomic_write_text(root / "report.md", text)
     from dng_cli.plots import pareto_plot
 
     pareto_plot(rows, "kl_uniform", "class balance KL(uniform ‖ generated)", root / "pareto_kl.png")
     pareto_plot(rows, "fid", "FID vs data without forbidden classes", root / "pareto_fid.png")
+    # the tables last, once everything they describe was made: never a partial report.csv/md
+    atomic_write_text(root / "report.csv", buf.getvalue())
+    atomic_write_text(root / "report.md", text)
     print(text)
     if failed:
         log.warning("%d job(s) below %s failed or did not finish: listed in report.md", len(failed), root)

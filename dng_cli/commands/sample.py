@@ -10,13 +10,12 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dng_cli import metrics, pipeline
+from dng_cli import metrics, pipeline, runs
 from dng_cli.models import classify, load_classifier
-from dng_cli.commands.common import atomic_save, atomic_write_text, entry, setup_torch
+from dng_cli.commands.common import atomic_write_text, entry, setup_torch
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +41,9 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     from dng_cli.plots import guidance_plot, save_grid, trajectory_csv
 
     save_grid(images, output_dir / "samples.png")
-    atomic_save(output_dir / "samples.npz",
-                lambda tmp: np.savez_compressed(open(tmp, "wb"), images=images.numpy(), seeds=np.asarray(seeds)))
+    runs.save_samples(output_dir / runs.SAMPLES_NAME, images.numpy(), seeds,
+                      runs.samples_fingerprint(pipeline.result_identity(cfg, classifier=False)),
+                      pipeline.device_name(gen.device), "sample")
     atomic_write_text(output_dir / "trajectory.csv", trajectory_csv(out.timesteps, out.posterior, out.scale))
     guidance_plot(out.timesteps, out.scale, out.posterior, output_dir / "guidance.png",
                   title=f"{cfg.method.name}, forbidden {pipeline.forbidden_names(cfg, list(cfg.forbidden))}, {len(gen.schedule)} steps",

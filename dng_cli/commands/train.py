@@ -23,6 +23,7 @@ from dng_cli import UserError
 from dng_cli.commands.common import atomic_save, entry, hardware, plain, setup_torch
 from dng_cli.data import load_tensors
 from dng_cli.io import recover_folder
+from dng_cli.runs import RunLock
 from dng_cli.validate import check_types
 from dng_cli.models import Classifier, build_unet, classify, load_ddpm, resolve
 from dng_cli.schedule import NoiseSchedule
@@ -100,9 +101,15 @@ def _output_dir(cfg: DictConfig, output_dir: Path) -> Path:
 
 # -------------------------------------------------------------------------------------- DDPM
 def run_ddpm(cfg: DictConfig, output_dir: Path) -> dict:
-    """Train a (class-conditional) DDPM; writes ``checkpoint/`` and the EMA model in ``ema/``."""
+    """Train a (class-conditional) DDPM; writes ``checkpoint/`` and the EMA model in ``ema/``. The folder
+    written (``output_dir=``, else the run dir) is locked for the training (re-entrant)."""
     _check_train_cfg(cfg)
     out = _output_dir(cfg, output_dir)
+    with RunLock(out, reentrant=True):
+        return _run_ddpm(cfg, out)
+
+
+def _run_ddpm(cfg: DictConfig, out: Path) -> dict:
     device = setup_torch(cfg.device, cfg.get("num_threads"))
     classes = list(cfg.dataset.classes) if cfg.dataset.get("classes") is not None else None
     images, labels = load_tensors(cfg.dataset.name, cfg.dataset.root, "train", classes)
@@ -237,6 +244,11 @@ def run_classifier(cfg: DictConfig, output_dir: Path) -> dict:
     """Train the small CNN (its penultimate layer is the FID feature space); writes ``classifier/``."""
     check_classifier(cfg)
     out = _output_dir(cfg, output_dir)
+    with RunLock(out, reentrant=True):
+        return _run_classifier(cfg, out)
+
+
+def _run_classifier(cfg: DictConfig, out: Path) -> dict:
     device = setup_torch(cfg.device, cfg.get("num_threads"))
     x, y = load_tensors(cfg.dataset.name, cfg.dataset.root, "train")
     xt, yt = load_tensors(cfg.dataset.name, cfg.dataset.root, "test")
