@@ -21,6 +21,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from dng_cli.matching import round_scale  # noqa: F401  (probe scales: the same rounding as the grid)
 from dng_cli.metrics import wilson_interval
 
 
@@ -48,16 +49,11 @@ class Calibration:
     def as_dict(self) -> dict:
         star = self.at_star()
         return {"target_forbidden": self.target, "scale_star": self.scale_star,
-                "rate_at_star": star.rate if star else None,
-                "rate_at_star_ci": list(wilson_interval(star.forbidden, star.n)) if star else None,
+                "rate_at_star": star.rate if star else None,  # the probe selected because it met the target: no
+                # interval here (a selected probe's Wilson interval is biased); dng compare fits the rate curve
                 "reached": self.scale_star is not None, "reason": self.reason,
                 "probes": [{**asdict(p), "rate": p.rate, "ci": list(wilson_interval(p.forbidden, p.n))}
                            for p in sorted(self.probes, key=lambda p: p.scale)]}
-
-
-def round_scale(scale: float, digits: int = 3) -> float:
-    """Probe scales rounded to ``digits`` significant digits: a rerun asks for the very same points."""
-    return float(f"{scale:.{digits}g}")
 
 
 def calibrate(probe: Callable[[float], tuple[int, int]], target: float, scale_min: float, scale_max: float,

@@ -69,6 +69,29 @@ def kl_uniform(counts: Sequence[int], forbidden: Sequence[int] = (), smoothing: 
     return float(sum(target * math.log(target / generated[c]) for c in kept))
 
 
+def kl_kept(counts: Sequence[int], forbidden: Sequence[int] = (), smoothing: float = 1.0) -> float:
+    """Class balance of the kept classes alone: KL(uniform ‖ kept-class histogram renormalised over the
+    kept classes, add-``smoothing`` counts). Forbidden samples do not enter, so this measures balance
+    only; it is shown next to the forbidden rate (``kl_uniform`` mixes the two: KL ≥ −log(1 − rate))."""
+    counts = np.asarray(counts, dtype=np.float64)
+    kept = [c for c in range(len(counts)) if c not in set(forbidden)]
+    if not kept:
+        raise UserError("every class is forbidden: class balance is undefined")
+    kc = counts[kept] + smoothing
+    generated = kc / kc.sum()
+    target = 1.0 / len(kept)
+    return float(np.sum(target * np.log(target / generated)))
+
+
+def kl_kept_se(counts: Sequence[int], forbidden: Sequence[int] = (), smoothing: float = 1.0,
+               n_boot: int = 1000, seed: int = 0) -> float:
+    """Bootstrap standard error of ``kl_kept`` (multinomial resampling of the histogram, as ``kl_uniform_se``)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    n = int(counts.sum())
+    draws = np.random.default_rng(seed).multinomial(n, counts / n, size=n_boot)
+    return float(np.std([kl_kept(d, forbidden, smoothing) for d in draws], ddof=1))
+
+
 def kl_uniform_se(counts: Sequence[int], forbidden: Sequence[int] = (), smoothing: float = 1.0,
                   n_boot: int = 1000, seed: int = 0) -> float:
     """Bootstrap standard error of ``kl_uniform``: its spread over histograms of the same size drawn
@@ -316,6 +339,16 @@ def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, c
 def _sqrtm_psd(cov: torch.Tensor) -> torch.Tensor:
     w, v = torch.linalg.eigh(cov)
     return (v * w.clamp(min=0).sqrt()) @ v.t()
+
+
+def gaussian(reference: tuple[torch.Tensor, torch.Tensor, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ, Σ) of reference accumulators (Σf, Σffᵀ, n)."""
+    return _gaussian(reference)
+
+
+def fid_to_gaussian(mu_r: torch.Tensor, cov_r: torch.Tensor, features: torch.Tensor) -> float:
+    """FID of feature rows against a reference Gaussian (what ``dng compare``'s bootstrap recomputes)."""
+    return _fid_to_samples(mu_r, cov_r, features)
 
 
 def _gaussian(reference: tuple[torch.Tensor, torch.Tensor, float]) -> tuple[torch.Tensor, torch.Tensor]:

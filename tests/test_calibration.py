@@ -27,7 +27,7 @@ def test_bisection_finds_the_smallest_scale_that_meets_the_target():
     failing = [p.scale for p in res.probes if p.rate > 0.01]
     assert max(failing) < res.scale_star and res.at_star().rate <= 0.01
     summary = res.as_dict()
-    assert summary["reached"] and summary["rate_at_star_ci"][0] <= summary["rate_at_star"]
+    assert summary["reached"] and summary["rate_at_star"] <= 0.01 and "rate_at_star_ci" not in summary
 
 
 def test_a_second_target_starts_from_the_first_targets_probes():
@@ -115,27 +115,29 @@ def test_calibrate_command_caches_probes_and_refuses_unreachable(tmp_path, capsy
 
 def test_compare_end_to_end_on_the_tiny_model(tmp_path, capsys):
     out = tmp_path / "cmp"
-    cli.main(["compare", *TINY, "methods=[np,dng_official_cli,dng]", "targets=[0.5]", "n_samples=6", "pilot_n=4",
-              f"hydra.run.dir={out}"])
+    args = ["compare", *TINY, "methods=[np,dng_official_cli,dng]", "targets=[0.5]", "n_samples=6", "pilot_n=4",
+            "bootstrap=20", f"hydra.run.dir={out}"]
+    cli.main(args)
     summary = json.loads((out / "compare.json").read_text())
-    assert summary["reference"] == "dng" and len(summary["rows"]) == 3
-    for r in summary["rows"]:
-        assert r["scale_star"] == 0.01 and r["metrics"]["n_samples"] == 6
-        assert r["metrics"]["fid_se"] is not None and r["metrics"]["kl_uniform_se"] is not None
-    labels = {json.loads(p.read_text())["label"] for p in (out / "eval").glob("*/metrics.json")}
-    assert labels == {"np", "dng_official_cli", "dng"}
-    np_row = next(r for r in summary["rows"] if r["method"] == "np")
-    d = np_row["kl_uniform_vs_reference"]
-    assert d["lo"] <= d["diff"] <= d["hi"]
-    for name in ("compare.csv", "compare.md", "compare.png"):
-        assert (out / name).is_file()
+    assert summary["reference"] == "dng" and summary["n_seeds"] == 6 and summary["compared"] == ["kl_kept", "kl_uniform", "fid"]
+    assert [m["method"] for m in summary["methods"]] == ["np", "dng_official_cli", "dng"]
+    for m in summary["methods"]:  # the tiny model calls everything an 8: the rate is 0 everywhere, nothing crosses 50 %
+        assert not m["identified"] and m["grid"] == [0.01, 0.0125]
+    assert len(summary["claims"]) == 2 * 3 and all(c["kind"] == "no common band" for c in summary["claims"])
+    folders = sorted(p.parent for p in (out / "eval").glob("*/scale=*/metrics.json"))
+    assert {json.loads((f / "metrics.json").read_text())["label"] for f in folders} == {"np", "dng_official_cli", "dng"}
+    assert all((f / "records.npz").is_file() for f in folders)
+    header = (out / "compare.csv").read_text().splitlines()[0].split(",")
+    for column in ("table", "target", "method", "scale_star", "identified", "kl_kept", "kl_kept_se", "fid_se", "metric",
+                   "kind", "diff", "lo", "hi", "p", "p_holm", "resolved"):
+        assert column in header, column
     md = (out / "compare.md").read_text()
-    assert "| 50 % | np |" in md
-    assert "**Class histogram**" in md and "| 50 % np λ*=0.01 | 6 |" in md  # where the removed mass went
+    assert "| 50 % | np |" in md and "np − dng" in md and "Holm" in md
+    assert "**Class histogram**" in md and "| np λ=0.01 | 6 |" in md  # where the removed mass went
+    assert (out / "compare.png").is_file()
     # a second run reuses every probe and evaluation (fingerprints match)
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
-    cli.main(["compare", *TINY, "methods=[np,dng_official_cli,dng]", "targets=[0.5]", "n_samples=6", "pilot_n=4",
-              f"hydra.run.dir={out}"])
+    cli.main(args)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")} == stamps
 
 
@@ -149,20 +151,21 @@ def test_compare_shares_one_pilot_set_per_method_across_targets(tmp_path, capsys
     assert len(run) < sum(len(probes) for probes in listed)  # the second target reused the first one's probes
 
 
-def test_compare_table_carries_inception_fid_when_present():
-    from dng_cli.commands.compare import difference, table
+def test_compare_table_carries_every_compared_metric_and_the_holm_column():
+    from dng_cli.commands.compare import markdown
 
-    def row(method, kl, fid, inc):
-        m = {"n_samples": 1000, "forbidden_rate": 0.01, "forbidden_rate_ci": [0.005, 0.02], "kl_uniform": kl,
-             "kl_uniform_se": 0.01, "fid": fid, "fid_se": 0.5, "fid_inception": inc, "fid_inception_se": 1.0}
-        return {"target": 0.01, "method": method, "scale_star": 1.0, "metrics": m}
+    def method(name, inc):
+        return {"target": 0.01, "method": name, "grid": [1.0, 2.0], "identified": True, "identified_fraction": 1.0,
+                "plateau": None, "scale_star": 1.5, "scale_star_ci": [1.2, 1.8],
+                "metrics": {"kl_kept": {"value": 0.05, "se": 0.01}, "fid_inception": {"value": inc, "se": 1.0}}}
 
-    ref, other = row("dng", 0.04, 6.0, 20.0), row("np", 0.10, 6.2, 30.0)
-    for key in ("kl_uniform", "fid", "fid_inception"):
-        other[f"{key}_vs_reference"] = difference(other["metrics"], ref["metrics"], key)
-    md = table([other, ref], "dng")
-    assert "Inception FID − dng" in md and "+10.000 [+7.228, +12.772] ✓" in md and "+0.200 [" in md
-    assert "Inception" not in table([{**other, "metrics": {**other["metrics"], "fid_inception": None}}], "dng")
+    claim = {"target": 0.01, "method": "np", "reference": "dng", "metric": "fid_inception", "kind": "matched", "band": None,
+             "diff": 10.0, "lo": 7.2, "hi": 12.8, "p": 0.001, "p_holm": 0.004, "resolved": True, "replicates": 1000}
+    analysis = {"n_seeds": 1000, "n_boot": 1000, "reference": "dng", "methods": [method("np", 30.0), method("dng", 20.0)],
+                "claims": [claim], "n_claims": 1}
+    md = markdown(analysis, ["kl_kept", "fid_inception"], [])
+    assert "Inception FID ± s.e." in md and "| 1 % | np | 1.5 [1.2, 1.8] | 1 2 | yes | 0.050 ± 0.010 | 30.00 ± 1.00 |" in md
+    assert "| 1 % | np − dng | Inception FID | matched | +10.00 [+7.20, +12.80] | 0.001 | 0.004 | ✓ |" in md
 
 
 @pytest.mark.parametrize("args,match", [
@@ -183,9 +186,9 @@ def test_unreachable_target_is_a_row_not_a_crash(compose, tmp_path):
     from dng_cli.commands import compare
 
     cfg = compose("compare", TINY + ["methods=[np]", "targets=[0.01]", "forbidden=[8]", "n_samples=4", "pilot_n=4",
-                                     "scale_max=10"])
+                                     "scale_max=10", "bootstrap=10"])
     summary = compare.run(cfg, tmp_path / "cmp")
-    assert summary["rows"][0]["scale_star"] is None
+    assert summary["not_reached"][0]["method"] == "np" and summary["methods"] == []
     assert "not reached" in (tmp_path / "cmp" / "compare.md").read_text()
     with pytest.raises(UserError):
         compare.check_cfg(compose("compare", TINY + ["methods=[foo]"]))

@@ -263,3 +263,17 @@ def test_real_inception_weights_when_installed():
     with torch.inference_mode():
         f = net(images)
     assert f.shape == (4, 2048) and torch.isfinite(f).all() and (f >= 0).all()  # pool features after ReLU
+
+
+def test_kl_kept_measures_balance_over_the_kept_classes_only():
+    import math
+
+    balanced, leaky = [0] + [100] * 9, [50] + [100] * 9  # the same kept classes, 5 % forbidden mass added
+    assert metrics.kl_kept(balanced, [0], 0.0) == pytest.approx(0.0, abs=1e-12)
+    assert metrics.kl_kept(leaky, [0], 0.0) == pytest.approx(0.0, abs=1e-12)  # safety does not leak into balance
+    rate = 50 / 950
+    assert metrics.kl_uniform(leaky, [0], 0.0) >= -math.log(1 - rate) - 1e-12  # ... while kl_uniform mixes it in
+    skewed = [0, 300] + [100] * 8
+    p = np.array([300] + [100] * 8) / 1100
+    assert metrics.kl_kept(skewed, [0], 0.0) == pytest.approx(float(np.sum(np.log((1 / 9) / p)) / 9))
+    assert metrics.kl_kept_se(skewed, [0], 1.0) > 0

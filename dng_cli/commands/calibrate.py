@@ -20,7 +20,8 @@ from dng_cli.validate import check_types
 
 log = logging.getLogger(__name__)
 SEARCH_KEYS = ("target_forbidden", "pilot_n", "pilot_seed", "scale_min", "scale_max", "scale_start", "tolerance",
-               "max_probes", "methods", "targets")
+               "max_probes", "methods", "targets", "grid_factors", "grid_extend", "bootstrap", "bootstrap_seed",
+               "band_factor", "compared")
 
 
 def check_search(cfg: DictConfig, targets: list) -> None:
@@ -96,9 +97,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     if not result["reached"]:
         raise UserError(f"method={cfg.method.name} cannot reach forbidden <= {cfg.target_forbidden:g}: {result['reason']} "
                         f"(see {output_dir / 'calibration.json'})")
-    lo, hi = result["rate_at_star_ci"]
-    print(f"{cfg.method.name}: guidance_scale* = {result['scale_star']:g} (pilot forbidden "
-          f"{100 * result['rate_at_star']:.2f}% [{100 * lo:.2f}, {100 * hi:.2f}], {len(result['probes'])} probes)")
+    print(f"{cfg.method.name}: guidance_scale* = {result['scale_star']:g} (the smallest probe meeting the target; its "
+          f"pilot forbidden rate {100 * result['rate_at_star']:.2f}%, {len(result['probes'])} probes)")
     return result
 
 

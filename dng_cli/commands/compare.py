@@ -1,13 +1,20 @@
-"""``dng compare``: every method at matched safety — the paper's question with resolving statistics.
+"""``dng compare``: every method at matched safety — the paper's question, with intervals that include
+the matching itself (the estimand and the statistics: ``dng_cli.matching``).
 
-For each target forbidden rate and each method: calibrate the guidance scale on a pilot set
-(``dng calibrate``'s search, probes cached), then evaluate the method at its λ* with ``n_samples``
-fresh samples (seeds 0…n-1, the same for every method; pilot seeds are disjoint). Writes in the run
-dir ``calibrate/<method>-<target>/``, ``eval/<method>-<target>/`` (ordinary evaluate folders) and
-``compare.json``, ``compare.csv``, ``compare.md``, ``compare.png``: forbidden % (Wilson CI), KL ± s.e.,
-FID ± s.e. per method, and each method's difference to DNG with a 95 % interval
-(±1.96·√(s.e.₁² + s.e.₂²); the methods share their seeds, so their errors correlate positively and
-this interval is conservative).
+1. Pilot: for every method and target, ``dng calibrate``'s bisection on the pilot seeds (probes cached in
+   ``calibrate/<method>/probes/``, one pilot set per method shared by the targets).
+2. Grid: λ0(t), where the isotonic fit of the method's pilot rates against log λ crosses t; the method is
+   evaluated at λ0(t)·``grid_factors`` for every target, every point on the same ``n_samples`` evaluation
+   seeds (``eval/<method>/scale=<λ>/``: ordinary evaluate folders whose ``records.npz`` holds each seed's
+   class and features). When the fitted crossing falls outside the grid, a point is added beyond it (up to
+   ``grid_extend`` per target). The grid depends only on finished results, so a re-run asks for the same
+   points and an interrupted compare resumes from what finished.
+3. Analysis: a paired bootstrap over the evaluation seeds (the same resampled seeds for every method, point
+   and metric) redoes the rate fit, the crossing and the interpolation in every replicate; each method's
+   metrics at its λ*(t), each difference to the reference method (dng when compared) with its 95 % interval,
+   p and Holm-adjusted p over all claims. Not identified at t (plateau, or no crossing inside the grid in
+   > 5 % of replicates): the fronts are compared over a band of rates instead.
+Writes compare.json, compare.csv (every column of compare.md), compare.md and compare.png.
 """
 
 from __future__ import annotations
@@ -15,20 +22,21 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import math
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dng_cli import UserError, calibration, pipeline
+from dng_cli import UserError, calibration, matching, metrics, pipeline, runs
 from dng_cli.commands import evaluate, report
 from dng_cli.commands.calibrate import calibrate_method, check_search, run_cfg
 from dng_cli.commands.common import atomic_write_text, entry, setup_torch, write_json
 
 log = logging.getLogger(__name__)
-Z95 = 1.959963984540054
-COMPARED = ("kl_uniform", "fid", "fid_inception")  # differences to the reference (fid_inception when enabled)
+METRICS = ("kl_kept", "kl_uniform", "fid", "fid_inception")  # what `compared` may name
+LABELS = {"kl_kept": "KL kept", "kl_uniform": "KL uniform", "fid": "FID", "fid_inception": "Inception FID"}
 
 
 def method_config(name: str) -> DictConfig:
@@ -46,7 +54,17 @@ def check_cfg(cfg: DictConfig) -> None:
     targets, methods = list(cfg.targets), list(cfg.methods)
     if not targets or not methods:
         raise UserError("methods and targets must each name at least one entry")
+    if len(set(map(str, methods))) != len(methods):
+        raise UserError(f"methods={[str(m) for m in methods]} names a method twice")
     check_search(cfg, targets)
+    factors = list(cfg.get("grid_factors") or [])
+    if not factors or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0 for f in factors):
+        raise UserError(f"grid_factors={factors!r} is invalid: give positive factors, e.g. [0.8,1.0,1.25]")
+    for key in cfg.get("compared") or []:
+        if key not in METRICS:
+            raise UserError(f"compared entry {key!r} is unknown: allowed are {', '.join(METRICS)}")
+    if not cfg.get("compared"):
+        raise UserError("compared must name at least one metric")
     for name in methods:
         m = method_config(str(name))
         if "guidance_scale" not in m:
@@ -54,47 +72,115 @@ def check_cfg(cfg: DictConfig) -> None:
         evaluate.check_cfg(run_cfg(cfg, m, 1.0, int(cfg.n_samples), int(cfg.seed)))
 
 
-def difference(a: dict, b: dict, key: str) -> dict | None:
-    """a[key] - b[key] with a 95 % interval from their standard errors (None if either lacks one)."""
-    if a.get(key) is None or b.get(key) is None or a.get(f"{key}_se") is None or b.get(f"{key}_se") is None:
-        return None
-    d = a[key] - b[key]
-    half = Z95 * math.hypot(a[f"{key}_se"], b[f"{key}_se"])
-    return {"diff": d, "lo": d - half, "hi": d + half, "resolved": not (d - half <= 0.0 <= d + half)}
+# --------------------------------------------------------------------------------- records
+def load_point(folder: Path, result: dict, cfg: DictConfig, seeds: list[int]) -> dict:
+    """The per-seed records of a finished evaluation: records.npz, or (older folders) the classifier's
+    verdicts recomputed from samples.npz."""
+    path = folder / evaluate.RECORDS_NAME
+    fp = (result.get("samples") or {}).get("fingerprint")
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as f:
+            rec = {k: f[k] for k in f.files}
+        if rec["seeds"].tolist() == seeds and (fp is None or str(rec["fingerprint"]) == fp):
+            return {k: v for k, v in rec.items() if k not in ("seeds", "fingerprint")}
+    shape = (int(cfg.dataset.channels), int(cfg.dataset.image_size), int(cfg.dataset.image_size))
+    images, _ = runs.saved_samples(folder, result, seeds, shape, fp)
+    from dng_cli.models import classify, load_classifier
+
+    preds, feats = classify(load_classifier(cfg.model.classifier), torch.from_numpy(images))
+    return {"classes": preds.numpy(), "features": feats.float().numpy()}
 
 
-def table(rows: list[dict], reference: str) -> str:
-    inception = any((r.get("metrics") or {}).get("fid_inception") is not None for r in rows)
-    head = ["target", "method", "λ*", "N", "forbidden % (95% CI)", "KL ± s.e.", "FID ± s.e."]
-    head += ["Inception FID ± s.e."] if inception else []
-    head += [f"KL − {reference} [95% CI]", f"FID − {reference} [95% CI]"]
-    head += [f"Inception FID − {reference} [95% CI]"] if inception else []
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        if r.get("scale_star") is None:
-            lines.append(f"| {100 * r['target']:g} % | {r['method']} | not reached | | {r['reason']} |" + " |" * (len(head) - 5))
-            continue
-        m = r["metrics"]
-        lo, hi = m["forbidden_rate_ci"]
+def metric_functions(cfg: DictConfig, compared: list[str], forbidden: list[int]) -> dict[str, matching.Metric]:
+    """Each compared metric as a function of (grid point, resampled seed indices)."""
+    k, smoothing = int(cfg.dataset.num_classes), float(cfg.metrics.kl_smoothing)
+    scorer = evaluate.Scorer(cfg)
+    fns: dict[str, matching.Metric] = {}
 
-        def diff(key: str) -> str:
-            d = r.get(f"{key}_vs_reference")
-            if d is None:
-                return "—"
-            return f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" + (" ✓" if d["resolved"] else "")
+    def counts(p: matching.Point, idx: np.ndarray) -> np.ndarray:
+        return np.bincount(p.records["classes"][idx].astype(np.int64), minlength=k)
 
-        def est(key: str, digits: int) -> str:
-            return "—" if m.get(key) is None else f"{m[key]:.{digits}f} ± {m[f'{key}_se']:.{digits}f}"
+    def fid(key: str, stats: dict) -> matching.Metric:
+        mu, cov = metrics.gaussian(metrics.reference_stats(stats, forbidden))
 
-        cells = [f"{100 * r['target']:g} %", r["method"], f"{r['scale_star']:g}", str(m["n_samples"]),
-                 f"{100 * m['forbidden_rate']:.2f} ({100 * lo:.2f}–{100 * hi:.2f})", est("kl_uniform", 3), est("fid", 2)]
-        cells += [est("fid_inception", 2)] if inception else []
-        cells += [diff("kl_uniform"), diff("fid")] + ([diff("fid_inception")] if inception else [])
+        def value(p: matching.Point, idx: np.ndarray) -> float:
+            return metrics.fid_to_gaussian(mu, cov, torch.from_numpy(p.records[key][idx]).double())
+        return value
+
+    for name in compared:
+        if name == "kl_kept":
+            fns[name] = lambda p, idx: metrics.kl_kept(counts(p, idx), forbidden, smoothing)
+        elif name == "kl_uniform":
+            fns[name] = lambda p, idx: metrics.kl_uniform(counts(p, idx), forbidden, smoothing)
+        elif name == "fid":
+            fns[name] = fid("features", scorer.stats)
+        elif name == "fid_inception" and scorer.inception is not None:
+            fns[name] = fid("inception", scorer.inception[2])
+    if scorer.inception is not None and "fid_inception" not in fns and "fid" in compared:
+        fns["fid_inception"] = fid("inception", scorer.inception[2])
+    return fns
+
+
+# ---------------------------------------------------------------------------------- tables
+def _num(v, digits: int = 3, sign: bool = False) -> str:
+    return "—" if v is None else f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
+
+
+def method_rows(analysis: dict, compared: list[str]) -> list[dict]:
+    rows = []
+    for m in analysis["methods"]:
+        row = {"table": "method", "target": m["target"], "method": m["method"], "scale_star": m["scale_star"],
+               "scale_star_lo": (m["scale_star_ci"] or [None, None])[0], "scale_star_hi": (m["scale_star_ci"] or [None, None])[1],
+               "identified": m["identified"], "identified_fraction": m["identified_fraction"],
+               "plateau": " ".join(f"{v:g}" for v in m["plateau"]) if m["plateau"] else "",
+               "grid": " ".join(f"{s:g}" for s in m["grid"])}
+        for k in compared:
+            s = m["metrics"].get(k) or {}
+            row.update({k: s.get("value"), f"{k}_se": s.get("se")})
+        rows.append(row)
+    return rows
+
+
+def claim_rows(analysis: dict) -> list[dict]:
+    return [{"table": "claim", **{k: (" ".join(f"{v:g}" for v in c[k]) if k == "band" and c[k] else c[k])
+                                  for k in ("target", "method", "reference", "metric", "kind", "band", "diff", "lo",
+                                            "hi", "p", "p_holm", "resolved", "replicates")}}
+            for c in analysis["claims"]]
+
+
+def markdown(analysis: dict, compared: list[str], not_reached: list[dict]) -> str:
+    ref = analysis["reference"]
+    head = ["target", "method", "λ* [95% CI]", "grid", "identified"] + [f"{LABELS[k]} ± s.e." for k in compared]
+    lines = [f"**At matched safety** — each metric at the scale λ* where the method's fitted forbidden rate equals "
+             f"the target (N = {analysis['n_seeds']} shared evaluation seeds; ± s.e. and intervals from "
+             f"{analysis['n_boot']} paired bootstrap replicates that redo the matching):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in method_rows(analysis, compared):
+        ci = f" [{r['scale_star_lo']:.3g}, {r['scale_star_hi']:.3g}]" if r["scale_star_lo"] is not None else ""
+        ident = "yes" if r["identified"] else (f"no: plateau {r['plateau'].replace(' ', '–')}" if r["plateau"] else
+                                               f"no ({100 * r['identified_fraction']:.0f} % of replicates)")
+        cells = [f"{100 * r['target']:g} %", r["method"], (f"{r['scale_star']:.3g}" if r["scale_star"] else "—") + ci,
+                 r["grid"], ident]
+        cells += [_num(r[k], 2 if k.startswith("fid") else 3) + ("" if r[f"{k}_se"] is None else
+                  f" ± {r[f'{k}_se']:.{2 if k.startswith('fid') else 3}f}") for k in compared]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n✓: the 95 % interval of the difference excludes 0 (resolved).\n"
+    for r in not_reached:
+        lines.append(f"| {100 * r['target']:g} % | {r['method']} | not reached | | {r['reason']} |" + " |" * len(compared))
+    lines += ["", f"**Differences to {ref}** ({analysis['n_claims']} claims; p: two-sided paired bootstrap; p_holm: "
+              f"Holm-adjusted over all claims; ✓ resolved = p_holm < 0.05; band: not identified at the target, the "
+              f"mean gap of the two fronts over that range of forbidden rates):", "",
+              "| target | difference | metric | kind | diff [95% CI] | p | p_holm | |", "|---|---|---|---|---|---|---|---|"]
+    for c in claim_rows(analysis):
+        digits = 2 if c["metric"].startswith("fid") else 3
+        kind = c["kind"] + (f" {c['band'].replace(' ', '–')}" if c["band"] else "")
+        diff = "—" if c["diff"] is None else (f"{c['diff']:+.{digits}f}" + (
+            f" [{c['lo']:+.{digits}f}, {c['hi']:+.{digits}f}]" if c["lo"] is not None else ""))
+        lines.append(f"| {100 * c['target']:g} % | {c['method']} − {c['reference']} | {LABELS[c['metric']]} | {kind} | "
+                     f"{diff} | {_num(c['p'])} | {_num(c['p_holm'])} | {'✓' if c['resolved'] else ''} |")
+    return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(analysis: dict, compared: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,77 +188,94 @@ def plot(rows: list[dict], path: Path) -> None:
 
     from dng_cli.plots import _save_fig
 
-    done = [r for r in rows if r.get("scale_star") is not None]
-    targets = sorted({r["target"] for r in done}, reverse=True)
-    methods = list(dict.fromkeys(r["method"] for r in done))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, label in ((axes[0], "kl_uniform", "KL(uniform ‖ generated)"), (axes[1], "fid", "FID")):
-        for j, method in enumerate(methods):
-            pts = [(i, r) for i, t in enumerate(targets) for r in done if r["method"] == method and r["target"] == t]
+    targets = sorted({m["target"] for m in analysis["methods"]}, reverse=True)
+    names = list(dict.fromkeys(m["method"] for m in analysis["methods"]))
+    fig, axes = plt.subplots(1, len(compared), figsize=(4.2 * len(compared), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], compared):
+        for j, name in enumerate(names):
+            pts = [(i, m) for i, t in enumerate(targets) for m in analysis["methods"]
+                   if m["method"] == name and m["target"] == t and (m["metrics"].get(key) or {}).get("value") is not None]
             if pts:
-                ax.errorbar([i + 0.12 * (j - (len(methods) - 1) / 2) for i, _ in pts],
-                            [r["metrics"][key] for _, r in pts], yerr=[r["metrics"][f"{key}_se"] for _, r in pts],
-                            fmt="o", capsize=3, label=method)
+                ax.errorbar([i + 0.12 * (j - (len(names) - 1) / 2) for i, _ in pts],
+                            [m["metrics"][key]["value"] for _, m in pts],
+                            yerr=[m["metrics"][key]["se"] or 0.0 for _, m in pts], fmt="o", capsize=3, label=name)
         ax.set_xticks(range(len(targets)), [f"{100 * t:g} %" for t in targets])
         ax.set_xlabel("target forbidden rate (matched safety)")
-        ax.set_ylabel(label)
+        ax.set_ylabel(LABELS[key])
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     _save_fig(fig, path)
 
 
+# ------------------------------------------------------------------------------------------ run
 def run(cfg: DictConfig, output_dir: Path) -> dict:
     check_cfg(cfg)
     device = setup_torch(cfg.sampler.device, cfg.sampler.get("num_threads"))
     network = pipeline.load_model(cfg.model, device)
-    methods = [str(m) for m in cfg.methods]
-    reference = "dng" if "dng" in methods else methods[-1]
-    rows = []
-    known: dict[str, list[calibration.Probe]] = {name: [] for name in methods}  # one pilot set per method
-    for target in [float(t) for t in cfg.targets]:
-        for name in methods:
-            method = method_config(name)
-            tag = f"{name}-{target:g}"
-            cal = calibrate_method(cfg, method, target, output_dir / "calibrate" / tag, network, label=name,
-                                   probes_dir=output_dir / "calibrate" / name / "probes", known=known[name])
-            known[name] = [calibration.Probe(p["scale"], p["forbidden"], p["n"]) for p in cal["probes"]] + [
-                p for p in known[name] if p.scale not in {q["scale"] for q in cal["probes"]}]
-            row = {"target": target, "method": name, "scale_star": cal["scale_star"], "reason": cal["reason"],
-                   "calibration": cal}
-            if cal["scale_star"] is not None:
-                row["metrics"] = evaluate.run(run_cfg(cfg, method, cal["scale_star"], int(cfg.n_samples), int(cfg.seed),
-                                                      label=name), output_dir / "eval" / tag, network)
-            else:
+    names = [str(m) for m in cfg.methods]
+    targets = [float(t) for t in cfg.targets]
+    reference = "dng" if "dng" in names else names[-1]
+    lo, hi = float(cfg.scale_min), float(cfg.scale_max)
+    n, seed = int(cfg.n_samples), int(cfg.seed)
+    seeds = [seed + i for i in range(n)]
+    inception = cfg.metrics.fid.features == "inception"
+    compared = [k for k in cfg.compared if k != "fid_inception" or inception] + (
+        ["fid_inception"] if inception and "fid_inception" not in cfg.compared else [])
+    forbidden = pipeline.forbidden_classes(cfg, int(cfg.dataset.num_classes))
+    methods, not_reached, calibrations, evaluated = [], [], {}, {}
+    for name in names:
+        method = method_config(name)
+        known: list[calibration.Probe] = []
+        for target in targets:  # 1. pilot bisection (one pilot set per method)
+            cal = calibrate_method(cfg, method, target, output_dir / "calibrate" / f"{name}-{target:g}", network,
+                                   label=name, probes_dir=output_dir / "calibrate" / name / "probes", known=known)
+            calibrations[f"{name}-{target:g}"] = cal
+            known = [calibration.Probe(p["scale"], p["forbidden"], p["n"]) for p in cal["probes"]] + [
+                p for p in known if p.scale not in {q["scale"] for q in cal["probes"]}]
+            if cal["scale_star"] is None:
+                not_reached.append({"target": target, "method": name, "reason": cal["reason"]})
                 log.warning("%s cannot reach forbidden <= %g: %s", name, target, cal["reason"])
-            rows.append(row)
-        ref = next((r for r in rows if r["target"] == target and r["method"] == reference and "metrics" in r), None)
-        for r in rows:
-            if r["target"] == target and "metrics" in r and ref is not None and r is not ref:
-                for key in COMPARED:
-                    r[f"{key}_vs_reference"] = difference(r["metrics"], ref["metrics"], key)
-    summary = {"reference": reference, "rows": [{k: v for k, v in r.items() if k != "calibration"} for r in rows]}
-    for r in summary["rows"]:
-        if "metrics" in r:
-            r["metrics"] = {k: v for k, v in r["metrics"].items() if k != "config"}
+        reached = [t for t in targets if not any(r["method"] == name and r["target"] == t for r in not_reached)]
+
+        def evaluate_at(scale: float) -> matching.Point:  # 2. a grid point on the shared evaluation seeds
+            folder = output_dir / "eval" / name / f"scale={scale:g}"
+            result = evaluate.run(run_cfg(cfg, method, scale, n, seed, label=name), folder, network)
+            rec = load_point(folder, result, cfg, seeds)
+            evaluated[(name, scale)] = result
+            return matching.Point(scale, np.isin(rec["classes"], forbidden), rec)
+
+        pilots = [(p.scale, p.forbidden, p.n) for p in known]
+        points = matching.choose_grid(evaluate_at, pilots, reached, [float(f) for f in cfg.grid_factors], lo, hi,
+                                      int(cfg.grid_extend))
+        if points:
+            methods.append(matching.Method(name, [points[s] for s in sorted(points)], pilots))
+    if methods and reference not in [m.name for m in methods]:
+        reference = methods[-1].name
+    fns = metric_functions(cfg, compared, forbidden)
+    compared = [k for k in compared if k in fns]
+    analysis = matching.analyse(methods, targets, fns, reference, int(cfg.bootstrap), int(cfg.bootstrap_seed),
+                                float(cfg.band_factor)) if methods else matching.empty(n, int(cfg.bootstrap), reference)
+    summary = {**analysis, "compared": compared, "not_reached": not_reached, "targets": targets,
+               "calibration": {k: {"scale_star": v["scale_star"], "reason": v["reason"], "probes": v["probes"]}
+                               for k, v in calibrations.items()},
+               "evaluations": [{"method": name, "scale": scale, "folder": str(Path("eval") / name / f"scale={scale:g}"),
+                                **{k: r.get(k) for k in ("forbidden_rate", "forbidden_rate_ci", "kl_kept", "kl_uniform",
+                                                         "fid", "fid_inception", "n_samples", "fingerprint")}}
+                               for (name, scale), r in sorted(evaluated.items())]}
     write_json(output_dir / "compare.json", summary)
+    rows = method_rows(analysis, compared) + claim_rows(analysis)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["target", "method", "scale_star", "n_samples", "forbidden_rate", "forbidden_rate_lo", "forbidden_rate_hi",
-                "kl_uniform", "kl_uniform_se", "fid", "fid_se", f"kl_minus_{reference}", "lo", "hi",
-                f"fid_minus_{reference}", "lo", "hi"])
+    w = csv.DictWriter(buf, fieldnames=columns)
+    w.writeheader()
     for r in rows:
-        m = r.get("metrics") or {}
-        dk, df = r.get("kl_uniform_vs_reference") or {}, r.get("fid_vs_reference") or {}
-        w.writerow([r["target"], r["method"], r["scale_star"], m.get("n_samples"), m.get("forbidden_rate"),
-                    *(m.get("forbidden_rate_ci") or [None, None]), m.get("kl_uniform"), m.get("kl_uniform_se"),
-                    m.get("fid"), m.get("fid_se"), dk.get("diff"), dk.get("lo"), dk.get("hi"),
-                    df.get("diff"), df.get("lo"), df.get("hi")])
+        w.writerow({k: "" if r.get(k) is None else r[k] for k in columns})
     atomic_write_text(output_dir / "compare.csv", buf.getvalue())
-    md = table(rows, reference)
-    md += "\n" + report.histogram_markdown([(f"{100 * r['target']:g} % {r['method']} λ*={r['scale_star']:g}", r["metrics"])
-                                            for r in rows if "metrics" in r])
+    md = markdown(analysis, compared, not_reached)
+    md += "\n" + report.histogram_markdown([(f"{name} λ={scale:g}", r) for (name, scale), r in sorted(evaluated.items())])
     atomic_write_text(output_dir / "compare.md", md)
-    plot(rows, output_dir / "compare.png")
+    plot(analysis, compared, output_dir / "compare.png")
     print(md)
     return summary
 

@@ -11,6 +11,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -159,6 +160,7 @@ def _run(cfg: DictConfig, output_dir: Path, network) -> dict:
     try:
         save_grid(images[:100], stage.path("samples.png"), nrow=10)
         io.pause_for_tests("evaluate_write")
+        save_records(stage, scorer, seeds, samples_fp)
         if save_samples:  # every image scored, so a metric added later needs no resampling
             runs.save_samples(stage.path(runs.SAMPLES_NAME), images.numpy(), seeds, samples_fp, sampled_on, "evaluate")
         else:  # an earlier run's samples (overwrite=true) must not be rescored as this run's
@@ -188,17 +190,21 @@ class Scorer:
     def __call__(self, images: torch.Tensor) -> tuple[dict, torch.Tensor]:
         cfg, forbidden, n = self.cfg, self.forbidden, len(images)
         preds, feats = classify(self.classifier, images)
+        self.records = {"classes": preds.numpy().astype(np.int16), "features": feats.float().numpy()}
         inception_scores = {}
         if self.inception is not None:
             inc_net, inc_key, inc_stats = self.inception
             with torch.inference_mode():
                 inc_feats = torch.cat([inc_net(images[i:i + 32]) for i in range(0, n, 32)])
+            self.records["inception"] = inc_feats.float().numpy()
             inception_scores = {**fid_scores(inc_feats, inc_stats, forbidden, "fid_inception"),
                                 "fid_inception_features": inc_key}
         counts = metrics.class_histogram(preds, int(cfg.dataset.num_classes))
         smoothing = float(cfg.metrics.kl_smoothing)
         return {
             **metrics.forbidden_rate(counts, forbidden),
+            "kl_kept": metrics.kl_kept(counts, forbidden, smoothing),
+            "kl_kept_se": metrics.kl_kept_se(counts, forbidden, smoothing),
             "kl_uniform": metrics.kl_uniform(counts, forbidden, smoothing),
             "kl_uniform_se": metrics.kl_uniform_se(counts, forbidden, smoothing),
             **fid_scores(feats, self.stats, forbidden),
@@ -217,7 +223,8 @@ def rescore(cfg: DictConfig, output_dir: Path, old: dict, identity: dict, finger
     shape = (int(cfg.dataset.channels), int(cfg.dataset.image_size), int(cfg.dataset.image_size))
     images, _ = runs.saved_samples(output_dir, old, want, shape, runs.samples_fingerprint(identity))
     log.info("%s: scoring its saved samples again (%s changed)", output_dir, ", ".join(old["rescore"]))
-    scores, _ = Scorer(cfg)(torch.from_numpy(images))
+    scorer = Scorer(cfg)
+    scores, _ = scorer(torch.from_numpy(images))
     # Scorer's keys replace the old ones; the Inception ones are dropped first, as this config may not make them
     result = {k: v for k, v in old.items() if not k.startswith("fid_inception") and k != "rescore"}
     result.update(scores, config=plain(cfg), fingerprint=fingerprint, weights=identity_weights(identity),
@@ -226,9 +233,20 @@ def rescore(cfg: DictConfig, output_dir: Path, old: dict, identity: dict, finger
                             or old.get("sampled_on") or (old.get("config") or {}).get("sampler", {}).get("device")})
     stage = runs.ResultStage(output_dir)
     try:
+        save_records(stage, scorer, want, (old.get("samples") or {}).get("fingerprint") or runs.samples_fingerprint(identity))
         return finish(cfg, output_dir, result, stage)
     finally:
         stage.discard()
+
+
+RECORDS_NAME = "records.npz"
+
+
+def save_records(stage: runs.ResultStage, scorer: "Scorer", seeds: list[int], samples_fp: str) -> None:
+    """records.npz: per seed, the classifier's class and features (and Inception features when computed),
+    so that ``dng compare`` post-processes saved results (paired bootstrap) and never resamples."""
+    io.atomic_save(stage.path(RECORDS_NAME), lambda tmp: np.savez(
+        open(tmp, "wb"), seeds=np.asarray(seeds), fingerprint=np.asarray(samples_fp), **scorer.records))
 
 
 def finish(cfg: DictConfig, output_dir: Path, result: dict, stage: runs.ResultStage) -> dict:

@@ -15,7 +15,7 @@ from dng_cli.commands.common import atomic_write_text, entry
 
 log = logging.getLogger(__name__)
 COLUMNS = ["label", "method", "forbidden", "guidance_scale", "steps", "n_samples", "forbidden_rate", "forbidden_rate_lo",
-           "forbidden_rate_hi", "kl_uniform", "kl_uniform_se", "fid", "fid_se", "fid_full", "fid_features",
+           "forbidden_rate_hi", "kl_kept", "kl_kept_se", "kl_uniform", "kl_uniform_se", "fid", "fid_se", "fid_full", "fid_features",
            "fid_inception", "fid_inception_se", "fid_inception_full", "images_per_s", "histogram", "run"]
 
 
@@ -145,9 +145,11 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
-def _kl(r: dict) -> str:
-    se = r.get("kl_uniform_se")  # runs written before the KL standard error existed have none
-    return f"{r['kl_uniform']:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+def _kl(r: dict, key: str = "kl_uniform") -> str:
+    if r.get(key) is None:  # kl_kept: runs written before it existed
+        return ""
+    se = r.get(f"{key}_se")  # runs written before the KL standard error existed have none
+    return f"{r[key]:.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
 
 def _fid(r: dict, key: str = "fid") -> str:
@@ -184,13 +186,16 @@ def histogram_markdown(entries: list[tuple[str, dict]]) -> str:
 
 def markdown(rows: list[dict], failed: list[tuple[str, str]] = ()) -> str:
     inception = any(r.get("fid_inception") is not None for r in rows)  # runs with metrics.fid.features=inception
-    head = ("| method | forbidden | scale | steps | N | forbidden % (95% CI) | KL ± s.e. | FID ± s.e. | FID (full) |"
+    kept = any(r.get("kl_kept") is not None for r in rows)  # runs that measured balance over the kept classes
+    head = ("| method | forbidden | scale | steps | N | forbidden % (95% CI) |" + (" KL kept ± s.e. |" if kept else "")
+            + " KL ± s.e. | FID ± s.e. | FID (full) |"
             + (" Inception FID ± s.e. | Inception FID (full) |" if inception else "") + " images/s |\n")
-    head += "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if inception else "") + "---|\n"
+    head += "|---|---|---|---|---|---|" + ("---|" if kept else "") + "---|---|---|" + ("---|---|" if inception else "") + "---|\n"
     lines = [
         f"| {r['label']} | {_fmt(r['forbidden'])} | {_fmt(r.get('guidance_scale'))} | {r['steps']} | {r['n_samples']} "
-        f"| {100 * r['forbidden_rate']:.1f} ({100 * r['forbidden_rate_lo']:.1f}–{100 * r['forbidden_rate_hi']:.1f}) "
-        f"| {_kl(r)} | {_fid(r)} | {_fmt(r.get('fid_full'))} |"
+        f"| {100 * r['forbidden_rate']:.1f} ({100 * r['forbidden_rate_lo']:.1f}–{100 * r['forbidden_rate_hi']:.1f}) |"
+        + (f" {_kl(r, 'kl_kept')} |" if kept else "")
+        + f" {_kl(r)} | {_fid(r)} | {_fmt(r.get('fid_full'))} |"
         + (f" {_fid(r, 'fid_inception')} | {_fmt(r.get('fid_inception_full'))} |" if inception else "")
         + (f" {r['images_per_s']:.1f} |" if r.get('images_per_s') is not None else " |")
         for r in rows
