@@ -9,6 +9,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parents[1]
+SLOW_MODULES = {"test_faults", "test_sweep", "test_benchmarks", "test_real_models", "test_posterior_exact"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """``slow``: every e2e (subprocess) test and the modules above; ``pytest -m "not slow"`` is the
+    development subset, the README's ``pytest`` (and CI) runs everything."""
+    for item in items:
+        if item.get_closest_marker("e2e") or item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

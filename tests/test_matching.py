@@ -102,6 +102,7 @@ def _compare(seed, skew_b, parametrisation_b, factors_b=(0.7, 1.0, 1.45), n=1000
     return matching.analyse(methods, [target], _metric_fns(), "a", n_boot=n_boot, seed=seed, paired=paired)
 
 
+@pytest.mark.slow
 def test_an_a_a_comparison_comes_out_unresolved():
     """The same method entered twice — once with its yaml scale halved (so its λ is doubled), another grid
     and its own pilot seeds — must not be told apart in ≥ 95 % of repeats."""
@@ -114,6 +115,7 @@ def test_an_a_a_comparison_comes_out_unresolved():
     assert resolved <= 0.05 * repeats, f"{resolved} of {repeats} A/A repeats resolved a difference"
 
 
+@pytest.mark.slow
 def test_a_planted_difference_is_detected():
     """Method b piles the removed mass onto class 7 and shifts a feature: found in ≥ 90 % of repeats."""
     repeats, found = 20, 0

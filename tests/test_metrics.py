@@ -277,3 +277,20 @@ def test_kl_kept_measures_balance_over_the_kept_classes_only():
     p = np.array([300] + [100] * 8) / 1100
     assert metrics.kl_kept(skewed, [0], 0.0) == pytest.approx(float(np.sum(np.log((1 / 9) / p)) / 9))
     assert metrics.kl_kept_se(skewed, [0], 1.0) > 0
+
+
+def test_frechet_distance_below_the_feature_dimension_matches_torchmetrics():
+    """n = 5 samples in d = 8: FID's sample-space branch (n − 1 < d, every Inception FID with ≤ 2048 samples)
+    against torchmetrics' own Fréchet distance on the same Gaussians, and against the d×d path."""
+    from torchmetrics.image.fid import _compute_fid
+
+    g = torch.Generator().manual_seed(0)
+    ref_x = torch.randn(50, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 8, generator=g, dtype=torch.float64)
+    fake = torch.randn(5, 8, generator=g, dtype=torch.float64) + 0.3
+    reference = (ref_x.sum(0), ref_x.t() @ ref_x, float(len(ref_x)))
+    mu_r, cov_r = metrics.gaussian(reference)
+    mu_f, cov_f = fake.mean(0), torch.cov(fake.t())
+    ours = metrics.fid_from_features(fake, reference)
+    theirs = float(_compute_fid(mu_f, cov_f, mu_r, cov_r))
+    assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-6)
+    assert metrics.frechet_distance(mu_f, cov_f, mu_r, cov_r) == pytest.approx(theirs, rel=1e-6, abs=1e-6)

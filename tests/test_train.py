@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -116,6 +117,7 @@ def test_resume_with_other_settings_is_recorded(compose, tiny_mnist, tmp_path, c
     assert "resuming with batch_size=4" in caplog.text
 
 
+@pytest.mark.slow
 def test_checkpoint_survives_a_kill_during_its_replacement(compose, tiny_mnist, tmp_path):
     """SIGKILL while the new checkpoint replaces the old one (the old is renamed aside, the new not yet in
     place): `resume=true` recovers the old checkpoint and finishes exactly like an uninterrupted run."""
@@ -146,3 +148,60 @@ def test_checkpoint_survives_a_kill_during_its_replacement(compose, tiny_mnist, 
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = load_file(straight / "checkpoint" / name), load_file(run_dir / "checkpoint" / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def _eval_loss(model_dir, images, labels, null_label):
+    """ε-MSE of a saved model on fixed (x_0, t, noise): the same draws for every model compared."""
+    from dng_cli.schedule import NoiseSchedule
+
+    unet = load_ddpm(model_dir)
+    g = torch.Generator().manual_seed(123)
+    schedule = NoiseSchedule.linear()
+    t = torch.randint(0, len(schedule), (len(images),), generator=g)
+    noise = torch.randn(images.shape, generator=g)
+    with torch.no_grad():
+        pred = unet(schedule.add_noise(images, noise, t), t, class_labels=labels, return_dict=False)[0]
+    return float(((pred - noise) ** 2).mean())
+
+
+def test_training_lowers_the_loss_and_uses_the_null_label(compose, tiny_mnist, tmp_path, monkeypatch):
+    """60 steps lower the ε-MSE on fixed draws well below that of the 1-step model, and label dropout sends
+    the null label (index num_classes) to the network — never when label_dropout=0."""
+    from dng_cli.data import load_tensors
+
+    seen = []
+    real_build = train.build_unet
+
+    def recording_build(arch, seed):
+        net = real_build(arch, seed)
+        forward = net.forward
+
+        def spy(x, t, class_labels=None, **kwargs):
+            seen.append(class_labels.clone())
+            return forward(x, t, class_labels=class_labels, **kwargs)
+
+        net.forward = spy
+        return net
+
+    monkeypatch.setattr(train, "build_unet", recording_build)
+    images, labels = load_tensors("mnist", str(tiny_mnist), "test")
+    losses = {}
+    for steps in (1, 60):
+        out = tmp_path / f"s{steps}"
+        train.run_ddpm(_ddpm_cfg(compose, tiny_mnist, out, steps=steps, checkpoint_every=100, label_dropout=0.5,
+                                 ema_decay=0.5, lr=3e-3), out)
+        losses[steps] = _eval_loss(out / "ema", images, labels, 10)
+    assert losses[60] < 0.7 * losses[1], losses
+    used = torch.cat(seen)
+    assert (used == 10).any() and (used < 10).any()  # null label and real labels both reach the network
+    seen.clear()
+    out = tmp_path / "nodrop"
+    train.run_ddpm(_ddpm_cfg(compose, tiny_mnist, out, steps=3, label_dropout=0.0), out)
+    assert not (torch.cat(seen) == 10).any()
+
+
+def test_the_classifier_learns_the_synthetic_classes(compose, tiny_mnist, tmp_path):
+    out = tmp_path / "clf"
+    cfg = compose("train_classifier", [f"dataset.root={tiny_mnist}", "epochs=20", "batch_size=16", "width=8", "shift=0",
+                                       "progress=false", f"output_dir={out}"])
+    assert train.run_classifier(cfg, out)["test_accuracy"] >= 0.9  # chance is 0.1; each class a distinct blob
