@@ -225,8 +225,9 @@ def build(cfg: DictConfig, device: torch.device, network=None, label: int | None
 
 
 def generate(gen: SamplingSetup, seeds: list[int], progress: bool = False) -> SampleOutput:
-    """Draw one batch: sample j from ``torch.Generator().manual_seed(seeds[j])`` alone."""
-    gens = [torch.Generator(device=gen.device).manual_seed(int(s)) for s in seeds]
+    """Draw one batch: sample j from ``torch.Generator().manual_seed(seeds[j])`` alone — a CPU generator
+    whatever the sampling device, so a seed gives the same sample on CPU and GPU up to float error."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     x_T = randn((len(seeds), *gen.shape), gens, device=gen.device)
     with torch.inference_mode():
         return sample(gen.eps_fn, gen.schedule, gen.guidance, x_T, generator=gens, progress=progress,

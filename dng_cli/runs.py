@@ -104,6 +104,17 @@ def _first_line(err: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------ finished results
 RESULT_NAME = "metrics.json"
+NOISE = "cpu-generators"  # every noise tensor from per-seed CPU generators, moved to the device
+
+
+def device_noise(old: dict) -> str | None:
+    """The device of a result whose noise came from generators on that device (dng before CPU-drawn noise,
+    run on a GPU): its samples are not the ones a run now draws for the same seeds. None otherwise."""
+    if old.get("noise") == NOISE:
+        return None
+    device = (old.get("rescored") or {}).get("sampled_on") or old.get("sampled_on") or (
+        (old.get("config") or {}).get("sampler") or {}).get("device")
+    return None if device is None or str(device).startswith("cpu") else str(device)
 
 
 def finished_result(metrics_path: Path, identity: dict, fingerprint: str, recompute: bool,
@@ -122,6 +133,11 @@ def finished_result(metrics_path: Path, identity: dict, fingerprint: str, recomp
             raise RunRefused(f"{metrics_path} is not a dng result (its {key} is a {type(old[key]).__name__}, not "
                              f"{'a string' if kind is str else 'an object'}): use another output folder, or "
                              f"overwrite=true to recompute it")
+    elsewhere = device_noise(old)
+    if elsewhere is not None:
+        raise RunRefused(f"{metrics_path.parent} holds a run sampled on {elsewhere} with noise drawn there (dng before "
+                         f"all noise came from CPU generators): this config now draws other samples for the same seeds; "
+                         f"use another output folder, or overwrite=true to resample it")
     if old.get("fingerprint") == fingerprint:
         log.info("%s was made by this config: skipping finished run", metrics_path)
         return old

@@ -29,10 +29,15 @@ class SampleOutput:
 
 
 def randn(shape: Sequence[int], generator: Generators, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Standard normal noise; with one generator per sample, row i comes from generator i only."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
-    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+    """Standard normal noise drawn on each generator's own device — the CPU for ``torch.Generator()`` — and
+    moved to ``device``: a seed then means the same noise on every device and at every batch size
+    (diffusers' ``randn_tensor`` convention). One generator per sample: sample j from generator j alone."""
+    if generator is None:
+        return torch.randn(tuple(shape), device=device, dtype=dtype)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=dtype).to(device)
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype)
+                        for g in generator]).to(device)
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")

@@ -36,7 +36,7 @@ def draw(unet, schedule, label, seeds, steps, batch=128, device="cpu"):
     schedule = schedule.respace(steps)
     eps_fn = ClassConditionalEps(unet, [], label=label, channels_last=True, max_batch=batch)  # as `dng sample`
     for i in range(0, len(seeds), batch):
-        gens = [torch.Generator(device=device).manual_seed(s) for s in seeds[i:i + batch]]
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + batch]]  # CPU noise, moved to the device
         with torch.inference_mode():
             x_T = randn((len(gens), 1, 28, 28), gens, device=device)
             out.append(sample(eps_fn, schedule, None, x_T, gens, progress=False).images.cpu())
