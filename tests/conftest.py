@@ -10,13 +10,16 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW_MODULES = {"test_faults", "test_sweep", "test_benchmarks", "test_real_models", "test_posterior_exact"}
+SLOW_TESTS = {"test_compare_end_to_end_on_the_tiny_model", "test_turning_inception_on_rescores_the_saved_samples_without_sampling",
+              "test_evaluate_reports_inception_fid_next_to_the_classifier_fid", "test_real_inception_weights_when_installed"}
 
 
 def pytest_collection_modifyitems(config, items):
     """``slow``: every e2e (subprocess) test and the modules above; ``pytest -m "not slow"`` is the
     development subset, the README's ``pytest`` (and CI) runs everything."""
     for item in items:
-        if item.get_closest_marker("e2e") or item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+        if (item.get_closest_marker("e2e") or item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES
+                or item.originalname in SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
 
 

@@ -189,11 +189,24 @@ def test_unwritable_output_location(capsys, tmp_path, where):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     target = {"under_a_file": blocker / "run", "an_existing_file": blocker, "read_only": tmp_path / "ro" / "run"}[where]
+    mounted = False
     if where == "read_only":
-        if os.geteuid() == 0:
-            pytest.skip("root writes into read-only folders")
         (tmp_path / "ro").mkdir(mode=0o500)
-    err = _one_line_failure(capsys, ["evaluate", *T, f"hydra.run.dir={target}"])
+        if os.geteuid() == 0:  # root ignores permission bits: a read-only file system stops it
+            import subprocess
+
+            res = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(tmp_path / "ro")],
+                                 capture_output=True, text=True)
+            if res.returncode != 0:
+                pytest.skip(f"root writes into read-only folders and no read-only tmpfs can be mounted here: {res.stderr[:80]}")
+            mounted = True
+    try:
+        err = _one_line_failure(capsys, ["evaluate", *T, f"hydra.run.dir={target}"])
+    finally:
+        if mounted:
+            import subprocess
+
+            subprocess.run(["umount", "-l", str(tmp_path / "ro")], capture_output=True)
     assert "hydra.run.dir" in err
 
 

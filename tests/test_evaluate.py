@@ -33,14 +33,20 @@ def test_evaluate_end_to_end_and_resume(compose, tmp_path):
     assert (out / "metrics.json").stat().st_mtime_ns == stamp
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to float rounding: 1e-5 of the images' magnitude (tiny_random's images are unclamped, |x| to ~700;
+    one uint8 level of a [-1, 1] image would be 8e-3)."""
+    return float((a - b).abs().max()) <= 1e-5 * float(b.abs().max()) + 1e-6
+
+
 def test_samples_do_not_depend_on_batch_size(compose):
     cfg = compose("evaluate", TINY + ["method=np", "method.guidance_scale=2"])
     gen = pipeline.build(cfg, torch.device("cpu"))
     a = pipeline.generate_all(gen, list(range(5)), batch_size=5, progress=False)
     b = pipeline.generate_all(gen, list(range(5)), batch_size=2, progress=False)
     c = pipeline.generate_all(gen, [3, 4], batch_size=2, progress=False)
-    assert torch.allclose(a.images, b.images, rtol=1e-3, atol=1e-2)
-    assert torch.allclose(a.images[3:], c.images, rtol=1e-3, atol=1e-2)
+    assert _same(a.images, b.images)
+    assert _same(a.images[3:], c.images)
 
 
 def test_methods_share_x_T(compose):
@@ -51,7 +57,7 @@ def test_methods_share_x_T(compose):
     dng = pipeline.generate_all(pipeline.build(cfg, torch.device("cpu")), [0, 1], batch_size=2, progress=False)
     cfg = compose("evaluate", TINY + ["method=np", "sampler.steps=1", "method.guidance_scale=2"])
     np_ = pipeline.generate_all(pipeline.build(cfg, torch.device("cpu")), [1, 0], batch_size=1, progress=False)
-    assert torch.allclose(dng.images, np_.images.flip(0), rtol=1e-3, atol=1e-2)
+    assert _same(dng.images, np_.images.flip(0))
 
 
 @pytest.mark.parametrize("args,match", [
@@ -74,5 +80,5 @@ def test_channels_last_matches_default(compose):
     for fmt in ("false", "true"):
         cfg = compose("evaluate", TINY + ["method=dng", f"sampler.channels_last={fmt}"])
         outs.append(pipeline.generate_all(pipeline.build(cfg, torch.device("cpu")), [0, 1, 2], 3, progress=False))
-    assert torch.allclose(outs[0].images, outs[1].images, rtol=1e-3, atol=1e-2)
+    assert _same(outs[0].images, outs[1].images)
     assert torch.allclose(outs[0].posterior, outs[1].posterior, rtol=1e-3, atol=1e-6)

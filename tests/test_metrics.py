@@ -134,7 +134,9 @@ def test_posterior_detection_with_and_without_forbidden_samples():
 
 
 def test_fid_bootstrap_se_matches_the_spread_of_repeated_runs():
-    """The bootstrap s.e. of one run's FID vs the actual spread of FID over 60 independent runs."""
+    """The bootstrap s.e. of one run's FID vs the actual spread of FID over 400 independent runs. One run's
+    estimate varies (0.78-1.41 x the spread over 20 runs here), so their mean is checked: within 0.85-1.2 x,
+    which a √2 error either way would leave."""
     g = torch.Generator().manual_seed(0)
     d, n = 8, 300
     scale = torch.linspace(0.5, 1.5, d, dtype=torch.float64)
@@ -144,9 +146,9 @@ def test_fid_bootstrap_se_matches_the_spread_of_repeated_runs():
     def draw():  # a generator slightly off the reference: shifted and rescaled
         return 0.2 + torch.randn(n, d, generator=g, dtype=torch.float64) * scale
 
-    spread = float(np.std([metrics.fid_from_features(draw(), reference) for _ in range(60)], ddof=1))
-    estimates = [metrics.fid_se(draw(), reference, n_boot=200, seed=i) for i in range(5)]
-    assert all(0.6 * spread < e < 1.6 * spread for e in estimates), (spread, estimates)
+    spread = float(np.std([metrics.fid_from_features(draw(), reference) for _ in range(400)], ddof=1))
+    estimates = [metrics.fid_se(draw(), reference, n_boot=200, seed=i) for i in range(20)]
+    assert 0.85 * spread < float(np.mean(estimates)) < 1.2 * spread, (spread, estimates)
 
 
 class _StandIn(torch.nn.Module):
