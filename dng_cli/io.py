@@ -73,6 +73,18 @@ def atomic_save(path: Path, save: Callable[[str], None]) -> None:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
+def atomic_savez(path: Path, compressed: bool = False, **arrays) -> None:
+    """An .npz written as ``atomic_save`` does; its file is closed even when the write fails (a full disk),
+    so the space of the removed temporary is freed at once."""
+    import numpy as np
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            (np.savez_compressed if compressed else np.savez)(f, **arrays)
+
+    atomic_save(path, save)
+
+
 def recover_folder(path: Path) -> bool:
     """If ``path`` is missing but a replaced copy of it was left aside by a killed ``atomic_save``,
     move that copy back. Returns whether anything was recovered."""

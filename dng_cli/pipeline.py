@@ -234,15 +234,21 @@ def generate(gen: SamplingSetup, seeds: list[int], progress: bool = False) -> Sa
                       variance=gen.variance)
 
 
-def generate_all(gen: SamplingSetup, seeds: list[int], batch_size: int, progress: bool = True):
-    """Batched ``generate`` over all seeds, concatenated (images, posterior, scale on the CPU)."""
+def generate_all(gen: SamplingSetup, seeds: list[int], batch_size: int, progress: bool = True, on_batch=None):
+    """Batched ``generate`` over all seeds, concatenated (images, posterior, scale on the CPU).
+    ``on_batch(seeds, output, seconds)`` is called after each batch (``dng evaluate`` saves it there)."""
+    import time
+
     from tqdm.auto import tqdm
 
     outs = []
     for i in tqdm(range(0, len(seeds), batch_size), total=math.ceil(len(seeds) / batch_size),
                   disable=not progress, desc="batches"):
+        t0 = time.time()
         out = generate(gen, seeds[i:i + batch_size], progress=False)
         outs.append(SampleOutput(out.images.cpu(), out.posterior.cpu(), out.scale.cpu(), out.timesteps))
+        if on_batch is not None:
+            on_batch(seeds[i:i + batch_size], outs[-1], time.time() - t0)
     return SampleOutput(torch.cat([o.images for o in outs]), torch.cat([o.posterior for o in outs], 1),
                         torch.cat([o.scale for o in outs], 1), outs[0].timesteps)
 

@@ -165,9 +165,8 @@ def save_samples(path: Path, images, seeds: list[int], samples_fp: str, sampled_
     """samples.npz: uint8 images, their seeds, and what drew them (fingerprint, device, command)."""
     import numpy as np
 
-    io.atomic_save(path, lambda tmp: np.savez_compressed(
-        open(tmp, "wb"), images=images, seeds=np.asarray(seeds), fingerprint=np.asarray(samples_fp),
-        sampled_on=np.asarray(sampled_on), command=np.asarray(command), **extra))
+    io.atomic_savez(path, compressed=True, images=images, seeds=np.asarray(seeds), fingerprint=np.asarray(samples_fp),
+                    sampled_on=np.asarray(sampled_on), command=np.asarray(command), **extra)
 
 
 def saved_samples(folder: Path, result: dict, seeds: list[int], shape: tuple[int, ...],
@@ -201,6 +200,50 @@ def saved_samples(folder: Path, result: dict, seeds: list[int], shape: tuple[int
             raise RunRefused(f"{path} has no samples fingerprint and is newer than {RESULT_NAME}, so it was not "
                              f"written by that run: {redo}")
     return images, got
+
+
+# ------------------------------------------------------------------------------ partial progress
+PARTIAL_PREFIX = ".partial-"
+
+
+class PartialBatches:
+    """Finished batches of a run not yet complete: ``<folder>/.partial-<samples fingerprint>/batch-*.npz``,
+    each written atomically as it finishes (uint8 images, posterior, scale, seeds, seconds). A restarted run of
+    the same samples fingerprint draws only the missing seeds — samples depend on their seeds alone, so the
+    batch size may differ between attempts — and the result equals an uninterrupted run's."""
+
+    def __init__(self, folder: Path, samples_fp: str):
+        self.dir = Path(folder) / f"{PARTIAL_PREFIX}{samples_fp}"
+
+    def save(self, seeds: list[int], images, posterior, scale, seconds: float) -> None:
+        import numpy as np
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        io.atomic_savez(self.dir / f"batch-{seeds[0]}-{len(seeds)}.npz", seeds=np.asarray(seeds), images=images,
+                        posterior=posterior, scale=scale, seconds=np.asarray(float(seconds)))
+        io.pause_for_tests("evaluate_batch")
+
+    def load(self, seeds: list[int]) -> dict[int, tuple]:
+        """seed -> (image, posterior [steps, ...], scale [steps], seconds share) for every saved seed wanted."""
+        import numpy as np
+
+        wanted, found = set(seeds), {}
+        for path in sorted(self.dir.glob("batch-*.npz")) if self.dir.is_dir() else []:
+            try:
+                with np.load(path, allow_pickle=False) as f:
+                    b_seeds, images, post, scale, secs = (f["seeds"].tolist(), f["images"], f["posterior"], f["scale"],
+                                                          float(f["seconds"]))
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
+                log.warning("ignoring unreadable partial batch %s", path)
+                continue
+            for j, seed in enumerate(b_seeds):
+                if seed in wanted and seed not in found:
+                    found[seed] = (images[j], post[:, j], scale[:, j], secs / len(b_seeds))
+        return found
+
+    def clear(self) -> None:
+        for entry in Path(self.dir.parent).glob(f"{PARTIAL_PREFIX}*"):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ writing a result

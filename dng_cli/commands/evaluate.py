@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -124,11 +123,28 @@ def _run(cfg: DictConfig, output_dir: Path, network) -> dict:
     gen = pipeline.build(cfg, device, network)
     n = int(cfg.n_samples)
     seeds = [int(cfg.sampler.seed) + i for i in range(n)]
+    samples_fp = runs.samples_fingerprint(identity)
+    partial = runs.PartialBatches(output_dir, samples_fp)  # finished batches survive a kill
+    if cfg.get("overwrite", False):
+        partial.clear()
+    done = partial.load(seeds)
+    todo = [s for s in seeds if s not in done]
+    if done:
+        log.info("%s: resuming: %d of %d samples were drawn before, drawing the other %d", output_dir, len(done), n,
+                 len(todo))
     io.pause_for_tests("evaluate")
-    t0 = time.time()
-    out = pipeline.generate_all(gen, seeds, int(cfg.sampler.batch_size), progress=bool(cfg.sampler.progress))
-    wall = time.time() - t0
-    images = pipeline.to_uint8(out.images)
+
+    def keep(batch_seeds, out, seconds):
+        partial.save(batch_seeds, pipeline.to_uint8(out.images).numpy(), out.posterior.numpy(), out.scale.numpy(),
+                     seconds)
+
+    if todo:
+        pipeline.generate_all(gen, todo, int(cfg.sampler.batch_size), progress=bool(cfg.sampler.progress), on_batch=keep)
+    batches = partial.load(seeds)
+    images = torch.from_numpy(np.stack([batches[s][0] for s in seeds]))
+    out = pipeline.SampleOutput(images, torch.from_numpy(np.stack([batches[s][1] for s in seeds], 1)),
+                                torch.from_numpy(np.stack([batches[s][2] for s in seeds], 1)), None)
+    wall = sum(batches[s][3] for s in seeds)  # the sampling time of the kept samples, over all attempts
     scores, preds = scorer(images)
     sampled_on = pipeline.device_name(gen.device)
     samples_fp = runs.samples_fingerprint(identity)
@@ -166,7 +182,9 @@ def _run(cfg: DictConfig, output_dir: Path, network) -> dict:
             runs.save_samples(stage.path(runs.SAMPLES_NAME), images.numpy(), seeds, samples_fp, sampled_on, "evaluate")
         else:  # an earlier run's samples (overwrite=true) must not be rescored as this run's
             stage.remove(runs.SAMPLES_NAME)
-        return finish(cfg, output_dir, result, stage)
+        finished = finish(cfg, output_dir, result, stage)
+        partial.clear()
+        return finished
     finally:
         stage.discard()
 
@@ -246,8 +264,7 @@ RECORDS_NAME = "records.npz"
 def save_records(stage: runs.ResultStage, scorer: "Scorer", seeds: list[int], samples_fp: str) -> None:
     """records.npz: per seed, the classifier's class and features (and Inception features when computed),
     so that ``dng compare`` post-processes saved results (paired bootstrap) and never resamples."""
-    io.atomic_save(stage.path(RECORDS_NAME), lambda tmp: np.savez(
-        open(tmp, "wb"), seeds=np.asarray(seeds), fingerprint=np.asarray(samples_fp), **scorer.records))
+    io.atomic_savez(stage.path(RECORDS_NAME), seeds=np.asarray(seeds), fingerprint=np.asarray(samples_fp), **scorer.records)
 
 
 def finish(cfg: DictConfig, output_dir: Path, result: dict, stage: runs.ResultStage) -> dict:

@@ -33,7 +33,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dng_cli import UserError, pipeline
-from dng_cli.commands.common import atomic_save, atomic_write_text, entry, setup_torch
+from dng_cli.commands.common import atomic_write_text, entry, setup_torch
+from dng_cli.io import atomic_savez
 from dng_cli.guidance import METHODS
 from dng_cli.sampler import as_epsilon, check_prediction_type
 from dng_cli.schedule import NoiseSchedule
@@ -200,8 +201,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     from dng_cli.plots import guidance_plot, save_grid, trajectory_csv
 
     save_grid(uint8, output_dir / "samples.png")
-    atomic_save(output_dir / "samples.npz", lambda tmp: np.savez_compressed(
-        open(tmp, "wb"), images=uint8.numpy(), latents=out.images.numpy(), seeds=np.asarray(seeds)))
+    atomic_savez(output_dir / "samples.npz", compressed=True, images=uint8.numpy(), latents=out.images.numpy(),
+                 seeds=np.asarray(seeds))
     atomic_write_text(output_dir / "trajectory.csv", trajectory_csv(out.timesteps, out.posterior, out.scale))
     guidance_plot(out.timesteps, out.scale, out.posterior, output_dir / "guidance.png",
                   title=f"{cfg.method.name}: '{cfg.prompt}' without '{cfg.negative_prompt}'",
