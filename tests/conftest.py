@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parents[1]
-SLOW_MODULES = {"test_faults", "test_sweep", "test_benchmarks", "test_real_models", "test_posterior_exact"}
+SLOW_MODULES = {"test_faults", "test_sweep", "test_benchmarks", "test_real_models", "test_posterior_exact", "test_slurm"}
 SLOW_TESTS = {"test_compare_end_to_end_on_the_tiny_model", "test_turning_inception_on_rescores_the_saved_samples_without_sampling",
               "test_evaluate_reports_inception_fid_next_to_the_classifier_fid", "test_real_inception_weights_when_installed"}
 
@@ -64,3 +64,22 @@ def make_idx_dataset(root: Path, folder: str = "MNIST", n_train: int = 64, n_tes
 @pytest.fixture
 def tiny_mnist(tmp_path):
     return make_idx_dataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A real single-node SLURM cluster (tests/slurm_cluster.py) for the session: runs in CI (CI=true) and
+    with DNG_TEST_SLURM=1; installs slurm-wlm and munge with apt-get when missing (root only)."""
+    import slurm_cluster
+
+    if os.environ.get("CI") != "true" and os.environ.get("DNG_TEST_SLURM") != "1":
+        pytest.skip("real-SLURM tests: set DNG_TEST_SLURM=1 (as root; installs slurm-wlm and munge with apt-get)")
+    if not slurm_cluster.installed():
+        if os.geteuid() != 0:
+            pytest.fail("the real-SLURM tests need slurm-wlm and munge: run as root (they are installed with apt-get)")
+        slurm_cluster.install()
+    cluster = slurm_cluster.Cluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
