@@ -57,15 +57,15 @@ commands:
 {commands}
 
 examples:
-  dng sample method=dng forbidden=[0]
+  dng sample method=dng "forbidden=[0]"
   dng evaluate --method=dng
   dng evaluate -m method=np,sld,dng method.guidance_scale=1,3,10
   dng evaluate -m experiment=mnist_paper
-  dng evaluate dataset=fashion_mnist model=fashion_mnist forbidden=[6]
+  dng evaluate dataset=fashion_mnist model=fashion_mnist "forbidden=[6]"
   dng calibrate method=np target_forbidden=0.01
   dng compare "methods=[np,sld,dng]" "targets=[0.01,0.003]" n_samples=2000
   dng report outputs/multirun/evaluate/<sweep>
-  dng train ddpm steps=6000
+  dng train ddpm steps=6000   # an MNIST model; the shipped one's commands: its card.json
   dng data mnist
 """
 
