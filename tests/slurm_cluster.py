@@ -49,7 +49,8 @@ class Cluster:
         if not Path("/etc/munge/munge.key").is_file():
             subprocess.run(["mungekey", "-c"], check=True, capture_output=True)
             shutil.chown("/etc/munge/munge.key", "munge", "munge")
-        subprocess.run(["su", "-s", "/bin/sh", "munge", "-c", "/usr/sbin/munged"], check=True, capture_output=True)
+        # --force: start even over a stale socket that a killed munged left behind
+        subprocess.run(["su", "-s", "/bin/sh", "munge", "-c", "/usr/sbin/munged --force"], check=True, capture_output=True)
         self.munged = True
 
     def start(self, timeout: float = 90.0) -> "Cluster":
