@@ -52,6 +52,11 @@ class Cluster:
         # --force: start even over a stale socket that a killed munged left behind
         subprocess.run(["su", "-s", "/bin/sh", "munge", "-c", "/usr/sbin/munged --force"], check=True, capture_output=True)
         self.munged = True
+        deadline = time.time() + 30
+        while subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode != 0:
+            if time.time() > deadline:
+                raise RuntimeError("munged did not start: see /var/log/munge/munged.log")
+            time.sleep(0.5)
 
     def start(self, timeout: float = 90.0) -> "Cluster":
         self._munge()

@@ -25,7 +25,7 @@ def _sweep(sweep: Path, *extra, env=None, background=False):
     env = {**os.environ, **(env or {})}
     if background:
         return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
 
 
 def _job_ids(sweep: Path) -> list[str]:
@@ -107,3 +107,31 @@ def test_a_cancelled_job_is_finished_by_rerunning_the_sweep(slurm, tmp_path):
     res = _sweep(sweep, "method=np", "method.guidance_scale=1,2")
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(list(sweep.glob("*/metrics.json"))) == 2 and finished[0].stat().st_mtime_ns == stamp
+
+
+def test_a_lock_of_another_node_is_judged_by_its_slurm_job(slurm, tmp_path):
+    """A lock recorded on another node with a live SLURM job is respected (heartbeat fresh or not); once the job is
+    no longer running (scancel), the lock is stale and taken over — what lets a sweep re-run after a node died."""
+    import json
+
+    from dng_cli import RunRefused, runs
+
+    res = subprocess.run(["sbatch", "--parsable", "--mem=100M", "--wrap", "sleep 300"], capture_output=True, text=True,
+                         check=True)
+    job = res.stdout.strip().split(";")[0]
+    _wait(lambda: _job_state(job) == "RUNNING", 180, "the job to run")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    lock = folder / ".dng.lock"
+    lock.write_text(json.dumps({"pid": 4242, "host": "node-b", "flock": True, "slurm_job_id": job, "started": "x"}))
+    old = time.time() - 10_000
+    os.utime(lock, (old, old))  # even with a stale heartbeat: the job says it runs
+    try:
+        runs.RunLock(folder).__enter__()
+        raise AssertionError("a lock whose SLURM job runs was taken over")
+    except RunRefused as err:
+        assert f"SLURM job {job} is still queued or running" in str(err)
+    subprocess.run(["scancel", job], check=True)
+    _wait(lambda: _job_state(job) not in ("RUNNING", "COMPLETING", "PENDING"), 60, "the job to end")
+    with runs.RunLock(folder) as held:
+        assert held.held and json.loads(lock.read_text())["host"] != "node-b"
