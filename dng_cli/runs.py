@@ -34,7 +34,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable
 
-from dng_cli import RunRefused, UserError, io
+from dng_cli import RunRefused, UserError, io, one_line
 from dng_cli.io import LOCK_NAME, TEMP_MARK
 
 log = logging.getLogger("dng")
@@ -95,11 +95,6 @@ def samples_fingerprint(identity: dict) -> str:
     classifier, which only score them. Stored in samples.npz and metrics.json."""
     return io.fingerprint({k: v for k, v in identity.items()
                            if not k.startswith(RESCORE_PREFIX) and k not in NOT_SAMPLING_KEYS})
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 # ------------------------------------------------------------------------------------ finished results
@@ -183,7 +178,7 @@ def saved_samples(folder: Path, result: dict, seeds: list[int], shape: tuple[int
             images, got = f["images"], f["seeds"].tolist()
             fp = str(f["fingerprint"]) if "fingerprint" in f.files else None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        raise RunRefused(f"{path} is unreadable ({type(err).__name__}: {_first_line(err)}): {redo}") from None
+        raise RunRefused(f"{path} is unreadable ({type(err).__name__}: {one_line(err)}): {redo}") from None
     if images.dtype != np.uint8 or tuple(images.shape[1:]) != tuple(shape) or len(images) != len(got):
         raise RunRefused(f"{path} holds {images.dtype} images of shape {tuple(images.shape)} for {len(got)} seeds, "
                          f"not uint8 images of shape {tuple(shape)}: {redo}")
@@ -313,19 +308,12 @@ def pending_of(folder: Path) -> Path | None:
 
 
 def promote_config(folder: Path) -> None:
-    """This process's pending Hydra config of ``folder`` becomes its ``.hydra`` (the old one is moved aside
-    first, then removed): called with the result it describes."""
+    """This process's pending Hydra config of ``folder`` becomes its ``.hydra`` (``io.atomic_save``'s folder
+    swap: the old one aside, the new one in, then the old one removed): called with the result it describes."""
     pending = pending_of(folder)
     if pending is None or not pending.is_dir():
         return
-    target = Path(folder) / ".hydra"
-    if target.exists():
-        aside = Path(tempfile.mkdtemp(prefix=f".hydra{io.OLD_MARK}", dir=folder))
-        os.replace(target, aside / ".hydra")
-        os.replace(pending, target)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(pending, target)
+    io.atomic_save(Path(folder) / ".hydra", lambda tmp: os.replace(pending, tmp))
     set_pending(folder, None)
 
 

@@ -21,9 +21,6 @@ CONFIG_PATH = "pkg://dng_cli.configs"
 log = logging.getLogger("dng")
 
 
-PENDING_SUBDIR = runs.PENDING_PREFIX  # Hydra writes a job's config to .hydra_pending-<host>-<pid> (configs' output_subdir)
-
-
 def entry(config_name: str, run: Callable[[DictConfig, Path], Any], cleanup: bool = True, lock: bool = True,
           commits: bool = False):
     """A ``@hydra.main`` function for ``run``.
@@ -112,11 +109,6 @@ class SweepStatus(Callback):
             print(f"dng: error: {len(failed)} job(s) of the sweep failed (their error.txt), first "
                   f"{failed[0].name}: {first}", file=sys.stderr)
             sys.exit(1)
-
-
-def remove_if_only_hydra(path: Path) -> None:
-    """``runs.remove_if_ours`` (kept for callers of earlier versions)."""
-    runs.remove_if_ours(path)
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -147,7 +147,6 @@ def _run(cfg: DictConfig, output_dir: Path, network) -> dict:
     wall = sum(batches[s][3] for s in seeds)  # the sampling time of the kept samples, over all attempts
     scores, preds = scorer(images)
     sampled_on = pipeline.device_name(gen.device)
-    samples_fp = runs.samples_fingerprint(identity)
     save_samples = bool(cfg.get("save_samples", True))
     result = {
         "method": cfg.method.name,
