@@ -245,11 +245,19 @@ class InceptionTorchScript(nn.Module):
         x = images.float()
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
-        if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        x = inception_resize(x, self.size)
         x = (x / 128.0 - 1.0).clamp(-1.0, 1.0 - 1.0 / 128)
         f = self.net(x)
         return f.flatten(1) if f.dim() > 2 else f
+
+
+def inception_resize(x: torch.Tensor, size: int = 299) -> torch.Tensor:
+    """Bilinear resize of float images [N, C, H, W] to size×size with half-pixel centres and edge clamping: the
+    convention of PIL's ``Image.resize(..., BILINEAR)`` and TF2's ``tf.image.resize`` for upsampling (tested
+    against PIL). Images already at the size pass through unchanged."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
 def inception_network(inception_weights: str | None = None) -> nn.Module:

@@ -4,6 +4,7 @@ posterior updated in linear space with exp).
 
     python scripts/bench_sampler.py            # batch 128, 50 steps, 3 interleaved repeats
     python scripts/bench_sampler.py --quick    # batch 128, 6 steps, 2 repeats (< 5 min on 2 CPU cores)
+    python scripts/bench_sampler.py --device cuda --batch 1000 --max-batch 0   # on a GPU, one call per step
 
 Our sampler runs as `dng sample` does by default (channels_last, network calls of at most
 --max-batch images); "+compile" cases run the same with `sampler.compile=true` (torch.compile; its
@@ -33,22 +34,22 @@ def raw_network(net, x, schedule, copies: int) -> None:
     """The same network calls as the sampler (copies·B images per step through the same ``Network``), nothing else."""
     b = x.shape[0]
     xx = x.repeat(copies, 1, 1, 1)
-    labels = torch.tensor([10] + [0] * (copies - 1)).repeat_interleave(b)
+    labels = torch.tensor([10] + [0] * (copies - 1), device=x.device).repeat_interleave(b)
     for t in schedule.timesteps.flip(0).tolist():
-        net(xx, torch.full((copies * b,), t), labels)
+        net(xx, torch.full((copies * b,), t, device=x.device), labels)
 
 
 def reference_loop(unet, x, schedule, lam=5.0, prior=0.01, temp=0.2, offset=2e-4, p_min=1e-6, p_max=0.8):
     """The official implementation's structure: eps_u and eps_c from two calls, p kept in linear space."""
-    b = x.shape[0]
-    null, forb = torch.full((b,), 10), torch.full((b,), 0)
-    p = torch.full((b,), prior)
-    abar = schedule.alphas_cumprod.float()
-    betas = schedule.betas.float()
-    abar_prev = torch.cat([torch.ones(1), abar[:-1]])
+    b, dev = x.shape[0], x.device
+    null, forb = torch.full((b,), 10, device=dev), torch.full((b,), 0, device=dev)
+    p = torch.full((b,), prior, device=dev)
+    abar = schedule.alphas_cumprod.float().to(dev)
+    betas = schedule.betas.float().to(dev)
+    abar_prev = torch.cat([torch.ones(1, device=dev), abar[:-1]])
     post_var = betas * (1 - abar_prev) / (1 - abar)
     for k in reversed(range(len(schedule))):
-        t = torch.full((b,), int(schedule.timesteps[k]))
+        t = torch.full((b,), int(schedule.timesteps[k]), device=dev)
         eps_u = unet(x, t, class_labels=null).sample
         eps_c = unet(x, t, class_labels=forb).sample
         w = (lam * p / (1 - p)).view(-1, 1, 1, 1)
@@ -67,18 +68,25 @@ def reference_loop(unet, x, schedule, lam=5.0, prior=0.01, temp=0.2, offset=2e-4
     return x
 
 
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work, so a CUDA timing measures the work and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bookkeeping_ms(guidance, x_T, schedule, gens, with_conditional: bool, repeats: int = 5) -> float:
     """Milliseconds per step the sampler spends OUTSIDE the network (noise, guidance, posterior, means):
     the same ``sample`` call with an eps_fn that returns precomputed tensors. Deterministic enough to
     compare methods where whole-run timings are dominated by the network's run-to-run noise."""
     g = torch.Generator().manual_seed(1)
-    eps_u = torch.randn(x_T.shape, generator=g)
-    eps_c = torch.randn((1, *x_T.shape), generator=g) if with_conditional else None
+    eps_u = torch.randn(x_T.shape, generator=g).to(x_T.device)
+    eps_c = torch.randn((1, *x_T.shape), generator=g).to(x_T.device) if with_conditional else None
     best = float("inf")
     with torch.inference_mode():
         for _ in range(repeats):
             t0 = time.perf_counter()
             sample(lambda x, t: (eps_u, eps_c), schedule, guidance, x_T, gens(), False)
+            synchronize(x_T.device)
             best = min(best, time.perf_counter() - t0)
     return 1000 * best / len(schedule)
 
@@ -91,6 +99,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]; the noise is drawn on the CPU as in `dng sample`")
     ap.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                     help="run our sampler in NCHW (the reference loop always is)")
     ap.add_argument("--max-batch", type=int, default=128, help="images per network call (0: one call of 2B)")
@@ -100,11 +109,14 @@ def main() -> None:
         args.steps, args.repeats = 6, 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    unet = load_ddpm(args.model)
-    unet_ref = load_ddpm(args.model)  # plain NCHW copy for the reference loop
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device}: no CUDA device is available")
+    unet = load_ddpm(args.model).to(device)
+    unet_ref = load_ddpm(args.model).to(device)  # plain NCHW copy for the reference loop
     speed = dict(channels_last=args.channels_last, max_batch=args.max_batch or None)
     schedule = NoiseSchedule.linear().respace(args.steps)
-    x_T = torch.randn(args.batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    x_T = torch.randn(args.batch, 1, 28, 28, generator=torch.Generator().manual_seed(0)).to(device)
     eps_u_only = ClassConditionalEps(unet, [], **speed)
     eps_pair = ClassConditionalEps(unet, [0], **speed)
     net = eps_pair.net
@@ -122,7 +134,7 @@ def main() -> None:
     }
     compile_s = None
     if args.compile:
-        eps_pair_c = ClassConditionalEps(load_ddpm(args.model), [0], compile=True, **speed)
+        eps_pair_c = ClassConditionalEps(load_ddpm(args.model).to(device), [0], compile=True, **speed)
         net_c = eps_pair_c.net
         t0 = time.perf_counter()
         with torch.inference_mode():  # the one-time compile (and first call)
@@ -142,6 +154,7 @@ def main() -> None:
             with ctx:
                 t0 = time.perf_counter()
                 fn()
+                synchronize(device)
                 times[name].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in times.items()}
     book = {"none": bookkeeping_ms(NoGuidance(), x_T, schedule, gens, False),
@@ -149,7 +162,8 @@ def main() -> None:
             "sld": bookkeeping_ms(SafeLatentDiffusion(1.0), x_T, schedule, gens, True),
             "dng": bookkeeping_ms(DynamicNegativeGuidance(), x_T, schedule, gens, True)}
     net_ms = 1000 * best["raw 2x"] / args.steps
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    print(f"machine: {machine}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {device}, "
           f"threads {torch.get_num_threads()}, channels_last {args.channels_last}, max_batch {args.max_batch}, "
           f"batch {args.batch}, steps {args.steps}, repeats {args.repeats} (min)"
           + (f", compile {compile_s:.0f} s once" if compile_s is not None else ""))
@@ -174,7 +188,7 @@ def main() -> None:
         "dng_over_np_bookkeeping": (net_ms + book["dng"]) / (net_ms + book["np"]),
         "dng_over_raw_bookkeeping": (net_ms + book["dng"]) / net_ms,
         "images_per_s": {k: args.batch / v for k, v in best.items()},
-        "batch": args.batch, "steps": args.steps, "channels_last": args.channels_last, "repeats": args.repeats, "threads": torch.get_num_threads(),
+        "device": str(device), "batch": args.batch, "steps": args.steps, "channels_last": args.channels_last, "repeats": args.repeats, "threads": torch.get_num_threads(),
     }
     print(json.dumps(result))
 

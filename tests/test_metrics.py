@@ -296,3 +296,19 @@ def test_frechet_distance_below_the_feature_dimension_matches_torchmetrics():
     theirs = float(_compute_fid(mu_f, cov_f, mu_r, cov_r))
     assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-6)
     assert metrics.frechet_distance(mu_f, cov_f, mu_r, cov_r) == pytest.approx(theirs, rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("src", [28, 32])
+def test_inception_resize_equals_pil_bilinear(src):
+    """The Inception input resize against an outside reference: PIL's bilinear resize of the same float image
+    (mode "F", half-pixel centres), at float rounding on the 0..255 scale."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(src)
+    images = torch.randint(0, 256, (3, 1, src, src), generator=g).float()
+    ours = metrics.inception_resize(images, 299)
+    ref = np.stack([np.asarray(Image.fromarray(im[0].numpy(), mode="F").resize((299, 299), Image.BILINEAR))
+                    for im in images])
+    assert ours.shape == (3, 1, 299, 299)
+    np.testing.assert_allclose(ours[:, 0].numpy(), ref, atol=2e-3, rtol=0)
+    assert metrics.inception_resize(ours, 299) is ours
