@@ -247,3 +247,152 @@ def load_tensors(name: str, root: str | Path, split: str = "train", classes: lis
         keep = torch.isin(labels, torch.as_tensor(list(classes), dtype=torch.long))
         data, labels = data[keep], labels[keep]
     return data.float().div(127.5).sub(1.0).contiguous(), labels
+
+
+# ------------------------------------------------------------------------- datasets of your own
+FORMATS = ("builtin", "image_folder", "tensors", "torchvision")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def dataset_format(dataset_cfg) -> str:
+    fmt = dataset_cfg.get("format") or "builtin"
+    if fmt not in FORMATS:
+        raise UserError(f"dataset.format={fmt!r} is invalid: allowed are {', '.join(FORMATS)}")
+    return fmt
+
+
+def split_source(dataset_cfg, split: str) -> Path:
+    """The folder (image_folder: ``<root>/<split>/<class>/*.png``) or file (tensors: ``<root>/<split>.npz``
+    or ``.pt``) that holds a split of a dataset of your own."""
+    root = Path(str(dataset_cfg.root)).expanduser()
+    if dataset_format(dataset_cfg) == "image_folder":
+        folder = root / split
+        if not folder.is_dir():
+            raise UserError(f"dataset {dataset_cfg.name}: split folder {str(folder)!r} not found (layout: "
+                            f"<dataset.root>/{{train,test}}/<class name>/<image>)")
+        return folder
+    for suffix in (".npz", ".pt"):
+        if (root / f"{split}{suffix}").is_file():
+            return root / f"{split}{suffix}"
+    raise UserError(f"dataset {dataset_cfg.name}: {str(root / split)!r}.npz or .pt not found (arrays images "
+                    f"uint8 [N, C, H, W] and labels [N])")
+
+
+def content_hash(dataset_cfg, split: str) -> str | None:
+    """What identifies a split's data in a result: the sha256 of its file (tensors) or of every image with its
+    class folder (image_folder); None for the built-in and torchvision datasets, named by their config."""
+    fmt = dataset_format(dataset_cfg)
+    if fmt == "tensors":
+        return sha256_of(split_source(dataset_cfg, split))
+    if fmt != "image_folder":
+        return None
+    folder = split_source(dataset_cfg, split)
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        h.update(f"{path.relative_to(folder).as_posix()}\0{sha256_of(path)}\0".encode())
+    return h.hexdigest()
+
+
+def _class_folders(dataset_cfg, folder: Path) -> list[Path]:
+    """Class c's folder: named ``class_names[c]`` when the config lists names, else the c-th in sorted order."""
+    found = sorted(p for p in folder.iterdir() if p.is_dir())
+    k = int(dataset_cfg.num_classes)
+    names = list(dataset_cfg.get("class_names") or [])
+    if names:
+        missing = [n for n in names if not (folder / str(n)).is_dir()]
+        if missing:
+            raise UserError(f"dataset {dataset_cfg.name}: class folder {str(folder / str(missing[0]))!r} not found "
+                            f"(dataset.class_names names one folder per class)")
+        return [folder / str(n) for n in names]
+    if len(found) != k:
+        raise UserError(f"dataset {dataset_cfg.name}: {folder} has {len(found)} class folders, "
+                        f"dataset.num_classes is {k}")
+    return found
+
+
+def _image_folder(dataset_cfg, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from PIL import Image
+
+    folder = split_source(dataset_cfg, split)
+    mode = {1: "L", 3: "RGB"}.get(int(dataset_cfg.channels))
+    if mode is None:
+        raise UserError(f"dataset {dataset_cfg.name}: channels={dataset_cfg.channels} is invalid for images: 1 or 3")
+    size = int(dataset_cfg.image_size)
+    xs, ys = [], []
+    for c, sub in enumerate(_class_folders(dataset_cfg, folder)):
+        for path in sorted(p for p in sub.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+            try:
+                with Image.open(path) as im:
+                    arr = np.asarray(im.convert(mode))
+            except OSError as err:
+                raise UserError(f"dataset {dataset_cfg.name}: {str(path)!r} is not a readable image: {err}") from None
+            if arr.shape[:2] != (size, size):
+                raise UserError(f"dataset {dataset_cfg.name}: {str(path)!r} is {arr.shape[1]}x{arr.shape[0]}, "
+                                f"dataset.image_size is {size}")
+            xs.append(arr.reshape(size, size, -1).transpose(2, 0, 1))
+            ys.append(c)
+    if not xs:
+        raise UserError(f"dataset {dataset_cfg.name}: no images under {folder}")
+    return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.long)
+
+
+def _tensor_file(dataset_cfg, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    path = split_source(dataset_cfg, split)
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                images, labels = torch.from_numpy(f["images"]), torch.from_numpy(f["labels"])
+        else:
+            blob = torch.load(str(path), map_location="cpu", weights_only=True)
+            images, labels = torch.as_tensor(blob["images"]), torch.as_tensor(blob["labels"])
+    except (KeyError, ValueError, OSError, pickle.UnpicklingError, TypeError) as err:
+        raise UserError(f"dataset {dataset_cfg.name}: {str(path)!r} must hold arrays 'images' and 'labels': "
+                        f"{type(err).__name__}: {err}") from None
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    want = (int(dataset_cfg.channels), int(dataset_cfg.image_size), int(dataset_cfg.image_size))
+    if images.dtype != torch.uint8 or tuple(images.shape[1:]) != want or labels.shape != images.shape[:1]:
+        raise UserError(f"dataset {dataset_cfg.name}: {str(path)!r} holds images {str(images.dtype).split('.')[-1]} "
+                        f"{tuple(images.shape)} and labels {tuple(labels.shape)}: expected uint8 [N, {', '.join(map(str, want))}] "
+                        f"and [N]")
+    return images, labels.long()
+
+
+def _torchvision(dataset_cfg, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Any torchvision-style dataset class (``dataset.target``) with per-split arguments (``dataset.splits``)."""
+    import hydra.utils
+
+    splits = dataset_cfg.get("splits") or {}
+    kwargs = dict(splits.get(split) or {})
+    try:
+        ds = hydra.utils.instantiate({"_target_": str(dataset_cfg.target), "root": str(dataset_cfg.root),
+                                      **dict(dataset_cfg.get("kwargs") or {}), **kwargs})
+    except Exception as err:
+        cause = err.__cause__ or err
+        raise UserError(f"dataset.target={dataset_cfg.get('target')!r} could not be built: {type(cause).__name__}: "
+                        f"{str(cause).splitlines()[0] if str(cause) else ''}") from None
+    mode = {1: "L", 3: "RGB"}[int(dataset_cfg.channels)]
+    xs, ys = [], []
+    for im, y in ds:
+        arr = np.asarray(im.convert(mode)) if hasattr(im, "convert") else np.asarray(im)
+        xs.append(arr.reshape(arr.shape[0], arr.shape[1], -1).transpose(2, 0, 1))
+        ys.append(int(y))
+    return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.long)
+
+
+def load_dataset(dataset_cfg, split: str = "train", classes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dataset config's split as (images float32 [N,C,H,W] in [-1,1], labels int64 [N]): a built-in dataset
+    by name, or your own — ``format: image_folder | tensors | torchvision`` (see configs/dataset/own.yaml)."""
+    fmt = dataset_format(dataset_cfg)
+    if fmt == "builtin":
+        return load_tensors(dataset_cfg.name, dataset_cfg.root, split, classes)
+    if split not in ("train", "test"):
+        raise UserError(f"split={split!r} is invalid: allowed are train, test")
+    data, labels = {"image_folder": _image_folder, "tensors": _tensor_file, "torchvision": _torchvision}[fmt](dataset_cfg, split)
+    k = int(dataset_cfg.num_classes)
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= k):
+        raise UserError(f"dataset {dataset_cfg.name}: labels outside 0..{k - 1} in its {split} split")
+    if classes is not None:
+        keep = torch.isin(labels, torch.as_tensor(list(classes), dtype=torch.long))
+        data, labels = data[keep], labels[keep]
+    return data.float().div(127.5).sub(1.0).contiguous(), labels

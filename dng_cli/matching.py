@@ -151,12 +151,14 @@ def outside_grid(points: list[Point], pilots: list[tuple[float, int, int]], targ
 
 
 def choose_grid(evaluate: Callable[[float], Point], pilots: list[tuple[float, int, int]], targets: Sequence[float],
-                factors: Sequence[float], lo: float, hi: float, extend: int = 2) -> dict[float, Point]:
+                factors: Sequence[float], lo: float, hi: float, extend: int = 2,
+                evaluate_many: Callable[[list[float]], list[Point]] | None = None) -> dict[float, Point]:
     """The evaluation grid of one method: λ0(t)·factors for every target t, λ0 where the isotonic fit of
     the pilot rates crosses t; then, while more than 2.5 % of rate-only bootstrap replicates put the crossing
     below (above) the grid, a point one grid step below (above) it — at most ``extend`` per target.
-    ``evaluate(scale)`` runs (or reuses) an evaluation. Depends only on results, so a re-run asks for the
-    same points."""
+    ``evaluate(scale)`` runs (or reuses) an evaluation; ``evaluate_many(scales)``, when given, runs the first
+    grid (every target's λ0·factors) at once (as launcher jobs) — the same points as one by one. Depends only
+    on results, so a re-run asks for the same points."""
     points: dict[float, Point] = {}
     step = max(factors) / min(factors) if max(factors) > min(factors) else 1.25
 
@@ -165,7 +167,7 @@ def choose_grid(evaluate: Callable[[float], Point], pilots: list[tuple[float, in
         if scale not in points:
             points[scale] = evaluate(scale)
 
-    centers = {}
+    centers, first = {}, []
     for t in targets:
         if pilots:
             x, f = rate_curve(*zip(*pilots))
@@ -173,7 +175,13 @@ def choose_grid(evaluate: Callable[[float], Point], pilots: list[tuple[float, in
             if centers[t] is None:  # the pilots do not cross t: start at the probe nearest to it
                 centers[t] = float(np.exp(x[int(np.argmin(np.abs(f - t)))]))
             for factor in factors:
-                at(centers[t] * factor)
+                scale = round_scale(min(max(centers[t] * factor, lo), hi))
+                if scale not in first:
+                    first.append(scale)
+    if evaluate_many is not None and first:
+        points.update(zip(first, evaluate_many(first)))
+    for scale in first:
+        at(scale)
     for t in centers:
         for _ in range(extend):
             grid = sorted(points)

@@ -1,7 +1,9 @@
 """Networks and their loaders: diffusers UNet2DModel DDPMs, the classifier, and eps_fn adapters.
 
-Checkpoints are ``save_pretrained`` folders (safetensors + JSON); nothing is ever unpickled.
-``load_ddpm("mnist")`` / ``load_classifier("mnist")`` return the assets shipped in the package.
+Checkpoints are ``save_pretrained`` folders (config.json + safetensors, or a ``.bin``/``.pt`` state dict read
+with ``torch.load(weights_only=True)``); nothing is ever unpickled. ``load_ddpm("mnist")`` /
+``load_classifier("mnist")`` return the assets shipped in the package. A classifier may also be a TorchScript
+file or any ``_target_`` module (e.g. a torchvision model) with its input transform (``ExternalClassifier``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from dng_cli import UserError
+from dng_cli import UserError, one_line
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED = {p.name: p for p in sorted(ASSETS.iterdir()) if p.is_dir()}  # assets/<name>/{ddpm,classifier,fid}
@@ -41,8 +43,43 @@ def resolve(name_or_path: str | Path, kind: str) -> Path:
     return Path(name).expanduser()
 
 
+UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # diffusers' names, in order
+
+
+def unet_weights_file(path: Path) -> Path:
+    """The weights file of a UNet folder: diffusers' safetensors, else its ``.bin``, else the folder's one
+    ``*.pt``/``*.pth``/``*.bin`` state dict."""
+    for name in UNET_WEIGHTS:
+        if (path / name).is_file():
+            return path / name
+    others = sorted(p for p in path.glob("*") if p.suffix in (".pt", ".pth", ".bin") and p.is_file())
+    if len(others) == 1:
+        return others[0]
+    found = f"found {', '.join(p.name for p in others)}" if others else "found none"
+    raise UserError(f"model path {str(path)!r} has no single weights file: expected {UNET_WEIGHTS[0]}, "
+                    f"{UNET_WEIGHTS[1]} or one *.pt/*.pth state dict next to config.json ({found})")
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, or of a torch state dict loaded with ``weights_only=True`` (no code runs);
+    a checkpoint dict that holds its weights under "state_dict"/"model"/"ema" is unwrapped."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict) and len(state) <= 4:
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("it is not a state dict of tensors")
+    return state
+
+
 def load_ddpm(name_or_path: str | Path):
-    """A UNet2DModel from a ``save_pretrained`` folder, or a shipped one by name ("mnist")."""
+    """A UNet2DModel from a diffusers folder (config.json + weights, see ``unet_weights_file``), or a shipped
+    one by name ("mnist")."""
     from diffusers import UNet2DModel
     from diffusers.utils import logging as diffusers_logging
 
@@ -51,13 +88,34 @@ def load_ddpm(name_or_path: str | Path):
     if not (path / "config.json").is_file():
         raise UserError(f"model path {str(path)!r} is not a checkpoint folder: expected config.json and "
                         f"diffusion_pytorch_model.safetensors (a save_pretrained folder) or a shipped name ({', '.join(SHIPPED)})")
+    weights = unet_weights_file(path)
     try:
-        unet = UNet2DModel.from_pretrained(str(path), use_safetensors=True, local_files_only=True,
-                                           low_cpu_mem_usage=False)
+        if weights.name == UNET_WEIGHTS[0]:
+            unet = UNet2DModel.from_pretrained(str(path), use_safetensors=True, local_files_only=True,
+                                               low_cpu_mem_usage=False)
+        else:
+            unet = UNet2DModel.from_config(UNet2DModel.load_config(str(path)))
+            missing, unexpected = unet.load_state_dict(load_state_dict(weights), strict=False)
+            if missing or unexpected:
+                raise ValueError(f"{len(missing)} missing keys (e.g. {missing[:1]}), {len(unexpected)} unexpected "
+                                 f"(e.g. {unexpected[:1]}) in {weights.name}")
     except Exception as err:  # corrupt weights or config
         raise UserError(f"model path {str(path)!r} could not be loaded as a UNet2DModel: {type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''}") from None
     return unet.eval().requires_grad_(False)
+
+
+def null_label_index(num_embeds: int, null_label) -> int:
+    """The class-embedding index of the null (unconditional) label: "last" (this project's and most
+    class-conditional DDPMs' convention: classes 0..K-1, null K), "first" (null 0, classes 1..K), or an index."""
+    if null_label in (None, "last"):
+        return num_embeds - 1
+    if null_label == "first":
+        return 0
+    if isinstance(null_label, bool) or not isinstance(null_label, int) or not 0 <= null_label < num_embeds:
+        raise UserError(f"model.null_label={null_label!r} is invalid: allowed are last, first or an index in "
+                        f"0..{num_embeds - 1}")
+    return int(null_label)
 
 
 # ----------------------------------------------------------------------------------- classifier
@@ -94,28 +152,180 @@ class Classifier(nn.Module):
         (path / "config.json").write_text(json.dumps(self.config, indent=2))
 
 
-def load_classifier(name_or_path: str | Path) -> Classifier:
-    """The classifier from a folder with config.json + model.safetensors, or a shipped one ("mnist").
+class ExternalClassifier(nn.Module):
+    """A classifier of your own — a TorchScript file or any ``_target_`` module — behind the interface of
+    ``Classifier``: ``features`` takes images in [-1, 1] and applies its input transform (channels, resize,
+    the input range, mean/std); its output logits are the FID features unless the module has its own
+    ``features``/``head`` pair."""
 
-    Takes images in [-1, 1] ``[B, C, H, W]`` and returns logits; eval mode, no gradients.
+    def __init__(self, net: nn.Module, transform: dict | None = None):
+        super().__init__()
+        self.net = net.eval()
+        t = dict(transform or {})
+        unknown = set(t) - {"channels", "size", "range", "mean", "std"}
+        if unknown:
+            raise UserError(f"model.classifier.transform has unknown keys {sorted(unknown)}: allowed are channels, "
+                            f"size, range, mean, std")
+        self.channels, self.size = t.get("channels"), t.get("size")
+        lo, hi = t.get("range") or (-1.0, 1.0)
+        self.lo, self.hi = float(lo), float(hi)
+        self.mean = torch.tensor(t["mean"], dtype=torch.float32).view(1, -1, 1, 1) if t.get("mean") is not None else None
+        self.std = torch.tensor(t["std"], dtype=torch.float32).view(1, -1, 1, 1) if t.get("std") is not None else None
+        self.split = hasattr(net, "features") and hasattr(net, "head")
+        self.head = net.head if self.split else nn.Identity()
+        self.config: dict = {}
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels and x.shape[1] != int(self.channels):
+            x = x.repeat(1, int(self.channels) // x.shape[1], 1, 1)
+        if self.size:
+            x = torch.nn.functional.interpolate(x, size=(int(self.size), int(self.size)), mode="bilinear",
+                                                align_corners=False)
+        x = self.lo + (x + 1.0) * (self.hi - self.lo) / 2.0
+        if self.mean is not None:
+            x = x - self.mean.to(x.device)
+        if self.std is not None:
+            x = x / self.std.to(x.device)
+        return x
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.prepare(x)
+        return self.net.features(x) if self.split else self.net(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def check(self, channels: int, size: int, num_classes: int) -> "ExternalClassifier":
+        """One batch of dataset-shaped images through it before anything is sampled: it must return finite
+        [B, num_classes] logits. Sets ``config`` (feature_dim, num_classes, in_channels)."""
+        try:
+            with torch.inference_mode():
+                x = torch.linspace(-1, 1, 2 * channels * size * size).view(2, channels, size, size)
+                f = self.features(x)
+                logits = self.head(f)
+        except Exception as err:
+            raise UserError(f"model.classifier fails on a batch of {channels}x{size}x{size} images: "
+                            f"{type(err).__name__}: {one_line(err)}") from None
+        if logits.dim() != 2 or logits.shape != (2, num_classes):
+            raise UserError(f"model.classifier returns {tuple(logits.shape)} for 2 images: expected logits "
+                            f"(2, {num_classes}), one per dataset class")
+        if not torch.isfinite(logits).all():
+            raise UserError("model.classifier returns non-finite logits on a batch of test images")
+        self.config = {"feature_dim": int(f.flatten(1).shape[1]), "num_classes": num_classes, "in_channels": channels}
+        return self
+
+
+def classifier_source(value) -> dict:
+    """What ``model.classifier`` names: {"kind": "folder", "path"} (this project's classifier; a shipped name
+    or a folder with config.json + model.safetensors), {"kind": "torchscript", "path", "transform"} (a file,
+    or a mapping with ``path``), or {"kind": "target", "target", "kwargs", "weights", "transform"}."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        spec = dict(value)
+        transform = spec.pop("transform", None) or {}
+        if "_target_" in spec:
+            target = spec.pop("_target_")
+            weights = spec.pop("weights", None)
+            return {"kind": "target", "target": str(target), "kwargs": spec, "weights": weights, "transform": transform}
+        if "path" in spec and set(spec) <= {"path"}:
+            src = classifier_source(spec["path"])
+            return {**src, "transform": transform} if src["kind"] == "torchscript" else src
+        raise UserError(f"model.classifier={value!r} is invalid: give a path, or a mapping with _target_ "
+                        f"(plus its arguments, weights, transform) or path (a TorchScript file) and transform")
+    if value is None:
+        raise UserError("model.classifier is not set: give a shipped name, a classifier folder, a TorchScript file "
+                        "or a _target_ mapping")
+    path = resolve(value, "classifier")
+    if path.is_file():
+        return {"kind": "torchscript", "path": str(path), "transform": {}}
+    return {"kind": "folder", "path": str(path)}
+
+
+def classifier_weights_hash(value) -> str:
+    """The classifier's identity in a result: sha256 of this project's model.safetensors (as always), of a
+    TorchScript file, or of a target's description and weights file, with the input transform."""
+    from dng_cli.io import fingerprint, sha256_file
+
+    src = classifier_source(value)
+    if src["kind"] == "folder":
+        path = Path(src["path"]) / "model.safetensors"
+        if not path.is_file():
+            raise UserError(f"model.classifier: weights file {str(path)!r} not found")
+        return sha256_file(path)
+    if src["kind"] == "torchscript":
+        return fingerprint({"torchscript": sha256_file(Path(src["path"])), "transform": src["transform"]})
+    weights = src["weights"]
+    if weights is not None and not Path(str(weights)).expanduser().is_file():
+        raise UserError(f"model.classifier.weights={str(weights)!r} is not a file")
+    return fingerprint({**{k: v for k, v in src.items() if k != "weights"},
+                        "weights": sha256_file(Path(str(weights)).expanduser()) if weights else None})
+
+
+def load_classifier(name_or_path, check: tuple[int, int, int] | None = None) -> nn.Module:
+    """The classifier ``model.classifier`` names (see ``classifier_source``), eval mode, no gradients.
+
+    Takes images in [-1, 1] ``[B, C, H, W]`` and returns logits. ``check`` = (channels, size, classes): a
+    TorchScript or ``_target_`` classifier is run on one such batch first (``ExternalClassifier.check``).
     """
     from safetensors.torch import load_file
 
-    path = resolve(name_or_path, "classifier")
+    src = classifier_source(name_or_path)
+    if src["kind"] != "folder":
+        net = _external_network(src)
+        clf = ExternalClassifier(net, src["transform"]).requires_grad_(False)
+        if check is None:
+            raise UserError("a TorchScript or _target_ classifier needs the dataset's shape to be checked")
+        return clf.check(*check)
+    path = Path(src["path"])
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise UserError(f"classifier path {str(path)!r} is not a classifier folder: expected config.json and "
-                        f"model.safetensors, or a shipped name ({', '.join(SHIPPED)})")
+                        f"model.safetensors, a TorchScript file, or a shipped name ({', '.join(SHIPPED)})")
     try:
         model = Classifier(**json.loads((path / "config.json").read_text()))
         model.load_state_dict(load_file(str(path / "model.safetensors")))
     except Exception as err:
         raise UserError(f"classifier path {str(path)!r} could not be loaded: {type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}") from None
+                        f"{one_line(err)}") from None
     return model.eval().requires_grad_(False)
 
 
+def _external_network(src: dict) -> nn.Module:
+    if src["kind"] == "torchscript":
+        import warnings
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch 2.9+: "torch.jit.load is deprecated"
+                return torch.jit.load(src["path"], map_location="cpu")
+        except Exception as err:
+            raise UserError(f"model.classifier={src['path']!r} is neither a classifier folder nor a TorchScript file: "
+                            f"{type(err).__name__}: {one_line(err)}") from None
+    import hydra.utils
+
+    try:
+        net = hydra.utils.instantiate({"_target_": src["target"], **src["kwargs"]})
+    except Exception as err:
+        raise UserError(f"model.classifier._target_={src['target']!r} could not be built: {type(err).__name__}: "
+                        f"{one_line(err.__cause__ or err)}") from None
+    if not isinstance(net, nn.Module):
+        raise UserError(f"model.classifier._target_={src['target']!r} built a {type(net).__name__}, not a torch module")
+    if src["weights"]:
+        try:
+            missing, unexpected = net.load_state_dict(load_state_dict(Path(str(src["weights"])).expanduser()), strict=False)
+        except Exception as err:
+            raise UserError(f"model.classifier.weights={str(src['weights'])!r} could not be loaded: "
+                            f"{type(err).__name__}: {one_line(err)}") from None
+        if missing or unexpected:
+            raise UserError(f"model.classifier.weights={str(src['weights'])!r} do not fit {src['target']}: "
+                            f"{len(missing)} missing, {len(unexpected)} unexpected keys")
+    return net
+
+
 @torch.inference_mode()
-def classify(classifier: Classifier, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+def classify(classifier: nn.Module, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted classes, penultimate features) of images: uint8 [0, 255] or floats in [-1, 1]."""
     preds, feats = [], []
     for i in range(0, len(images), batch_size):
@@ -167,7 +377,8 @@ class Network:
 
 
 class ClassConditionalEps:
-    """eps_fn of one class-conditional UNet2DModel (last class index = null label).
+    """eps_fn of one class-conditional UNet2DModel (null label: the last embedding index unless ``null_label``
+    says otherwise, see ``null_label_index``).
 
     Per call ONE batched forward of ``[x; x; …]`` (1 + K copies) with labels ``[null; c_1; …; c_K]``
     (split into chunks of ``max_batch`` when set). ``label`` replaces the null label of the
@@ -177,7 +388,7 @@ class ClassConditionalEps:
     """
 
     def __init__(self, unet, forbidden: Sequence[int] = (), label: int | None = None, channels_last: bool = False,
-                 compile: bool = False, max_batch: int | None = None):
+                 compile: bool = False, max_batch: int | None = None, null_label="last"):
         num_embeds = getattr(unet.config, "num_class_embeds", None)
         if not num_embeds:
             raise UserError("model has no class embedding (num_class_embeds is empty): use model kind 'pair' "
@@ -185,18 +396,19 @@ class ClassConditionalEps:
         self.net = Network(unet, channels_last, compile, max_batch)
         self.unet = self.net.unet
         self.num_classes = int(num_embeds) - 1
-        self.null_label = self.num_classes
+        self.null_label = null_label_index(int(num_embeds), null_label)  # embedding index of the null label
+        self.class_index = [i for i in range(int(num_embeds)) if i != self.null_label]  # class c -> its embedding
         for c in list(forbidden) + ([label] if label is not None else []):
             if not (isinstance(c, int) and 0 <= c < self.num_classes):
                 raise UserError(f"class {c!r} is out of range: the model knows classes 0..{self.num_classes - 1}")
         self.forbidden = list(forbidden)
-        self.label = self.null_label if label is None else int(label)
+        self.label = self.null_label if label is None else self.class_index[int(label)]
         self._labels: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def labels(self, batch: int, device: torch.device) -> torch.Tensor:
         key = (batch, device)
         if key not in self._labels:
-            ids = torch.tensor([self.label] + self.forbidden, device=device)
+            ids = torch.tensor([self.label] + [self.class_index[c] for c in self.forbidden], device=device)
             self._labels[key] = ids.repeat_interleave(batch)
         return self._labels[key]
 

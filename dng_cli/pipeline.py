@@ -18,7 +18,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from dng_cli import UserError, runs
 from dng_cli.io import sha256_file
 from dng_cli.guidance import METHODS
-from dng_cli.models import SHIPPED, ClassConditionalEps, PairEps, build_unet, load_ddpm, resolve
+from dng_cli.models import (SHIPPED, ClassConditionalEps, PairEps, build_unet, classifier_weights_hash, load_classifier,
+                            load_ddpm, null_label_index, resolve, unet_weights_file)
 from dng_cli.sampler import SampleOutput, as_epsilon, check_prediction_type, randn, sample
 from dng_cli.schedule import VARIANCES, NoiseSchedule
 from dng_cli.validate import check_types
@@ -143,6 +144,8 @@ def check_model_cfg(model_cfg: DictConfig, dataset_cfg: DictConfig | None = None
         if embeds is not None and embeds != int(dataset_cfg.num_classes) + 1:
             raise UserError(f"model={model_cfg.get('name')} does not fit dataset={dataset_cfg.name}: it has "
                             f"{embeds - 1} classes (+ null label), the dataset {int(dataset_cfg.num_classes)}")
+        if embeds is not None:
+            null_label_index(int(embeds), model_cfg.get("null_label", "last"))
 
 
 def check_trained_on(key: str, value: str, kind: str, dataset_cfg: DictConfig) -> None:
@@ -208,7 +211,7 @@ def make_eps_fn(network, model_cfg: DictConfig, forbidden: list[int], guidance, 
             raise UserError(f"pair model has no forbidden-class model for class {missing[0]}: "
                             f"model.forbidden_models has {sorted(per_class)}")
         return PairEps(uncond, [per_class[c] for c in classes], **speed)
-    return ClassConditionalEps(network, classes, label=label, **speed)
+    return ClassConditionalEps(network, classes, label=label, null_label=model_cfg.get("null_label", "last"), **speed)
 
 
 def build(cfg: DictConfig, device: torch.device, network=None, label: int | None = None) -> SamplingSetup:
@@ -292,15 +295,20 @@ def hardware() -> str:
 def result_identity(cfg: DictConfig, classifier: bool = True) -> dict:
     """Everything that determines a result (``runs.identity``): the result config and the hashes of the
     weights it used (``classifier=False``: a command that only samples, e.g. ``dng sample``)."""
-    model, unet = cfg.model, "diffusion_pytorch_model.safetensors"
-    weights = {"classifier": _weights_hash(resolve(model.classifier, "classifier") / "model.safetensors",
-                                           "model.classifier")} if classifier else {}
+    model = cfg.model
+    weights = {"classifier": classifier_weights_hash(model.classifier)} if classifier else {}
+    if classifier:  # the data a result is scored against, for a dataset of your own (dataset.root is a path key)
+        from dng_cli.data import content_hash
+
+        data_hash = content_hash(cfg.dataset, str(cfg.metrics.fid.split)) if "metrics" in cfg else None
+        if data_hash is not None:
+            weights["dataset"] = data_hash
     if model.kind == "conditional":
-        weights["ddpm"] = _weights_hash(resolve(model.path, "ddpm") / unet, "model.path")
+        weights["ddpm"] = _weights_hash(resolve(model.path, "ddpm"), "model.path")
     elif model.kind == "pair":
-        weights["unconditional"] = _weights_hash(Path(str(model.unconditional)) / unet, "model.unconditional")
+        weights["unconditional"] = _weights_hash(Path(str(model.unconditional)), "model.unconditional")
         for c, p in model.forbidden_models.items():
-            weights[f"class_{c}"] = _weights_hash(Path(str(p)) / unet, f"model.forbidden_models.{c}")
+            weights[f"class_{c}"] = _weights_hash(Path(str(p)), f"model.forbidden_models.{c}")
     return runs.identity(plain(cfg), weights, schedule_of)
 
 
@@ -325,7 +333,17 @@ def schedule_identity(model_cfg: DictConfig) -> dict:
     return {"schedule.betas": runs.fingerprint(schedule.betas.tolist()), "schedule.prediction_type": pred}
 
 
-def _weights_hash(path: Path, key: str) -> str:
-    if not path.is_file():
-        raise UserError(f"{key}: weights file {str(path)!r} not found")
-    return sha256_file(path)
+def _weights_hash(folder: Path, key: str) -> str:
+    """sha256 of a UNet folder's weights file (safetensors, .bin or .pt: ``unet_weights_file``)."""
+    if not folder.is_dir():
+        raise UserError(f"{key}: checkpoint folder {str(folder)!r} not found")
+    try:
+        return sha256_file(unet_weights_file(folder))
+    except UserError as err:
+        raise UserError(f"{key}: {err}") from None
+
+
+def run_classifier(cfg: DictConfig):
+    """The run's classifier (``model.classifier``), checked on one batch of the dataset's shape."""
+    d = cfg.dataset
+    return load_classifier(cfg.model.classifier, check=(int(d.channels), int(d.image_size), int(d.num_classes)))

@@ -47,7 +47,7 @@ NOT_RESULT_KEYS = ("skip_existing", "overwrite", "save_samples", "label", "grids
                    "model.classifier", "model.unconditional", "model.forbidden_models",
                    "metrics.fid.inception_weights")
 RESCORE_PREFIX = "metrics."  # settings that change how saved samples are scored, never the samples
-NOT_SAMPLING_KEYS = ("weights.classifier",)  # identity keys that score samples but do not draw them
+NOT_SAMPLING_KEYS = ("weights.classifier", "weights.dataset")  # identity keys that score samples but do not draw them
 
 
 def result_config(config: dict) -> dict:
@@ -73,6 +73,8 @@ def identity_config(config: dict, schedule_of: Callable[[dict], dict]) -> dict:
     if "forbidden" in config:
         config["method"] = {**config.get("method", {}), "forbidden": config.pop("forbidden")}
     identity = result_config(config)
+    if identity.get("model.null_label") == "last":  # the convention every result before the key had
+        del identity["model.null_label"]
     if isinstance(config.get("model"), dict):
         identity.update(schedule_of(config["model"]))
     return identity

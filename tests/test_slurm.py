@@ -135,3 +135,29 @@ def test_a_lock_of_another_node_is_judged_by_its_slurm_job(slurm, tmp_path):
     _wait(lambda: _job_state(job) not in ("RUNNING", "COMPLETING", "PENDING"), 60, "the job to end")
     with runs.RunLock(folder) as held:
         assert held.held and json.loads(lock.read_text())["host"] != "node-b"
+
+
+def test_compare_fans_out_through_sbatch_and_equals_the_serial_run(slurm, tmp_path, capsys):
+    """`dng compare launcher=slurm` (no -m): a calibration job per method, then a job per grid point, all through
+    sbatch; the submitter writes the table, equal to a serial run's. Submitted from another working directory
+    than the repository (the jobs find the shipped assets and configs through the package, paths absolute)."""
+    import json
+
+    args = ["compare", "model=tiny_random", "sampler.steps=1", "sampler.batch_size=8", "sampler.progress=false",
+            "methods=[np,dng]", "targets=[0.5]", "n_samples=6", "pilot_n=4", "bootstrap=20"]
+    cli.main([*args, f"hydra.run.dir={tmp_path / 'serial'}"])
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    res = subprocess.run([sys.executable, "-m", "dng_cli.cli", *args, *SLURM, "hydra.run.dir=../jobs"],
+                         capture_output=True, text=True, timeout=600, cwd=elsewhere)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "jobs"
+    jobs = sorted(p.name for p in (out / ".submitit").iterdir() if p.is_dir() and any(p.glob("*_result.pkl")))
+    summary = json.loads((out / "compare.json").read_text())
+    assert len(jobs) == 2 + len(summary["evaluations"]), jobs  # each wave is one sbatch array: <array>_<task>
+    assert all(re.fullmatch(r"\d+_\d+", j) for j in jobs) and len({j.split("_")[0] for j in jobs}) == 3, jobs
+    _wait(lambda: all(_job_state(j) not in ("RUNNING", "COMPLETING") for j in jobs), 60, "the jobs to end")
+    assert {_job_state(j) for j in jobs} == {"COMPLETED"}  # SLURM's own record of each job
+    serial = json.loads((tmp_path / "serial" / "compare.json").read_text())
+    for key in ("methods", "claims", "evaluations", "calibration"):
+        assert summary[key] == serial[key], key

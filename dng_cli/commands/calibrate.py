@@ -89,11 +89,26 @@ def calibrate_method(cfg: DictConfig, method: DictConfig, target: float, folder:
     return out
 
 
+def _job(cfg: dict, target: float, output_dir: Path) -> dict:
+    """What a launcher job runs: the whole bisection (its probes depend on each other)."""
+    from dng_cli import fanout
+
+    fanout.job_logging()
+    cfg = OmegaConf.create(cfg)
+    return calibrate_method(cfg, cfg.method, target, output_dir)
+
+
 def run(cfg: DictConfig, output_dir: Path) -> dict:
     check_cfg(cfg)
-    device = setup_torch(cfg.sampler.device, cfg.sampler.get("num_threads"))
-    network = pipeline.load_model(cfg.model, device)
-    result = calibrate_method(cfg, cfg.method, float(cfg.target_forbidden), output_dir, network)
+    from dng_cli import fanout
+
+    jobs = fanout.runner(output_dir)  # launcher=local|slurm: the bisection runs as one job, not here
+    if jobs is not None:
+        (result,) = jobs.map(_job, [(plain(cfg), float(cfg.target_forbidden), Path(output_dir).resolve())], "calibrate")
+    else:
+        device = setup_torch(cfg.sampler.device, cfg.sampler.get("num_threads"))
+        network = pipeline.load_model(cfg.model, device)
+        result = calibrate_method(cfg, cfg.method, float(cfg.target_forbidden), output_dir, network)
     if not result["reached"]:
         raise UserError(f"method={cfg.method.name} cannot reach forbidden <= {cfg.target_forbidden:g}: {result['reason']} "
                         f"(see {output_dir / 'calibration.json'})")

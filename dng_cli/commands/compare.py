@@ -85,9 +85,9 @@ def load_point(folder: Path, result: dict, cfg: DictConfig, seeds: list[int]) ->
             return {k: v for k, v in rec.items() if k not in ("seeds", "fingerprint")}
     shape = (int(cfg.dataset.channels), int(cfg.dataset.image_size), int(cfg.dataset.image_size))
     images, _ = runs.saved_samples(folder, result, seeds, shape, fp)
-    from dng_cli.models import classify, load_classifier
+    from dng_cli.models import classify
 
-    preds, feats = classify(load_classifier(cfg.model.classifier), torch.from_numpy(images))
+    preds, feats = classify(pipeline.run_classifier(cfg), torch.from_numpy(images))
     return {"classes": preds.numpy(), "features": feats.float().numpy()}
 
 
@@ -209,10 +209,47 @@ def plot(analysis: dict, compared: list[str], path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ run
+def calibrate_targets(cfg: DictConfig, name: str, targets: list[float], output_dir: Path, network=None) -> dict:
+    """1. One method's pilot bisection for every target, in order (one pilot set per method: each later target
+    starts from the probes already run). A unit of its own: one launcher job per method. Returns
+    {"calibrations": one per target, "pilots": every probe as (scale, forbidden, n)}."""
+    method = method_config(name)
+    known: list[calibration.Probe] = []
+    cals = []
+    for target in targets:
+        cal = calibrate_method(cfg, method, target, output_dir / "calibrate" / f"{name}-{target:g}", network,
+                               label=name, probes_dir=output_dir / "calibrate" / name / "probes", known=known)
+        cals.append(cal)
+        known = [calibration.Probe(p["scale"], p["forbidden"], p["n"]) for p in cal["probes"]] + [
+            p for p in known if p.scale not in {q["scale"] for q in cal["probes"]}]
+    return {"calibrations": cals, "pilots": [(p.scale, p.forbidden, p.n) for p in known]}
+
+
+def evaluate_point(cfg: DictConfig, name: str, scale: float, output_dir: Path, network=None) -> dict:
+    """2. One grid point on the shared evaluation seeds (a unit of its own: one launcher job)."""
+    folder = output_dir / "eval" / name / f"scale={scale:g}"
+    return evaluate.run(run_cfg(cfg, method_config(name), scale, int(cfg.n_samples), int(cfg.seed), label=name),
+                        folder, network)
+
+
+def _job(fn_name: str, cfg: dict, *args):
+    """What a launcher job runs: ``calibrate_targets`` or ``evaluate_point`` on the plain config."""
+    from dng_cli import fanout
+
+    fanout.job_logging()
+    return globals()[fn_name](OmegaConf.create(cfg), *args)
+
+
 def run(cfg: DictConfig, output_dir: Path) -> dict:
     check_cfg(cfg)
-    device = setup_torch(cfg.sampler.device, cfg.sampler.get("num_threads"))
-    network = pipeline.load_model(cfg.model, device)
+    from dng_cli import fanout
+
+    jobs = fanout.runner(output_dir)  # launcher=local|slurm: the units below run as its jobs
+    network = None
+    if jobs is None:
+        device = setup_torch(cfg.sampler.device, cfg.sampler.get("num_threads"))
+        network = pipeline.load_model(cfg.model, device)
+    output_dir = Path(output_dir).resolve()
     names = [str(m) for m in cfg.methods]
     targets = [float(t) for t in cfg.targets]
     reference = "dng" if "dng" in names else names[-1]
@@ -223,33 +260,49 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     compared = [k for k in cfg.compared if k != "fid_inception" or inception] + (
         ["fid_inception"] if inception and "fid_inception" not in cfg.compared else [])
     forbidden = pipeline.forbidden_classes(cfg, int(cfg.dataset.num_classes))
-    methods, not_reached, calibrations, evaluated = [], [], {}, {}
-    for name in names:
-        method = method_config(name)
-        known: list[calibration.Probe] = []
-        for target in targets:  # 1. pilot bisection (one pilot set per method)
-            cal = calibrate_method(cfg, method, target, output_dir / "calibrate" / f"{name}-{target:g}", network,
-                                   label=name, probes_dir=output_dir / "calibrate" / name / "probes", known=known)
+    data = pipeline.plain(cfg)
+    if jobs is None:
+        cal_lists = [calibrate_targets(cfg, name, targets, output_dir, network) for name in names]
+    else:
+        cal_lists = jobs.map(_job, [("calibrate_targets", data, name, targets, output_dir) for name in names],
+                             "compare calibration")
+    not_reached, calibrations, evaluated = [], {}, {}
+    for name, cals in zip(names, cal_lists):
+        for target, cal in zip(targets, cals["calibrations"]):
             calibrations[f"{name}-{target:g}"] = cal
-            known = [calibration.Probe(p["scale"], p["forbidden"], p["n"]) for p in cal["probes"]] + [
-                p for p in known if p.scale not in {q["scale"] for q in cal["probes"]}]
             if cal["scale_star"] is None:
                 not_reached.append({"target": target, "method": name, "reason": cal["reason"]})
                 log.warning("%s cannot reach forbidden <= %g: %s", name, target, cal["reason"])
-        reached = [t for t in targets if not any(r["method"] == name and r["target"] == t for r in not_reached)]
 
-        def evaluate_at(scale: float) -> matching.Point:  # 2. a grid point on the shared evaluation seeds
-            folder = output_dir / "eval" / name / f"scale={scale:g}"
-            result = evaluate.run(run_cfg(cfg, method, scale, n, seed, label=name), folder, network)
-            rec = load_point(folder, result, cfg, seeds)
+    def points_of(name: str, scales: list[float]) -> list[matching.Point]:
+        if jobs is None:
+            results = [evaluate_point(cfg, name, s, output_dir, network) for s in scales]
+        else:
+            results = jobs.map(_job, [("evaluate_point", data, name, s, output_dir) for s in scales],
+                               f"compare {name} evaluation")
+        points = []
+        for scale, result in zip(scales, results):
+            rec = load_point(output_dir / "eval" / name / f"scale={scale:g}", result, cfg, seeds)
             evaluated[(name, scale)] = result
-            return matching.Point(scale, np.isin(rec["classes"], forbidden), rec)
+            points.append(matching.Point(scale, np.isin(rec["classes"], forbidden), rec))
+        return points
 
-        pilots = [(p.scale, p.forbidden, p.n) for p in known]
-        points = matching.choose_grid(evaluate_at, pilots, reached, [float(f) for f in cfg.grid_factors], lo, hi,
-                                      int(cfg.grid_extend))
-        if points:
-            methods.append(matching.Method(name, [points[s] for s in sorted(points)], pilots))
+    def grid_of(name: str, cals: dict) -> matching.Method | None:
+        reached = [t for t in targets if not any(r["method"] == name and r["target"] == t for r in not_reached)]
+        pilots = [tuple(p) for p in cals["pilots"]]
+        points = matching.choose_grid(lambda s: points_of(name, [s])[0], pilots, reached,
+                                      [float(f) for f in cfg.grid_factors], lo, hi, int(cfg.grid_extend),
+                                      evaluate_many=lambda ss: points_of(name, ss))
+        return matching.Method(name, [points[s] for s in sorted(points)], pilots) if points else None
+
+    if jobs is None:
+        grids = [grid_of(name, cals) for name, cals in zip(names, cal_lists)]
+    else:  # every method's grid at once: each waits only for its own jobs
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(names)) as pool:
+            grids = list(pool.map(grid_of, names, cal_lists))
+    methods = [m for m in grids if m is not None]
     if methods and reference not in [m.name for m in methods]:
         reference = methods[-1].name
     fns = metric_functions(cfg, compared, forbidden)

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from dng_cli import UserError, io, metrics, pipeline, runs
+from dng_cli import UserError, data, io, metrics, pipeline, runs
 from dng_cli.commands.common import entry, plain, setup_torch
-from dng_cli.models import SHIPPED, classify, load_classifier, resolve
+from dng_cli.models import SHIPPED, classifier_source, classifier_weights_hash, classify
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +26,24 @@ def check_cfg(cfg: DictConfig) -> None:
     if cfg.metrics.fid.features not in metrics.FEATURES:
         raise UserError(f"metrics.fid.features={cfg.metrics.fid.features!r} is unknown: allowed are "
                         f"{', '.join(metrics.FEATURES)}")
-    clf = resolve(cfg.model.classifier, "classifier") / "config.json"
-    if not clf.is_file():
-        raise UserError(f"model.classifier={str(cfg.model.classifier)!r} is not a classifier folder (config.json "
-                        f"and model.safetensors) nor a shipped name ({', '.join(SHIPPED)})")
-    conf = json.loads(clf.read_text())
-    for field, want in (("in_channels", int(cfg.dataset.channels)), ("num_classes", int(cfg.dataset.num_classes))):
-        if conf.get(field) is not None and conf[field] != want:
-            raise UserError(f"model.classifier={str(cfg.model.classifier)!r} does not fit dataset={cfg.dataset.name}: "
-                            f"its {field} is {conf[field]}, the dataset's is {want}")
-    pipeline.check_trained_on("model.classifier", str(cfg.model.classifier), "classifier", cfg.dataset)
+    src = classifier_source(cfg.model.classifier)
+    if src["kind"] == "folder":
+        clf = Path(src["path"]) / "config.json"
+        if not clf.is_file():
+            raise UserError(f"model.classifier={str(cfg.model.classifier)!r} is not a classifier folder (config.json "
+                            f"and model.safetensors), a TorchScript file, nor a shipped name ({', '.join(SHIPPED)})")
+        conf = json.loads(clf.read_text())
+        for field, want in (("in_channels", int(cfg.dataset.channels)), ("num_classes", int(cfg.dataset.num_classes))):
+            if conf.get(field) is not None and conf[field] != want:
+                raise UserError(f"model.classifier={str(cfg.model.classifier)!r} does not fit dataset={cfg.dataset.name}: "
+                                f"its {field} is {conf[field]}, the dataset's is {want}")
+        pipeline.check_trained_on("model.classifier", str(cfg.model.classifier), "classifier", cfg.dataset)
+    else:
+        classifier_weights_hash(cfg.model.classifier)  # the file / weights exist (it is checked on a batch later)
     if cfg.metrics.fid.split not in ("train", "test"):
         raise UserError(f"metrics.fid.split={cfg.metrics.fid.split!r} is invalid: allowed are train, test")
+    if data.dataset_format(cfg.dataset) in ("image_folder", "tensors"):
+        data.split_source(cfg.dataset, str(cfg.metrics.fid.split))  # the FID reference's data exists
 
 
 def fid_scores(feats: torch.Tensor, stats: dict, forbidden: list[int], prefix: str = "fid") -> dict:
@@ -53,16 +59,17 @@ def fid_scores(feats: torch.Tensor, stats: dict, forbidden: list[int], prefix: s
 def fid_reference(cfg: DictConfig, net, key: str) -> dict:
     """Per-class reference accumulators: shipped, cached, or computed from the dataset (then cached)."""
     fcfg = cfg.metrics.fid
-    name = f"{cfg.dataset.name}-{fcfg.split}-{key}.npz"
+    from dng_cli.data import content_hash, load_dataset
+
+    data_hash = content_hash(cfg.dataset, fcfg.split)  # a dataset of your own: named by its content too
+    name = f"{cfg.dataset.name}-{fcfg.split}{'-' + data_hash[:12] if data_hash else ''}-{key}.npz"
     candidates = [SHIPPED[cfg.dataset.name] / "fid" / name] if cfg.dataset.name in SHIPPED else []
     candidates.append(Path(fcfg.cache_dir) / name)
     for path in candidates:
         if path.is_file():
             return metrics.load_stats(path)
-    from dng_cli.data import load_tensors
-
     log.info("computing FID reference statistics %s", name)
-    images, labels = load_tensors(cfg.dataset.name, cfg.dataset.root, fcfg.split)
+    images, labels = load_dataset(cfg.dataset, fcfg.split)
     big = int(getattr(net, "num_features", 0)) > 512  # Inception: 299x299 inputs, small batches
     stats = metrics.per_class_stats(net, pipeline.to_uint8(images), labels, int(cfg.dataset.num_classes),
                                     batch_size=32 if big else 500, progress=big)
@@ -195,9 +202,9 @@ class Scorer:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.forbidden = pipeline.forbidden_classes(cfg, int(cfg.dataset.num_classes))
-        self.classifier = load_classifier(cfg.model.classifier)
+        self.classifier = pipeline.run_classifier(cfg)  # a classifier of your own runs on one batch here
         clf_net = metrics.feature_network("classifier", self.classifier)
-        self.fid_key = metrics.features_key("classifier", resolve(cfg.model.classifier, "classifier"))
+        self.fid_key = "classifier-" + classifier_weights_hash(cfg.model.classifier)[:12]
         self.stats = fid_reference(cfg, clf_net, self.fid_key)
         self.inception = None
         if cfg.metrics.fid.features == "inception":

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dng_cli import metrics, pipeline, runs
-from dng_cli.models import classify, load_classifier
+from dng_cli.models import classify
 from dng_cli.commands.common import atomic_write_text, entry, setup_torch
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ def final_verdict(cfg: DictConfig, images: torch.Tensor) -> torch.Tensor | None:
     """Is each final image classified as a forbidden class? None when the model config names no classifier."""
     if OmegaConf.is_missing(cfg.model, "classifier") or cfg.model.get("classifier") is None:
         return None
-    preds, _ = classify(load_classifier(cfg.model.classifier), images)
+    preds, _ = classify(pipeline.run_classifier(cfg), images)
     return metrics.is_forbidden(preds, pipeline.forbidden_classes(cfg, int(cfg.dataset.num_classes)))
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from dng_cli import UserError
 from dng_cli.commands.common import atomic_save, entry, hardware, plain, setup_torch
-from dng_cli.data import load_tensors
+from dng_cli.data import load_dataset
 from dng_cli.io import recover_folder
 from dng_cli.runs import RunLock
 from dng_cli.validate import check_types
@@ -112,7 +112,7 @@ def run_ddpm(cfg: DictConfig, output_dir: Path) -> dict:
 def _run_ddpm(cfg: DictConfig, out: Path) -> dict:
     device = setup_torch(cfg.device, cfg.get("num_threads"))
     classes = list(cfg.dataset.classes) if cfg.dataset.get("classes") is not None else None
-    images, labels = load_tensors(cfg.dataset.name, cfg.dataset.root, "train", classes)
+    images, labels = load_dataset(cfg.dataset, "train", classes)
     images, labels = images.to(device), labels.to(device)
     arch = plain(cfg.model.unet)
     if cfg.conditional:
@@ -250,8 +250,8 @@ def run_classifier(cfg: DictConfig, output_dir: Path) -> dict:
 
 def _run_classifier(cfg: DictConfig, out: Path) -> dict:
     device = setup_torch(cfg.device, cfg.get("num_threads"))
-    x, y = load_tensors(cfg.dataset.name, cfg.dataset.root, "train")
-    xt, yt = load_tensors(cfg.dataset.name, cfg.dataset.root, "test")
+    x, y = load_dataset(cfg.dataset, "train")
+    xt, yt = load_dataset(cfg.dataset, "test")
     if cfg.get("max_train") and cfg.max_train < len(x):
         x, y = x[: cfg.max_train], y[: cfg.max_train]
     x, y, xt, yt = x.to(device), y.to(device), xt.to(device), yt.to(device)

@@ -1,0 +1,91 @@
+"""Independent units of `dng compare` / `dng calibrate` as jobs of the configured launcher.
+
+``dng compare launcher=slurm`` (or ``launcher=local``) without ``-m``: the submitting process builds a submitit
+executor from the same ``hydra.launcher`` settings a ``-m`` sweep uses (partition, time limit, GPUs, setup lines,
+…), runs each method's calibration as one job, each evaluation point as one job, waits for them, and writes
+the tables itself. Every job re-uses the run folders' fingerprints, so a re-run resumes from whatever finished,
+and a job that fails makes the command fail with a count line after the others have finished. In a ``-m``
+sweep the command is itself a launcher job and runs its units inline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from dng_cli import UserError, one_line
+
+log = logging.getLogger(__name__)
+EXECUTORS = {"SlurmLauncher": "slurm", "LocalLauncher": "local"}  # hydra-submitit-launcher's classes
+SPECIFIC_INIT_KEYS = {"max_num_timeout"}
+ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)(: .*)?$")  # a traceback's last line
+
+
+class Runner:
+    """Maps a function over argument tuples as submitit jobs (one job each) and waits for all of them."""
+
+    def __init__(self, cluster: str, params: dict, folder: Path):
+        import submitit
+
+        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+        from omegaconf import OmegaConf
+
+        self.cluster, self.folder = cluster, folder
+        self._submitting = threading.Lock()  # methods submit from their own threads; a batch is one sbatch call
+        init = {"folder": str(folder / ".submitit" / "%j")}
+        init.update({f"{cluster}_{k}": v for k, v in params.items() if k in SPECIFIC_INIT_KEYS})
+        self.executor = submitit.AutoExecutor(cluster=cluster, **init)
+        base = set(OmegaConf.structured(BaseQueueConf).keys())  # as the launcher maps them
+        self.executor.update_parameters(**{k if k in base else f"{cluster}_{k}": v for k, v in params.items()
+                                           if k not in SPECIFIC_INIT_KEYS | {"submitit_folder", "_target_"}})
+
+    def map(self, fn: Callable, calls: Sequence[tuple], what: str) -> list[Any]:
+        """``fn(*args)`` for each args as one job; the results in order. Raises one UserError naming how many
+        failed once every job has ended."""
+        if not calls:
+            return []
+        with self._submitting, self.executor.batch():
+            jobs = [self.executor.submit(fn, *args) for args in calls]
+        log.info("%s: %d %s job(s) submitted: %s", what, len(jobs), self.cluster, ", ".join(j.job_id for j in jobs))
+        results, failed = [], []
+        for job in jobs:
+            try:
+                results.append(job.result())
+            except Exception as err:  # submitit's FailedJobError carries the job's traceback: keep its error line
+                errors = [line for line in str(err).splitlines() if ERROR_LINE.match(line)]
+                failed.append(f"job {job.job_id}: {errors[-1] if errors else one_line(err)}")
+                results.append(None)
+        if failed:
+            raise UserError(f"{what}: {len(failed)} of {len(jobs)} jobs failed (logs under {self.folder / '.submitit'}); "
+                            f"first: {failed[0]}")
+        return results
+
+
+def runner(output_dir: Path) -> Runner | None:
+    """A Runner for the launcher of this ``dng`` run, or None (no launcher, a ``-m`` job, or outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    target = str(hc.launcher.get("_target_", ""))
+    cluster = EXECUTORS.get(target.rsplit(".", 1)[-1])
+    if cluster is None or hc.mode == RunMode.MULTIRUN:
+        return None
+    whole = OmegaConf.create({"hydra": OmegaConf.to_container(hc, resolve=False)})  # its ${hydra.job.name} etc.
+    whole.hydra.launcher.pop("submitit_folder", None)  # the units' logs go under this run's folder instead
+    params = OmegaConf.to_container(whole.hydra.launcher, resolve=True)
+    return Runner(cluster, params, Path(output_dir).resolve())
+
+
+def job_logging() -> None:
+    """A job's log lines (they go to its submitit .out file)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
