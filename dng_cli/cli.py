@@ -85,6 +85,25 @@ def rewrite(args: list[str]) -> list[str]:
     return out
 
 
+def command_line(argv: list[str]) -> tuple[Command, list[str]]:
+    """``dng <command> [target] args`` -> (the command, its Hydra overrides)."""
+    name, args = argv[0], list(argv[1:])
+    if name not in COMMANDS:
+        raise UserError(f"unknown command {name!r}: allowed are {', '.join(COMMANDS)}")
+    cmd = COMMANDS[name]
+    if name == "train":
+        if not args or args[0] not in TRAIN:
+            raise UserError(f"train needs a target: allowed are {', '.join(TRAIN)} (got {args[0] if args else 'nothing'!r})")
+        cmd, args = TRAIN[args[0]], args[1:]
+    elif name == "data":
+        if args and "=" not in args[0] and not args[0].startswith("-"):
+            args = [f"dataset={args[0]}"] + args[1:]
+    elif name == "report":
+        if args and "=" not in args[0] and not args[0].startswith("-"):
+            args = [f"dir={args[0]}"] + args[1:]
+    return cmd, rewrite(args)
+
+
 def _error(message: str) -> None:
     print(f"dng: error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -102,21 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
-    name, args = argv[0], argv[1:]
-    if name not in COMMANDS:
-        _error(f"unknown command {name!r}: allowed are {', '.join(COMMANDS)}")
-    cmd = COMMANDS[name]
-    if name == "train":
-        if not args or args[0] not in TRAIN:
-            _error(f"train needs a target: allowed are {', '.join(TRAIN)} (got {args[0] if args else 'nothing'!r})")
-        cmd, args = TRAIN[args[0]], args[1:]
-    elif name == "data":
-        if args and "=" not in args[0] and not args[0].startswith("-"):
-            args = [f"dataset={args[0]}"] + args[1:]
-    elif name == "report":
-        if args and "=" not in args[0] and not args[0].startswith("-"):
-            args = [f"dir={args[0]}"] + args[1:]
-    args = rewrite(args)
+    name = argv[0]
+    try:
+        cmd, args = command_line(argv)
+    except UserError as err:
+        _error(str(err))
     module = importlib.import_module(cmd.module)
     try:
         from dng_cli.validate import check

@@ -2,7 +2,7 @@
 decay late in the chain? (a report, not a test)
 
     python scripts/posterior_diagnostics.py --model gmm                     # analytic mixture, seconds
-    python scripts/posterior_diagnostics.py --model mnist --n 200 --steps 50 100 250   # ~15 min, 2 CPU cores
+    python scripts/posterior_diagnostics.py --model mnist --n 200 --steps 50 100 250   # ≈ 35 min on 2 CPU cores (measured)
 
 One UNguided chain per step count (every guidance scale is 0, so samples = the model's own), recording
 per step and sample the three numbers every posterior update is made of: ‖δ‖², ⟨x' − μ_u, δ⟩ with

