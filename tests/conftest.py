@@ -10,7 +10,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW_MODULES = {"test_faults", "test_sweep", "test_benchmarks", "test_real_models", "test_posterior_exact", "test_slurm",
-                "test_own_models", "test_fanout"}
+                "test_own_models", "test_fanout", "test_docs"}
 SLOW_TESTS = {"test_compare_end_to_end_on_the_tiny_model", "test_turning_inception_on_rescores_the_saved_samples_without_sampling",
               "test_evaluate_reports_inception_fid_next_to_the_classifier_fid", "test_real_inception_weights_when_installed"}
 
