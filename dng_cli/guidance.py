@@ -88,6 +88,37 @@ class NegativePrompting(Guidance):
         return eps, eps_u.new_full((eps_u.shape[0],), self.guidance_scale)
 
 
+CCFG_TAU_DIMS = 4 * 64 * 64  # the SD-1.5 latent (4×64×64), on which CCFG's τ (0.2) is set
+
+
+def _ccfg_weight(diff: torch.Tensor, tau: float, sign: float = -1.0) -> torch.Tensor:
+    """2σ(sign·τ̂‖d‖²) per sample of d [B, ...], ‖·‖² summed over the sample's values and τ̂ = τ·16384/D for a
+    D-value sample: CCFG's exponent at the same per-value scale on any shape (τ̂ = τ on SD latents)."""
+    per_sample = diff.flatten(1)
+    tau_hat = tau * CCFG_TAU_DIMS / per_sample.shape[1]
+    return 2 * torch.sigmoid(sign * tau_hat * per_sample.pow(2).sum(1))
+
+
+class ContrastiveCFG(Guidance):
+    """Contrastive CFG's negative guidance (Chang, Chung & Ye 2024, arXiv 2411.17077; the ``ddim_np_ccfg``
+    solver of github.com/jinhojsk515/ContrastiveCFG):  ε̃ = ε_u − w Σ_c 2σ(−τ̂‖ε_c − ε_u‖²) (ε_c − ε_u).
+
+    Per sample the NP direction is scaled by 2σ(−τ̂‖ε_c − ε_u‖²): ≈ w where the conditional and unconditional
+    predictions agree (the sample looks like the class), → 0 where they differ. Their τ = 0.2 is set for a
+    sum over 4×64×64 latent values; ``tau`` here is that τ, applied as τ̂ = τ·16384/D to a D-value sample (the
+    same scale per value: τ̂ ≈ 4.18 on 1×28×28), so ``tau=0.2`` is their default on every shape."""
+
+    def __init__(self, guidance_scale: float = 1.0, tau: float = 0.2):
+        self.guidance_scale = _check_finite_nonneg("guidance_scale", guidance_scale)
+        self.tau = _check_finite_nonneg("tau", tau)
+
+    def __call__(self, eps_u, eps_c, step, state):
+        diff = eps_c - eps_u  # [K, B, ...]
+        weight = torch.stack([_ccfg_weight(d, self.tau) for d in diff])  # [K, B]
+        eps = eps_u - self.guidance_scale * (weight.view(*weight.shape, *([1] * (eps_u.dim() - 1))) * diff).sum(0)
+        return eps, self.guidance_scale * weight.sum(0)
+
+
 class SafeLatentDiffusion(Guidance):
     """Safe Latent Diffusion (Schramowski et al., CVPR 2023, Eqs. 3-8), as diffusers'
     ``StableDiffusionPipelineSafe`` with the prompt taken as the unconditional prediction:
@@ -258,6 +289,28 @@ class ReplacedNegativePrompt(_PromptBranches):
         return eps, eps_p.new_full((eps_p.shape[0],), w)
 
 
+class ContrastiveCFGPrompt(_PromptBranches):
+    """Contrastive CFG on the raw text branches, as their ``ddim_np_ccfg`` solver (``dng sd`` only): the prompt
+    with CCFG's positive term w·2σ(+τ̂‖ε_p − ε_∅‖²)(ε_p − ε_∅) (``naive_positive``: plain CFG w(ε_p − ε_∅)), the
+    negative prompt with its negative term −w·2σ(−τ̂‖ε_n − ε_∅‖²)(ε_n − ε_∅)."""
+
+    needs_conditional = True
+
+    def __init__(self, cfg_scale: float = 7.5, tau: float = 0.2, naive_positive: bool = False):
+        super().__init__(cfg_scale)
+        self.tau = _check_finite_nonneg("tau", tau)
+        self.naive_positive = bool(naive_positive)
+
+    def __call__(self, eps_u, eps_c, step, state):
+        eps_p, eps_n = eps_c[0], eps_c[1]
+        w, shape = self.cfg_scale, (-1, *([1] * (eps_u.dim() - 1)))
+        pos = torch.ones(eps_u.shape[0], dtype=eps_u.dtype, device=eps_u.device) if self.naive_positive \
+            else _ccfg_weight(eps_p - eps_u, self.tau, +1.0)
+        neg = _ccfg_weight(eps_n - eps_u, self.tau)
+        eps = eps_u + w * pos.view(shape) * (eps_p - eps_u) - w * neg.view(shape) * (eps_n - eps_u)
+        return eps, w * neg
+
+
 class DiffusersSafeLatentDiffusion(_PromptBranches):
     """Safe Latent Diffusion exactly as diffusers' ``StableDiffusionPipelineSafe`` (its "perform
     guidance" block), with ε_s the safety concept (our negative prompt):
@@ -311,6 +364,8 @@ METHODS = {
     "np": NegativePrompting,
     "sld": SafeLatentDiffusion,
     "dng": DynamicNegativeGuidance,
+    "ccfg": ContrastiveCFG,
+    "ccfg_sd": ContrastiveCFGPrompt,  # dng sd only
     "negative_prompt": ReplacedNegativePrompt,  # dng sd only
     "sld_diffusers": DiffusersSafeLatentDiffusion,  # dng sd only
 }

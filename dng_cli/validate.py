@@ -144,7 +144,7 @@ SPEC: dict[str, tuple] = {
     "method.guidance_scale": (FLOAT, 0.0), "method.prior": (FLOAT,), "method.temperature": (FLOAT, 0.0),
     "method.offset": (FLOAT,), "method.p_min": (FLOAT,), "method.p_max": (FLOAT,), "method.threshold": (FLOAT,),
     "method.scale": (FLOAT, 0.0), "method.momentum_scale": (FLOAT, 0.0), "method.momentum_beta": (FLOAT,),
-    "method.warmup_steps": (INT, 0), "metrics.kl_smoothing": (FLOAT, 0.0, None, False),
+    "method.warmup_steps": (INT, 0), "method.tau": (FLOAT, 0.0), "metrics.kl_smoothing": (FLOAT, 0.0, None, False),
     "dataset.channels": (INT, 1), "dataset.image_size": (INT, 1), "dataset.num_classes": (INT, 2),
     "pilot_n": (INT, 1), "pilot_seed": (INT, 0), "max_probes": (INT, 2), "tolerance": (FLOAT, 0.0, None, False),
     "bootstrap": (INT, 0), "bootstrap_seed": (INT, 0), "grid_extend": (INT, 0), "band_factor": (FLOAT, 1.0, None, False),

@@ -14,7 +14,8 @@ from dng_cli.models import ClassConditionalEps
 N, STEPS = 96, 10
 DATASETS = {"mnist": ["dataset=mnist", "model=mnist", "forbidden=[0]"],
             "fashion_mnist": ["dataset=fashion_mnist", "model=fashion_mnist", "forbidden=[6]"]}
-METHODS = {"np": ["method=np", "method.guidance_scale=1"], "sld": ["method=sld"], "dng": ["method=dng"]}
+METHODS = {"np": ["method=np", "method.guidance_scale=1"], "sld": ["method=sld"], "dng": ["method=dng"],
+           "ccfg": ["method=ccfg", "method.guidance_scale=3"]}
 pytestmark = pytest.mark.slow
 
 

@@ -112,7 +112,7 @@ def test_sld_preset_values_are_diffusers_safety_config():
         assert {k: conf[k] for k in getattr(SafetyConfig, preset)} == getattr(SafetyConfig, preset)
 
 
-@pytest.mark.parametrize("method", ["sld_medium", "negative_prompt"])
+@pytest.mark.parametrize("method", ["sld_medium", "negative_prompt", "ccfg_sd"])
 def test_prompt_branch_methods_are_refused_outside_sd(tmp_path, capsys, method):
     with pytest.raises(SystemExit):
         cli.main(["evaluate", "model=tiny_random", f"method={method}", f"hydra.run.dir={tmp_path / 'r'}"])
@@ -127,7 +127,7 @@ def test_unknown_prediction_type_is_one_line(compose):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("method", ["dng", "np", "sld", "sld_medium", "negative_prompt"])
+@pytest.mark.parametrize("method", ["dng", "np", "sld", "sld_medium", "negative_prompt", "ccfg", "ccfg_sd"])
 def test_sd_command_offline(tmp_path, method):
     run_dir = tmp_path / method
     cli_args = ["sd", "sd_model=tiny_random", "prompt=a cat", "negative_prompt=a dog", f"method={method}",
