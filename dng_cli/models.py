@@ -338,6 +338,34 @@ def classify(classifier: nn.Module, images: torch.Tensor, batch_size: int = 500)
 
 
 # ------------------------------------------------------------------------------------- eps_fns
+PRECISIONS = ("fp32", "bf16", "auto")
+# Methods whose results the paired fp32-vs-bf16 table (README performance section) found unchanged under bf16;
+# ``sampler.precision=auto`` uses bf16 only for these, on hardware with native bf16. None is measured yet.
+BF16_CLEARED: frozenset[str] = frozenset()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Does the device compute bf16 natively (CUDA: Ampere/Hopper; CPU: the AVX512_BF16 or AMX-BF16 flags)?"""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device, method: str | None = None) -> str:
+    """The network precision a run uses: fp32, bf16 (autocast on the network only, everywhere), or for
+    ``auto`` bf16 where the device has it natively and the method is in ``BF16_CLEARED``, else fp32."""
+    if precision not in PRECISIONS:
+        raise UserError(f"sampler.precision={precision!r} is invalid: allowed are {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if method in BF16_CLEARED and native_bf16(device) else "fp32"
+    return precision
+
+
 class Network:
     """One UNet as the sampler calls it: memory format, optional ``torch.compile`` and micro-batches.
 
@@ -346,7 +374,11 @@ class Network:
     padded to ``max_batch`` rows so the compiled graph sees one shape and never recompiles.
     """
 
-    def __init__(self, unet, channels_last: bool = False, compile: bool = False, max_batch: int | None = None):
+    def __init__(self, unet, channels_last: bool = False, compile: bool = False, max_batch: int | None = None,
+                 precision: str = "fp32"):
+        if precision not in ("fp32", "bf16"):
+            raise UserError(f"precision={precision!r} is invalid here: fp32 or bf16 (resolve auto first)")
+        self.precision = precision
         if max_batch is not None and int(max_batch) <= 0:
             raise UserError(f"max_batch={max_batch} is invalid: it must be a positive integer or null")
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -373,6 +405,10 @@ class Network:
 
     def _run(self, x, t, class_labels):
         x = x.contiguous(memory_format=self.memory_format)
+        if self.precision == "bf16":  # the network only: the chain, the posterior and every metric stay fp32
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+                out = self.forward(x, t, class_labels=class_labels, return_dict=False)[0]
+            return out.float().contiguous()
         return self.forward(x, t, class_labels=class_labels, return_dict=False)[0].contiguous()
 
 
@@ -388,12 +424,12 @@ class ClassConditionalEps:
     """
 
     def __init__(self, unet, forbidden: Sequence[int] = (), label: int | None = None, channels_last: bool = False,
-                 compile: bool = False, max_batch: int | None = None, null_label="last"):
+                 compile: bool = False, max_batch: int | None = None, null_label="last", precision: str = "fp32"):
         num_embeds = getattr(unet.config, "num_class_embeds", None)
         if not num_embeds:
             raise UserError("model has no class embedding (num_class_embeds is empty): use model kind 'pair' "
                             "for unconditional checkpoints")
-        self.net = Network(unet, channels_last, compile, max_batch)
+        self.net = Network(unet, channels_last, compile, max_batch, precision)
         self.unet = self.net.unet
         self.num_classes = int(num_embeds) - 1
         self.null_label = null_label_index(int(num_embeds), null_label)  # embedding index of the null label
@@ -425,9 +461,9 @@ class PairEps:
     one model trained on each forbidden class only for ε_c."""
 
     def __init__(self, unconditional, forbidden_models: Sequence = (), channels_last: bool = False,
-                 compile: bool = False, max_batch: int | None = None):
-        self.unconditional = Network(unconditional, channels_last, compile, max_batch)
-        self.forbidden_models = [Network(m, channels_last, compile, max_batch) for m in forbidden_models]
+                 compile: bool = False, max_batch: int | None = None, precision: str = "fp32"):
+        self.unconditional = Network(unconditional, channels_last, compile, max_batch, precision)
+        self.forbidden_models = [Network(m, channels_last, compile, max_batch, precision) for m in forbidden_models]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor):
         eps_u = self.unconditional(x, t)

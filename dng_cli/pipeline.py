@@ -19,7 +19,7 @@ from dng_cli import UserError, runs
 from dng_cli.io import sha256_file
 from dng_cli.guidance import METHODS
 from dng_cli.models import (SHIPPED, ClassConditionalEps, PairEps, build_unet, classifier_weights_hash, load_classifier,
-                            load_ddpm, null_label_index, resolve, unet_weights_file)
+                            load_ddpm, null_label_index, resolve, resolve_precision, unet_weights_file)
 from dng_cli.sampler import SampleOutput, as_epsilon, check_prediction_type, randn, sample
 from dng_cli.schedule import VARIANCES, NoiseSchedule
 from dng_cli.validate import check_types
@@ -171,6 +171,7 @@ def check_run_cfg(cfg: DictConfig) -> None:
     if hasattr(guidance, "check_classes"):
         guidance.check_classes(len(forbidden))
     check_types(cfg)  # n_samples, batch sizes, speed flags: the declared type/range table
+    resolve_precision(str(cfg.sampler.get("precision", "fp32")), torch.device("cpu"), cfg.method.get("name"))
     check_model_cfg(cfg.model, cfg.dataset)
     check_prediction_type(prediction_type(cfg.model))
     build_schedule(cfg.sampler, cfg.model)
@@ -201,8 +202,9 @@ def load_model(model_cfg: DictConfig, device: torch.device):
 
 
 def make_eps_fn(network, model_cfg: DictConfig, forbidden: list[int], guidance, label: int | None = None,
-                channels_last: bool = False, compile: bool = False, max_batch: int | None = None):
-    speed = dict(channels_last=channels_last, compile=compile, max_batch=max_batch)
+                channels_last: bool = False, compile: bool = False, max_batch: int | None = None,
+                precision: str = "fp32"):
+    speed = dict(channels_last=channels_last, compile=compile, max_batch=max_batch, precision=precision)
     classes = forbidden if guidance.needs_conditional else []
     if model_cfg.kind == "pair":
         uncond, per_class = network
@@ -220,7 +222,7 @@ def build(cfg: DictConfig, device: torch.device, network=None, label: int | None
     network = network if network is not None else load_model(cfg.model, device)
     s = cfg.sampler
     eps_fn = make_eps_fn(network, cfg.model, forbidden, guidance, label, bool(s.get("channels_last", False)),
-                         bool(s.get("compile", False)), s.get("max_batch"))
+                         bool(s.get("compile", False)), s.get("max_batch"), precision_of(cfg, device))
     shape = (int(cfg.dataset.channels), int(cfg.dataset.image_size), int(cfg.dataset.image_size))
     schedule = build_schedule(cfg.sampler, cfg.model)
     eps_fn = as_epsilon(eps_fn, schedule, prediction_type(cfg.model))
@@ -259,6 +261,16 @@ def generate_all(gen: SamplingSetup, seeds: list[int], batch_size: int, progress
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats -> uint8 [0, 255] (the format every metric and file uses)."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def precision_of(cfg: DictConfig, device: torch.device | None = None) -> str:
+    """The network precision this run uses (``sampler.precision`` with auto resolved; see models.resolve_precision)."""
+    raw = str(cfg.sampler.get("precision", "fp32"))
+    if device is None:
+        name = str(cfg.sampler.get("device", "cpu"))
+        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                              ("cpu" if name == "auto" else name))
+    return resolve_precision(raw, device, cfg.method.get("name"))
 
 
 def setup_torch(device: str = "cpu", num_threads: int | None = None) -> torch.device:
@@ -309,7 +321,11 @@ def result_identity(cfg: DictConfig, classifier: bool = True) -> dict:
         weights["unconditional"] = _weights_hash(Path(str(model.unconditional)), "model.unconditional")
         for c, p in model.forbidden_models.items():
             weights[f"class_{c}"] = _weights_hash(Path(str(p)), f"model.forbidden_models.{c}")
-    return runs.identity(plain(cfg), weights, schedule_of)
+    identity = runs.identity(plain(cfg), weights, schedule_of)
+    identity.pop("sampler.precision", None)  # the precision actually used; fp32 is every earlier result's
+    if "sampler" in cfg and precision_of(cfg) != "fp32":
+        identity["sampler.precision"] = precision_of(cfg)
+    return identity
 
 
 def identity_config(config: dict) -> dict:

@@ -75,6 +75,8 @@ def identity_config(config: dict, schedule_of: Callable[[dict], dict]) -> dict:
     identity = result_config(config)
     if identity.get("model.null_label") == "last":  # the convention every result before the key had
         del identity["model.null_label"]
+    if identity.get("sampler.precision") == "fp32":  # likewise: every result before the key ran in fp32
+        del identity["sampler.precision"]
     if isinstance(config.get("model"), dict):
         identity.update(schedule_of(config["model"]))
     return identity

@@ -99,6 +99,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="network precision of our sampler's cases (sampler.precision; the reference loop stays fp32)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]; the noise is drawn on the CPU as in `dng sample`")
     ap.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                     help="run our sampler in NCHW (the reference loop always is)")
@@ -114,7 +116,7 @@ def main() -> None:
         raise SystemExit(f"error: --device {args.device}: no CUDA device is available")
     unet = load_ddpm(args.model).to(device)
     unet_ref = load_ddpm(args.model).to(device)  # plain NCHW copy for the reference loop
-    speed = dict(channels_last=args.channels_last, max_batch=args.max_batch or None)
+    speed = dict(channels_last=args.channels_last, max_batch=args.max_batch or None, precision=args.precision)
     schedule = NoiseSchedule.linear().respace(args.steps)
     x_T = torch.randn(args.batch, 1, 28, 28, generator=torch.Generator().manual_seed(0)).to(device)
     eps_u_only = ClassConditionalEps(unet, [], **speed)
@@ -164,7 +166,8 @@ def main() -> None:
     net_ms = 1000 * best["raw 2x"] / args.steps
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     print(f"machine: {machine}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {device}, "
-          f"threads {torch.get_num_threads()}, channels_last {args.channels_last}, max_batch {args.max_batch}, "
+          f"threads {torch.get_num_threads()}, channels_last {args.channels_last}, precision {args.precision}, "
+          f"max_batch {args.max_batch}, "
           f"batch {args.batch}, steps {args.steps}, repeats {args.repeats} (min)"
           + (f", compile {compile_s:.0f} s once" if compile_s is not None else ""))
     print(f"{'case':<10} {'seconds':>9} {'images/s':>9} {'net evals/s':>12}")
@@ -188,7 +191,7 @@ def main() -> None:
         "dng_over_np_bookkeeping": (net_ms + book["dng"]) / (net_ms + book["np"]),
         "dng_over_raw_bookkeeping": (net_ms + book["dng"]) / net_ms,
         "images_per_s": {k: args.batch / v for k, v in best.items()},
-        "device": str(device), "batch": args.batch, "steps": args.steps, "channels_last": args.channels_last, "repeats": args.repeats, "threads": torch.get_num_threads(),
+        "device": str(device), "precision": args.precision, "batch": args.batch, "steps": args.steps, "channels_last": args.channels_last, "repeats": args.repeats, "threads": torch.get_num_threads(),
     }
     print(json.dumps(result))
 

@@ -171,6 +171,7 @@ def _run(cfg: DictConfig, output_dir: Path, network) -> dict:
         "wall_time_s": round(wall, 3),
         "images_per_s": n / wall,
         "sampled_on": sampled_on,
+        "precision": pipeline.precision_of(cfg, gen.device),
         "noise": runs.NOISE,
         "samples": {"fingerprint": samples_fp, "saved": save_samples},
         "config": plain(cfg),

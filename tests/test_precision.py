@@ -1,0 +1,63 @@
+"""sampler.precision: fp32 is bit for bit what every earlier run drew; bf16 autocasts the network only and is its
+own result; auto falls back to fp32 without native bf16 or for a method the paired table has not cleared."""
+
+import numpy as np
+import pytest
+import torch
+
+from dng_cli import UserError, models, pipeline
+from dng_cli.commands import evaluate
+
+BASE = ["model=tiny_random", "n_samples=8", "sampler.steps=3", "sampler.batch_size=4", "sampler.progress=false",
+        "method=np", "method.guidance_scale=2"]
+
+
+def _run(compose, folder, extra):
+    m = evaluate.run(compose("evaluate", BASE + extra), folder)
+    with np.load(folder / "samples.npz") as f:
+        return m, f["images"]
+
+
+def test_fp32_is_bit_for_bit_the_run_without_the_key(compose, tmp_path):
+    a, ia = _run(compose, tmp_path / "fp32", ["sampler.precision=fp32"])
+    b, ib = _run(compose, tmp_path / "none", ["~sampler.precision"])
+    assert np.array_equal(ia, ib) and a["fingerprint"] == b["fingerprint"] and a["precision"] == "fp32"
+    assert "sampler.precision" not in pipeline.result_identity(compose("evaluate", BASE))
+
+
+def test_bf16_autocasts_the_network_and_is_its_own_result(compose, tmp_path):
+    a, ia = _run(compose, tmp_path / "fp32", [])
+    b, ib = _run(compose, tmp_path / "bf16", ["sampler.precision=bf16"])
+    assert b["precision"] == "bf16" and b["fingerprint"] != a["fingerprint"]
+    assert not np.array_equal(ia, ib)  # bf16 network outputs differ ...
+    assert np.abs(ia.astype(int) - ib.astype(int)).mean() < 8  # ... by rounding, not by another chain
+    with pytest.raises(UserError, match="made by another config|another config"):  # never reused as the fp32 result
+        evaluate.run(compose("evaluate", BASE + ["sampler.precision=bf16"]), tmp_path / "fp32")
+
+
+def test_the_network_output_stays_float32(compose):
+    net = models.Network(models.build_unet(dict(compose("evaluate", BASE).model.unet), seed=0).eval(), precision="bf16")
+    x = torch.randn(2, 1, 28, 28)
+    with torch.inference_mode():
+        out = net(x, torch.tensor([10, 500]), torch.tensor([10, 0]))
+        ref = models.Network(net.unet, precision="fp32")(x, torch.tensor([10, 500]), torch.tensor([10, 0]))
+    assert out.dtype == torch.float32 and not torch.equal(out, ref)
+    assert (out - ref).norm() / ref.norm() < 0.05
+
+
+def test_auto_falls_back_to_fp32(compose, monkeypatch):
+    cfg = compose("evaluate", BASE + ["sampler.precision=auto"])
+    monkeypatch.setattr(models, "native_bf16", lambda device: False)
+    assert pipeline.precision_of(cfg) == "fp32"
+    monkeypatch.setattr(models, "BF16_CLEARED", frozenset({"np"}))
+    assert pipeline.precision_of(cfg) == "fp32"  # no native bf16: fp32 even for a cleared method
+    monkeypatch.setattr(models, "native_bf16", lambda device: True)
+    assert pipeline.precision_of(cfg) == "bf16"
+    assert pipeline.result_identity(cfg)["sampler.precision"] == "bf16"
+    monkeypatch.setattr(models, "BF16_CLEARED", frozenset())
+    assert pipeline.precision_of(cfg) == "fp32"  # native bf16, but the method is not cleared
+
+
+def test_an_unknown_precision_is_one_line(compose):
+    with pytest.raises(UserError, match="sampler.precision='fp16' is invalid: allowed are fp32, bf16, auto"):
+        evaluate.check_cfg(compose("evaluate", BASE + ["sampler.precision=fp16"]))
