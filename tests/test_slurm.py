@@ -1,8 +1,8 @@
 """Sweeps through a real single-node SLURM cluster (the ``slurm`` fixture: slurmctld + slurmd + munged on this
-machine), on the tiny model: jobs really go through sbatch, a failing job fails the sweep, and a cancelled job is
-finished by re-running the sweep. (A requeued job, `scontrol requeue`, was tried: without an accounting database
-the submitting sweep did not return within 400 s, so it is not tested here; resuming from finished batches after
-a kill is tested in test_faults.py.)"""
+machine), on the tiny model: jobs really go through sbatch, a failing job fails the sweep, a cancelled job is
+finished by re-running the sweep, a requeued job resumes from its finished batches, a lock of another node is
+judged by its SLURM job, and `dng compare launcher=slurm` fans out. (Submitit's own watcher cannot follow a
+requeue without an accounting database, so the requeue test submits with sbatch directly.)"""
 
 import os
 import re
@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+
+import pytest
 
 from dng_cli import cli
 
@@ -161,3 +163,41 @@ def test_compare_fans_out_through_sbatch_and_equals_the_serial_run(slurm, tmp_pa
     serial = json.loads((tmp_path / "serial" / "compare.json").read_text())
     for key in ("methods", "claims", "evaluations", "calibration"):
         assert summary[key] == serial[key], key
+
+
+def test_a_requeued_job_resumes_from_its_finished_batches(slurm, tmp_path, compose):
+    """`scontrol requeue` of a running `dng evaluate` job (what preemption does): SLURM kills it and starts it again;
+    the new run takes over the lock of the job's earlier run (same SLURM job, higher restart count), draws only the
+    seeds the killed run had not finished, and ends with the metrics of an uninterrupted run. (Submitted with
+    sbatch directly: submitit's own watcher needs an accounting database to follow a requeue.)"""
+    import json
+
+    from dng_cli.commands import evaluate
+
+    out, go = tmp_path / "run", tmp_path / "go"
+    args = [*TINY, "method=np", "method.guidance_scale=2"]
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\n" + " ".join([sys.executable, "-m", "dng_cli.cli", "evaluate", *args,
+                                                   f"hydra.run.dir={out}"]) + "\n")
+    env = {**os.environ, "DNG_TEST_PAUSE": "evaluate_batch", "DNG_TEST_RESUME": str(go)}
+    res = subprocess.run(["sbatch", "--parsable", "--requeue", "--mem=3G", "--cpus-per-task=1",
+                          f"--output={tmp_path}/slurm-%j-%s.out", "--open-mode=append", str(script)],
+                         capture_output=True, text=True, check=True, env=env, cwd=tmp_path)
+    job = res.stdout.strip().split(";")[0]
+    _wait(lambda: len(list(out.glob(".partial-*/batch-*.npz"))) >= 1, 240, "a finished batch")
+    first = {p.name for p in out.glob(".partial-*/batch-*.npz")}
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    _wait(lambda: _job_state(job) == "PENDING", 120, "the job requeued")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)  # skip the requeue delay
+    restarts = lambda: next((w.split("=", 1)[1] for w in subprocess.run(  # noqa: E731
+        ["scontrol", "show", "job", job], capture_output=True, text=True).stdout.split() if w.startswith("Restarts=")), "0")
+    _wait(lambda: restarts() == "1" and _job_state(job) == "RUNNING", 300, "the requeued job to run again")
+    go.touch()
+    _wait(lambda: _job_state(job) == "COMPLETED", 240, "the requeued job to finish")
+    log = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out")) + (out / "evaluate.log").read_text()
+    assert "resuming: 2 of 6 samples were drawn before, drawing the other 4" in log, log[-3000:]
+    assert first and not list(out.glob(".partial-*"))  # the batches were used, then cleared
+    m = json.loads((out / "metrics.json").read_text())
+    ref = evaluate.run(compose("evaluate", args), tmp_path / "uninterrupted")
+    assert m["fingerprint"] == ref["fingerprint"] and m["histogram_counts"] == ref["histogram_counts"]
+    assert m["fid"] == pytest.approx(ref["fid"], rel=1e-9)
