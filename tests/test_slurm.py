@@ -118,7 +118,8 @@ def test_a_lock_of_another_node_is_judged_by_its_slurm_job(slurm, tmp_path):
 
     from dng_cli import RunRefused, runs
 
-    res = subprocess.run(["sbatch", "--parsable", "--mem=100M", "--wrap", "sleep 300"], capture_output=True, text=True,
+    res = subprocess.run(["sbatch", "--parsable", "--mem=100M", f"--output={tmp_path}/slurm-%j.out", "--wrap", "sleep 300"],
+                         capture_output=True, text=True, cwd=tmp_path,
                          check=True)
     job = res.stdout.strip().split(";")[0]
     _wait(lambda: _job_state(job) == "RUNNING", 180, "the job to run")
