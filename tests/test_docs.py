@@ -96,3 +96,24 @@ def test_the_figures_quoted_for_the_shipped_assets_equal_their_cards():
         assert f"{acc:.2f} %" in readme, (name, acc)
         size = (folder / "ddpm" / "diffusion_pytorch_model.safetensors").stat().st_size / 1e6
         assert f"{size:.1f} MB safetensors" in page, (name, size)
+
+
+COMPARES = sorted((REPO / "docs" / "results").glob("*/*/compare.json"))
+
+
+def test_published_comparisons_have_their_files():
+    assert COMPARES, "docs/results/<table>/<dataset>/compare.json: the files behind the matched-safety table"
+
+
+@pytest.mark.parametrize("path", COMPARES, ids=[p.parent.relative_to(REPO).as_posix() for p in COMPARES])
+def test_a_published_comparison_table_is_regenerated_from_its_files(path):
+    """The table in docs/results.md and the committed compare.md are what `dng compare`'s own table code makes of
+    the committed compare.json (no number copied by hand)."""
+    from dng_cli.commands.compare import markdown
+
+    summary = json.loads(path.read_text())
+    table = markdown(summary, summary["compared"], summary["not_reached"])
+    assert table.strip() and table in (path.parent / "compare.md").read_text()
+    assert table in (REPO / "docs" / "results.md").read_text()
+    for cal in summary["calibration"]:  # the calibration files behind λ0
+        assert (path.parent / "calibrate" / cal / "calibration.json").is_file(), cal

@@ -188,11 +188,19 @@ def test_a_requeued_job_resumes_from_its_finished_batches(slurm, tmp_path, compo
     _wait(lambda: len(list(out.glob(".partial-*/batch-*.npz"))) >= 1, 240, "a finished batch")
     first = {p.name for p in out.glob(".partial-*/batch-*.npz")}
     subprocess.run(["scontrol", "requeue", job], check=True)
-    _wait(lambda: _job_state(job) == "PENDING", 120, "the job requeued")
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)  # skip the requeue delay
-    restarts = lambda: next((w.split("=", 1)[1] for w in subprocess.run(  # noqa: E731
-        ["scontrol", "show", "job", job], capture_output=True, text=True).stdout.split() if w.startswith("Restarts=")), "0")
-    _wait(lambda: restarts() == "1" and _job_state(job) == "RUNNING", 300, "the requeued job to run again")
+
+    def running_again() -> bool:  # SLURM delays a requeued job's start (BeginTime): move it to now while pending
+        show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout.split()
+        fields = dict(w.split("=", 1) for w in show if "=" in w)
+        if fields.get("JobState") == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        return fields.get("Restarts") == "1" and fields.get("JobState") == "RUNNING"
+
+    try:
+        _wait(running_again, 300, "the requeued job to run again")
+    except AssertionError:
+        show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+        raise AssertionError(f"the requeued job did not run again: {show}") from None
     go.touch()
     _wait(lambda: _job_state(job) == "COMPLETED", 240, "the requeued job to finish")
     log = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out")) + (out / "evaluate.log").read_text()
