@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The interim NP-vs-SLD table (docs/results.md, matched safety): the np and sld results of run_mnist.sh (finished
+# before its dng part), tabulated on their own. Copies them into a fresh folder and runs dng compare there for
+# methods=[np,sld]: every probe and grid point is reused by its fingerprint (nothing is sampled).
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+src=outputs/issue23/mnist dst=outputs/issue23/mnist_np_sld
+mkdir -p "$dst/calibrate" "$dst/eval"
+for m in np sld; do
+  cp -r "$src/calibrate/$m" "$src/calibrate/$m-0.01" "$src/calibrate/$m-0.003" "$dst/calibrate/"
+  cp -r "$src/eval/$m" "$dst/eval/"
+done
+find "$dst" -name .dng.lock -delete  # the copies' locks name the source run's process
+exec dng compare n_samples=1000 pilot_n=300 tolerance=0.5 "methods=[np,sld]" sampler.progress=false hydra.run.dir="$dst"
