@@ -84,6 +84,26 @@ def runner(output_dir: Path) -> Runner | None:
     return Runner(cluster, params, Path(output_dir).resolve())
 
 
+PATH_KEYS = ("dataset.root", "metrics.fid.cache_dir", "model.path", "model.classifier", "model.unconditional",
+             "metrics.fid.inception_weights")
+
+
+def absolute_paths(config: dict) -> dict:
+    """The plain config a job gets, with its relative paths made absolute against the submitting directory: a job
+    may start elsewhere (another node's working directory). Data and cache folders always; model and classifier
+    values only when they name an existing path here (else they are shipped names such as "mnist")."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(config)
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, str) or os.path.isabs(value):
+            continue
+        if key in ("dataset.root", "metrics.fid.cache_dir") or os.path.exists(value):
+            OmegaConf.update(cfg, key, os.path.abspath(value))
+    return OmegaConf.to_container(cfg)
+
+
 def job_logging() -> None:
     """A job's log lines (they go to its submitit .out file)."""
     if not logging.getLogger().handlers:

@@ -69,3 +69,18 @@ def test_calibrate_through_the_local_launcher_equals_the_serial_run(tmp_path, ca
     assert len(job_folders(tmp_path / "job")) == 1
     serial, job = (json.loads((tmp_path / f / "calibration.json").read_text()) for f in ("serial", "job"))
     assert job == serial and serial["probes"]
+
+
+def test_a_job_gets_absolute_paths(tmp_path, monkeypatch):
+    """A job may start in another working directory (another node): data, cache and local model paths are made
+    absolute against the submitting directory; shipped names stay names."""
+    from dng_cli.fanout import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_unet").mkdir()
+    config = {"dataset": {"root": "data", "name": "mnist"}, "metrics": {"fid": {"cache_dir": "fid", "split": "test"}},
+              "model": {"path": "my_unet", "classifier": "mnist"}}
+    out = absolute_paths(config)
+    assert out["dataset"]["root"] == str(tmp_path / "data") and out["metrics"]["fid"]["cache_dir"] == str(tmp_path / "fid")
+    assert out["model"] == {"path": str(tmp_path / "my_unet"), "classifier": "mnist"}
+    assert config["dataset"]["root"] == "data"  # the run's own config is not changed

@@ -104,7 +104,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
 
     jobs = fanout.runner(output_dir)  # launcher=local|slurm: the bisection runs as one job, not here
     if jobs is not None:
-        (result,) = jobs.map(_job, [(plain(cfg), float(cfg.target_forbidden), Path(output_dir).resolve())], "calibrate")
+        (result,) = jobs.map(_job, [(fanout.absolute_paths(plain(cfg)), float(cfg.target_forbidden),
+                                     Path(output_dir).resolve())], "calibrate")
     else:
         device = setup_torch(cfg.sampler.device, cfg.sampler.get("num_threads"))
         network = pipeline.load_model(cfg.model, device)

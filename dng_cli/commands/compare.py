@@ -260,7 +260,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     compared = [k for k in cfg.compared if k != "fid_inception" or inception] + (
         ["fid_inception"] if inception and "fid_inception" not in cfg.compared else [])
     forbidden = pipeline.forbidden_classes(cfg, int(cfg.dataset.num_classes))
-    data = pipeline.plain(cfg)
+    data = fanout.absolute_paths(pipeline.plain(cfg))  # what a job gets: it may start in another directory
     if jobs is None:
         cal_lists = [calibrate_targets(cfg, name, targets, output_dir, network) for name in names]
     else:
