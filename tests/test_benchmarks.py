@@ -44,3 +44,29 @@ def test_bench_steps_tiny(tmp_path):
     again = _last_json([str(REPO / "scripts" / "bench_steps.py"), "--n", "2", "--steps", "2,50", "--methods", "np",
                         "--out", str(tmp_path / "bs")], tmp_path)
     assert again["rows"] == out["rows"] and not (tmp_path / "bs" / "np-2" / "samples.png").exists()
+
+
+def test_precision_pairs_pairs_two_runs_of_the_same_seeds(tmp_path, compose):
+    """scripts/precision_pairs.py on fp32 and bf16 runs of the tiny model: point differences equal the two
+    metrics.json's, and McNemar's exact p is the binomial tail (6 vs 0 discordant pairs: 2/64)."""
+    import importlib.util
+
+    from dng_cli.commands import evaluate
+
+    base = ["model=tiny_random", "n_samples=8", "sampler.steps=2", "sampler.batch_size=8", "sampler.progress=false",
+            "method=dng"]
+    a = evaluate.run(compose("evaluate", base), tmp_path / "fp32")
+    b = evaluate.run(compose("evaluate", base + ["sampler.precision=bf16"]), tmp_path / "bf16")
+    out = _last_json([str(REPO / "scripts" / "precision_pairs.py"), str(tmp_path / "fp32"), str(tmp_path / "bf16"),
+                      "--bootstrap", "20"], tmp_path)
+    assert out["precision"] == ["fp32", "bf16"] and 0 <= out["class_changed"] <= 1 and out["n"] == 8
+    assert out["fid_diff"][0] == pytest.approx(b["fid"] - a["fid"], abs=1e-6)
+    assert out["kl_kept_diff"][0] == pytest.approx(b["kl_kept"] - a["kl_kept"], abs=1e-9)
+    spec = importlib.util.spec_from_file_location("precision_pairs", REPO / "scripts" / "precision_pairs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import numpy as np
+
+    x = np.array([True] * 6 + [False] * 10)
+    assert module.mcnemar_p(x, np.zeros(16, bool)) == pytest.approx(2 / 64)
+    assert module.mcnemar_p(x, x) == 1.0
