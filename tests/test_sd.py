@@ -147,3 +147,11 @@ def test_sd_needs_negative_prompt(capsys, tmp_path):
         cli.main(["sd", "sd_model=tiny_random", "prompt=a cat", "method=dng", f"hydra.run.dir={tmp_path / 'r'}"])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "negative_prompt" in err
+
+
+def test_sd_refuses_a_precision_it_does_not_apply(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["sd", "sd_model=tiny_random", "prompt=a cat", "negative_prompt=a dog", "sampler.precision=bf16",
+                  f"hydra.run.dir={tmp_path / 'x'}"])
+    assert exit_info.value.code == 2
+    assert "sampler.precision=bf16 is not supported by dng sd" in capsys.readouterr().err
