@@ -243,6 +243,11 @@ def load_tensors(name: str, root: str | Path, split: str = "train", classes: lis
         ds = getattr(torchvision.datasets, tv_name)(str(root), train=split == "train", download=False)
         data = ds.data.unsqueeze(1)
         labels = torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
+    return _as_float(data, labels, classes)
+
+
+def _as_float(data: torch.Tensor, labels: torch.Tensor, classes: list[int] | None):
+    """uint8 images -> float32 in [-1, 1], optionally only the given classes."""
     if classes is not None:
         keep = torch.isin(labels, torch.as_tensor(list(classes), dtype=torch.long))
         data, labels = data[keep], labels[keep]
@@ -252,6 +257,17 @@ def load_tensors(name: str, root: str | Path, split: str = "train", classes: lis
 # ------------------------------------------------------------------------- datasets of your own
 FORMATS = ("builtin", "image_folder", "tensors", "torchvision")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+PIL_MODES = {1: "L", 3: "RGB"}
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _chw(image) -> np.ndarray:
+    """A PIL image or an array [H, W(, C)] as uint8 [C, H, W]."""
+    arr = np.asarray(image)
+    return arr.reshape(arr.shape[0], arr.shape[1], -1).transpose(2, 0, 1)
 
 
 def dataset_format(dataset_cfg) -> str:
@@ -288,7 +304,7 @@ def content_hash(dataset_cfg, split: str) -> str | None:
         return None
     folder = split_source(dataset_cfg, split)
     h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+    for path in _images_under(folder):
         h.update(f"{path.relative_to(folder).as_posix()}\0{sha256_of(path)}\0".encode())
     return h.hexdigest()
 
@@ -314,22 +330,22 @@ def _image_folder(dataset_cfg, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     from PIL import Image
 
     folder = split_source(dataset_cfg, split)
-    mode = {1: "L", 3: "RGB"}.get(int(dataset_cfg.channels))
+    mode = PIL_MODES.get(int(dataset_cfg.channels))
     if mode is None:
         raise UserError(f"dataset {dataset_cfg.name}: channels={dataset_cfg.channels} is invalid for images: 1 or 3")
     size = int(dataset_cfg.image_size)
     xs, ys = [], []
     for c, sub in enumerate(_class_folders(dataset_cfg, folder)):
-        for path in sorted(p for p in sub.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        for path in _images_under(sub):
             try:
                 with Image.open(path) as im:
-                    arr = np.asarray(im.convert(mode))
+                    arr = _chw(im.convert(mode))
             except OSError as err:
                 raise UserError(f"dataset {dataset_cfg.name}: {str(path)!r} is not a readable image: {err}") from None
-            if arr.shape[:2] != (size, size):
-                raise UserError(f"dataset {dataset_cfg.name}: {str(path)!r} is {arr.shape[1]}x{arr.shape[0]}, "
+            if arr.shape[1:] != (size, size):
+                raise UserError(f"dataset {dataset_cfg.name}: {str(path)!r} is {arr.shape[2]}x{arr.shape[1]}, "
                                 f"dataset.image_size is {size}")
-            xs.append(arr.reshape(size, size, -1).transpose(2, 0, 1))
+            xs.append(arr)
             ys.append(c)
     if not xs:
         raise UserError(f"dataset {dataset_cfg.name}: no images under {folder}")
@@ -371,11 +387,10 @@ def _torchvision(dataset_cfg, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         cause = err.__cause__ or err
         raise UserError(f"dataset.target={dataset_cfg.get('target')!r} could not be built: {type(cause).__name__}: "
                         f"{str(cause).splitlines()[0] if str(cause) else ''}") from None
-    mode = {1: "L", 3: "RGB"}[int(dataset_cfg.channels)]
+    mode = PIL_MODES[int(dataset_cfg.channels)]
     xs, ys = [], []
     for im, y in ds:
-        arr = np.asarray(im.convert(mode)) if hasattr(im, "convert") else np.asarray(im)
-        xs.append(arr.reshape(arr.shape[0], arr.shape[1], -1).transpose(2, 0, 1))
+        xs.append(_chw(im.convert(mode) if hasattr(im, "convert") else im))
         ys.append(int(y))
     return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.long)
 
@@ -392,7 +407,4 @@ def load_dataset(dataset_cfg, split: str = "train", classes: list[int] | None = 
     k = int(dataset_cfg.num_classes)
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= k):
         raise UserError(f"dataset {dataset_cfg.name}: labels outside 0..{k - 1} in its {split} split")
-    if classes is not None:
-        keep = torch.isin(labels, torch.as_tensor(list(classes), dtype=torch.long))
-        data, labels = data[keep], labels[keep]
-    return data.float().div(127.5).sub(1.0).contiguous(), labels
+    return _as_float(data, labels, classes)

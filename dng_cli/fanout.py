@@ -104,8 +104,11 @@ def absolute_paths(config: dict) -> dict:
     return OmegaConf.to_container(cfg)
 
 
-def job_logging() -> None:
-    """A job's log lines (they go to its submitit .out file)."""
+def unit(fn: Callable, config: dict, *args):
+    """What a launcher job runs: ``fn(cfg, *args)`` on the plain config, with its log lines in the job's .out file."""
+    from omegaconf import OmegaConf
+
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    return fn(OmegaConf.create(config), *args)

@@ -91,12 +91,13 @@ class NegativePrompting(Guidance):
 CCFG_TAU_DIMS = 4 * 64 * 64  # the SD-1.5 latent (4×64×64), on which CCFG's τ (0.2) is set
 
 
-def _ccfg_weight(diff: torch.Tensor, tau: float, sign: float = -1.0) -> torch.Tensor:
-    """2σ(sign·τ̂‖d‖²) per sample of d [B, ...], ‖·‖² summed over the sample's values and τ̂ = τ·16384/D for a
-    D-value sample: CCFG's exponent at the same per-value scale on any shape (τ̂ = τ on SD latents)."""
-    per_sample = diff.flatten(1)
-    tau_hat = tau * CCFG_TAU_DIMS / per_sample.shape[1]
-    return 2 * torch.sigmoid(sign * tau_hat * per_sample.pow(2).sum(1))
+def _ccfg_weight(diff: torch.Tensor, sample_dims: int, tau: float, sign: float = -1.0) -> torch.Tensor:
+    """2σ(sign·τ̂‖d‖²) per sample of d [..., *sample], ‖·‖² summed over the last ``sample_dims`` dims (a sample's
+    values) and τ̂ = τ·16384/D for a D-value sample: CCFG's exponent at the same per-value scale on any shape
+    (τ̂ = τ on SD latents)."""
+    per_sample = diff.flatten(-sample_dims)
+    tau_hat = tau * CCFG_TAU_DIMS / per_sample.shape[-1]
+    return 2 * torch.sigmoid(sign * tau_hat * per_sample.pow(2).sum(-1))
 
 
 class ContrastiveCFG(Guidance):
@@ -114,7 +115,7 @@ class ContrastiveCFG(Guidance):
 
     def __call__(self, eps_u, eps_c, step, state):
         diff = eps_c - eps_u  # [K, B, ...]
-        weight = torch.stack([_ccfg_weight(d, self.tau) for d in diff])  # [K, B]
+        weight = _ccfg_weight(diff, eps_u.dim() - 1, self.tau)  # [K, B]
         eps = eps_u - self.guidance_scale * (weight.view(*weight.shape, *([1] * (eps_u.dim() - 1))) * diff).sum(0)
         return eps, self.guidance_scale * weight.sum(0)
 
@@ -305,8 +306,8 @@ class ContrastiveCFGPrompt(_PromptBranches):
         eps_p, eps_n = eps_c[0], eps_c[1]
         w, shape = self.cfg_scale, (-1, *([1] * (eps_u.dim() - 1)))
         pos = torch.ones(eps_u.shape[0], dtype=eps_u.dtype, device=eps_u.device) if self.naive_positive \
-            else _ccfg_weight(eps_p - eps_u, self.tau, +1.0)
-        neg = _ccfg_weight(eps_n - eps_u, self.tau)
+            else _ccfg_weight(eps_p - eps_u, eps_u.dim() - 1, self.tau, +1.0)
+        neg = _ccfg_weight(eps_n - eps_u, eps_u.dim() - 1, self.tau)
         eps = eps_u + w * pos.view(shape) * (eps_p - eps_u) - w * neg.view(shape) * (eps_n - eps_u)
         return eps, w * neg
 

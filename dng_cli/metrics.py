@@ -251,31 +251,6 @@ class InceptionTorchScript(nn.Module):
         return f.flatten(1) if f.dim() > 2 else f
 
 
-_HEAP_KEPT = False
-
-
-def keep_heap() -> bool:
-    """Ask glibc to keep large freed blocks in the heap (``mallopt`` M_MMAP_THRESHOLD / M_TRIM_THRESHOLD to 1 GiB):
-    Inception's 299×299 activations are otherwise mmap-ed and returned to the kernel on every batch, and every page
-    faults again on the next one (measured as ≈ 23 % system time inside `dng evaluate`). Process-wide, once;
-    a no-op (False) where the C library has no mallopt (not glibc). Not applied by default: in
-    scripts/bench_inception.py (a fresh process per case) it bought nothing (11.0 vs 11.3 images/s at batch 32)."""
-    global _HEAP_KEPT
-    if _HEAP_KEPT:
-        return True
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
-    _HEAP_KEPT = bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
-    return _HEAP_KEPT
-
-
 def inception_resize(x: torch.Tensor, size: int = 299) -> torch.Tensor:
     """Bilinear resize of float images [N, C, H, W] to size×size with half-pixel centres and edge clamping: the
     convention of PIL's ``Image.resize(..., BILINEAR)`` and TF2's ``tf.image.resize`` for upsampling (tested

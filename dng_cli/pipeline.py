@@ -266,18 +266,19 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def precision_of(cfg: DictConfig, device: torch.device | None = None) -> str:
     """The network precision this run uses (``sampler.precision`` with auto resolved; see models.resolve_precision)."""
     raw = str(cfg.sampler.get("precision", "fp32"))
-    if device is None:
-        name = str(cfg.sampler.get("device", "cpu"))
-        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
-                              ("cpu" if name == "auto" else name))
+    device = torch.device(device if device is not None else auto_device(str(cfg.sampler.get("device", "cpu"))))
     return resolve_precision(raw, device, cfg.method.get("name"))
+
+
+def auto_device(device: str) -> str:
+    """``auto`` -> cuda when a CUDA device is available, else cpu; any other name as it is."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def setup_torch(device: str = "cpu", num_threads: int | None = None) -> torch.device:
     if num_threads:
         torch.set_num_threads(int(num_threads))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = auto_device(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={device!r} is unavailable: no CUDA device here (use device=cpu)")
     return torch.device(device)
@@ -323,8 +324,9 @@ def result_identity(cfg: DictConfig, classifier: bool = True) -> dict:
             weights[f"class_{c}"] = _weights_hash(Path(str(p)), f"model.forbidden_models.{c}")
     identity = runs.identity(plain(cfg), weights, schedule_of)
     identity.pop("sampler.precision", None)  # the precision actually used; fp32 is every earlier result's
-    if "sampler" in cfg and precision_of(cfg) != "fp32":
-        identity["sampler.precision"] = precision_of(cfg)
+    precision = precision_of(cfg) if "sampler" in cfg else "fp32"
+    if precision != "fp32":
+        identity["sampler.precision"] = precision
     return identity
 
 

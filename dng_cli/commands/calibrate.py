@@ -89,12 +89,8 @@ def calibrate_method(cfg: DictConfig, method: DictConfig, target: float, folder:
     return out
 
 
-def _job(cfg: dict, target: float, output_dir: Path) -> dict:
-    """What a launcher job runs: the whole bisection (its probes depend on each other)."""
-    from dng_cli import fanout
-
-    fanout.job_logging()
-    cfg = OmegaConf.create(cfg)
+def calibrate_run(cfg: DictConfig, target: float, output_dir: Path) -> dict:
+    """The run's own method calibrated: a launcher job's unit (its probes depend on each other)."""
     return calibrate_method(cfg, cfg.method, target, output_dir)
 
 
@@ -104,8 +100,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
 
     jobs = fanout.runner(output_dir)  # launcher=local|slurm: the bisection runs as one job, not here
     if jobs is not None:
-        (result,) = jobs.map(_job, [(fanout.absolute_paths(plain(cfg)), float(cfg.target_forbidden),
-                                     Path(output_dir).resolve())], "calibrate")
+        (result,) = jobs.map(fanout.unit, [(calibrate_run, fanout.absolute_paths(plain(cfg)), float(cfg.target_forbidden),
+                                            Path(output_dir).resolve())], "calibrate")
     else:
         device = setup_torch(cfg.sampler.device, cfg.sampler.get("num_threads"))
         network = pipeline.load_model(cfg.model, device)

@@ -232,14 +232,6 @@ def evaluate_point(cfg: DictConfig, name: str, scale: float, output_dir: Path, n
                         folder, network)
 
 
-def _job(fn_name: str, cfg: dict, *args):
-    """What a launcher job runs: ``calibrate_targets`` or ``evaluate_point`` on the plain config."""
-    from dng_cli import fanout
-
-    fanout.job_logging()
-    return globals()[fn_name](OmegaConf.create(cfg), *args)
-
-
 def run(cfg: DictConfig, output_dir: Path) -> dict:
     check_cfg(cfg)
     from dng_cli import fanout
@@ -264,7 +256,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     if jobs is None:
         cal_lists = [calibrate_targets(cfg, name, targets, output_dir, network) for name in names]
     else:
-        cal_lists = jobs.map(_job, [("calibrate_targets", data, name, targets, output_dir) for name in names],
+        cal_lists = jobs.map(fanout.unit, [(calibrate_targets, data, name, targets, output_dir) for name in names],
                              "compare calibration")
     not_reached, calibrations, evaluated = [], {}, {}
     for name, cals in zip(names, cal_lists):
@@ -278,7 +270,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         if jobs is None:
             results = [evaluate_point(cfg, name, s, output_dir, network) for s in scales]
         else:
-            results = jobs.map(_job, [("evaluate_point", data, name, s, output_dir) for s in scales],
+            results = jobs.map(fanout.unit, [(evaluate_point, data, name, s, output_dir) for s in scales],
                                f"compare {name} evaluation")
         points = []
         for scale, result in zip(scales, results):
