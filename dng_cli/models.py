@@ -215,14 +215,21 @@ class ExternalClassifier(nn.Module):
         return self
 
 
+SOURCE_KINDS = ("folder", "torchscript", "target")
+
+
 def classifier_source(value) -> dict:
     """What ``model.classifier`` names: {"kind": "folder", "path"} (this project's classifier; a shipped name
     or a folder with config.json + model.safetensors), {"kind": "torchscript", "path", "transform"} (a file,
     or a mapping with ``path``), or {"kind": "target", "target", "kwargs", "weights", "transform"}."""
+    from collections.abc import Mapping
+
     from omegaconf import DictConfig, OmegaConf
 
     if isinstance(value, DictConfig):
         value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping) and value.get("kind") in SOURCE_KINDS and "_target_" not in value:
+        return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in value.items()}  # already resolved (a run spec's)
     if isinstance(value, dict):
         spec = dict(value)
         transform = spec.pop("transform", None) or {}

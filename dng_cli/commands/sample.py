@@ -11,46 +11,49 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from dng_cli import metrics, pipeline, runs
+from dng_cli import metrics, pipeline, runs, spec
 from dng_cli.models import classify
 from dng_cli.commands.common import atomic_write_text, entry, setup_torch
 
 log = logging.getLogger(__name__)
 
 
-def final_verdict(cfg: DictConfig, images: torch.Tensor) -> torch.Tensor | None:
+def final_verdict(run: spec.RunSpec, images: torch.Tensor) -> torch.Tensor | None:
     """Is each final image classified as a forbidden class? None when the model config names no classifier."""
-    if OmegaConf.is_missing(cfg.model, "classifier") or cfg.model.get("classifier") is None:
+    if run.model.classifier is None:
         return None
-    preds, _ = classify(pipeline.run_classifier(cfg), images)
-    return metrics.is_forbidden(preds, pipeline.forbidden_classes(cfg, int(cfg.dataset.num_classes)))
+    preds, _ = classify(pipeline.run_classifier(run), images)
+    return metrics.is_forbidden(preds, list(run.forbidden))
+
+
+def check_cfg(cfg: DictConfig) -> spec.RunSpec:
+    """Every check that needs nothing heavy; the run spec the rest of the run uses."""
+    return spec.resolve_run(cfg, scored=False)
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict:
-    pipeline.check_run_cfg(cfg)
-    device = setup_torch(cfg.sampler.device, cfg.sampler.get("num_threads"))
-    gen = pipeline.build(cfg, device)
-    seeds = [int(cfg.sampler.seed) + i for i in range(int(cfg.n_samples))]
+    run_spec = check_cfg(cfg)  # the config, resolved once
+    device = setup_torch(run_spec.sampler.device, run_spec.sampler.num_threads)
+    gen = pipeline.build(run_spec, device)
+    seeds = run_spec.seeds
     t0 = time.time()
-    out = pipeline.generate_all(gen, seeds, int(cfg.sampler.batch_size), progress=bool(cfg.sampler.progress))
+    out = pipeline.generate_all(gen, seeds, run_spec.sampler.batch_size, progress=run_spec.sampler.progress)
     wall = time.time() - t0
     images = pipeline.to_uint8(out.images)
     output_dir.mkdir(parents=True, exist_ok=True)
     from dng_cli.plots import guidance_plot, save_grid, trajectory_csv
 
     save_grid(images, output_dir / "samples.png")
-    runs.save_samples(output_dir / runs.SAMPLES_NAME, images.numpy(), seeds,
-                      runs.samples_fingerprint(pipeline.result_identity(cfg, classifier=False)),
+    runs.save_samples(output_dir / runs.SAMPLES_NAME, images.numpy(), seeds, runs.samples_fingerprint(dict(run_spec.identity)),
                       pipeline.device_name(gen.device), "sample")
     atomic_write_text(output_dir / "trajectory.csv", trajectory_csv(out.timesteps, out.posterior, out.scale))
     guidance_plot(out.timesteps, out.scale, out.posterior, output_dir / "guidance.png",
-                  title=f"{cfg.method.name}, forbidden {pipeline.forbidden_names(cfg, list(cfg.forbidden))}, {len(gen.schedule)} steps",
-                  is_forbidden=final_verdict(cfg, images))
+                  title=f"{run_spec.method_name}, forbidden {pipeline.forbidden_names(run_spec, list(run_spec.forbidden))}, {len(gen.schedule)} steps",
+                  is_forbidden=final_verdict(run_spec, images))
     log.info("%d samples in %.1fs (%.1f images/s) -> %s", len(seeds), wall, len(seeds) / wall, output_dir)
     return {"images": images, "output": out, "wall_time_s": wall}
 
 
-check_cfg = pipeline.check_run_cfg
 main = entry("sample", run)

@@ -1,0 +1,484 @@
+"""The composed config, resolved once into a frozen, typed run spec.
+
+The front of ``dng sample`` and ``dng evaluate`` (and of ``dng calibrate``/``compare``, which run evaluations)
+calls ``resolve(cfg)`` once. It makes every check that needs nothing heavy and resolves, in one place:
+
+- the model: its kind and checkpoint folders (shipped names -> the package), its noise schedule
+  (``scheduler_config.json``), the null label, and the classifier (``models.classifier_source``);
+- the dataset (shape, classes, format), the forbidden classes, the method config and its label;
+- the sampler: steps, variance, device (``auto`` decided) and network precision (``auto`` decided);
+- the metric settings, and the result identity (``runs.identity``) that names the result on disk.
+
+The layers below — ``pipeline.build``, ``evaluate.Scorer``, the FID reference, the result files — take a
+``RunSpec`` and never look at the DictConfig again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from dng_cli import UserError, runs
+from dng_cli.guidance import METHODS
+from dng_cli.models import (SHIPPED, classifier_source, classifier_weights_hash, null_label_index, resolve,
+                            resolve_precision)
+from dng_cli.schedule import VARIANCES, NoiseSchedule
+
+
+def frozen(value):
+    """A plain container made read-only all the way down (dict -> MappingProxyType, list -> tuple)."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: frozen(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(frozen(v) for v in value)
+    return value
+
+
+def thawed(value):
+    """``frozen``'s inverse: plain dicts and lists again (for JSON, Hydra instantiate, the identity)."""
+    if isinstance(value, Mapping):
+        return {k: thawed(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [thawed(v) for v in value]
+    return value
+
+
+def plain(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------- specs
+@dataclass(frozen=True)
+class DatasetSpec:
+    """The dataset: its images' shape, its classes and where its data are (``data.load_dataset`` reads it)."""
+
+    name: str
+    channels: int
+    image_size: int
+    num_classes: int
+    class_names: tuple[str, ...]
+    format: str                                   # builtin | image_folder | tensors | torchvision
+    root: str | None
+    extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # target, kwargs, splits, …
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    def get(self, key: str, default=None):
+        """Config-style access for ``data``'s loaders, which also take a dataset DictConfig."""
+        value = getattr(self, key) if key in self.__dataclass_fields__ else self.extra.get(key)
+        return default if value is None else value
+
+    def __getattr__(self, key: str):  # the format-specific keys (target, kwargs, splits) as attributes
+        extra = self.__dict__.get("extra") or {}
+        if key in extra:
+            return extra[key]
+        raise AttributeError(key)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The diffusion model: kind, resolved checkpoint folders, noise schedule, null label, classifier."""
+
+    name: str | None
+    kind: str                                     # conditional | pair | random
+    folders: Mapping[str, Path]                   # config key -> checkpoint folder ("model.path", "model.unconditional", …)
+    forbidden_models: Mapping[int, Path]          # pair: class -> its model's folder
+    unet: Mapping[str, Any] | None                # random: the architecture
+    seed: int | None                              # random: the weights' seed
+    null_label: Any                               # last | first | an embedding index
+    scheduler_config: Mapping[str, Any]           # the chain the model was trained with
+    classifier: Mapping[str, Any] | None          # ``models.classifier_source`` of model.classifier (None: not set)
+
+    @property
+    def path(self) -> Path:
+        return self.folders["model.path"]
+
+    @property
+    def unconditional(self) -> Path:
+        return self.folders["model.unconditional"]
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler_config.get("prediction_type", "epsilon"))
+
+    def base_schedule(self) -> NoiseSchedule:
+        return NoiseSchedule.from_scheduler(thawed(self.scheduler_config))
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    steps: int
+    variance: str                                 # small | large
+    seed: int
+    batch_size: int
+    device: str                                   # cpu, cuda, cuda:1 (auto decided)
+    num_threads: int | None
+    progress: bool
+    channels_last: bool
+    compile: bool
+    max_batch: int | None
+    precision: str                                # fp32 | bf16 (auto decided)
+
+
+@dataclass(frozen=True)
+class MetricsSpec:
+    features: str                                 # classifier | inception
+    split: str                                    # train | test (the FID reference)
+    cache_dir: str
+    inception_weights: str | None
+    kl_smoothing: float
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One ``dng sample``/``dng evaluate`` run, resolved. ``config`` is the composed config as a result records it."""
+
+    config: Mapping[str, Any]
+    method: Mapping[str, Any]                     # the method config: name, guidance_scale, …
+    label: str                                    # the method config chosen (e.g. dng_official_cli)
+    forbidden: tuple[int, ...]
+    dataset: DatasetSpec
+    model: ModelSpec
+    sampler: SamplerSpec
+    schedule: NoiseSchedule                       # the model's chain respaced to sampler.steps
+    metrics: MetricsSpec | None                   # None: a command that only samples
+    n_samples: int
+    skip_existing: bool
+    overwrite: bool
+    save_samples: bool
+
+    @property
+    def method_name(self) -> str:
+        return str(self.method["name"])
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.sampler.seed + i for i in range(self.n_samples)]
+
+    def guidance(self):
+        """A fresh guidance object (it keeps per-run state, e.g. SLD's momentum)."""
+        return build_guidance(self.method)
+
+    def plain_config(self) -> dict:
+        return thawed(self.config)
+
+    @cached_property
+    def identity(self) -> Mapping[str, Any]:
+        """Everything that determines the result (``runs.identity``): the result config and the hashes of the
+        weights (and of a dataset of your own) it used; the classifier's only when the run scores."""
+        model, weights = self.model, {}
+        if self.metrics is not None:
+            weights["classifier"] = classifier_weights_hash(thawed(model.classifier))
+            from dng_cli.data import content_hash
+
+            data_hash = content_hash(self.dataset, self.metrics.split)
+            if data_hash is not None:
+                weights["dataset"] = data_hash
+        for key, folder in model.folders.items():
+            name = {"model.path": "ddpm", "model.unconditional": "unconditional"}.get(key)
+            weights[name or f"class_{key.rsplit('.', 1)[1]}"] = weights_hash(folder, key)
+        identity = runs.identity(self.plain_config(), weights, lambda _: schedule_keys(thawed(model.scheduler_config)))
+        identity.pop("sampler.precision", None)  # the precision actually used; fp32 is every earlier result's
+        if self.sampler.precision != "fp32":
+            identity["sampler.precision"] = self.sampler.precision
+        return MappingProxyType(identity)
+
+    @property
+    def fingerprint(self) -> str:
+        return runs.fingerprint(dict(self.identity))
+
+
+# ------------------------------------------------------------------------------------ resolving
+def resolve_run(cfg: DictConfig, scored: bool = True) -> RunSpec:
+    """The spec of a ``dng sample`` (``scored=False``) or ``dng evaluate`` config, after every cheap check."""
+    from dng_cli.validate import check_types
+
+    method = build_guidance(cfg.method)
+    if method.prompt_branches:
+        allowed = ", ".join(k for k, v in METHODS.items() if not v.prompt_branches)
+        raise UserError(f"method {cfg.method.name} is for dng sd only (it guides with a text prompt's branches): "
+                        f"allowed here are {allowed}")
+    dataset = dataset_spec(cfg.dataset)
+    forbidden = forbidden_classes(cfg, dataset.num_classes)
+    if hasattr(method, "check_classes"):
+        method.check_classes(len(forbidden))
+    check_types(cfg)  # n_samples, batch sizes, speed flags: the declared type/range table
+    sampler = sampler_spec(cfg.sampler, str(cfg.method.get("name")))
+    model = model_spec(cfg.model, dataset, classifier=scored)
+    from dng_cli.sampler import check_prediction_type
+
+    check_prediction_type(model.prediction_type)
+    schedule = respaced(model.base_schedule(), cfg.sampler)
+    metrics = metrics_spec(cfg.metrics, dataset) if scored else None
+    return RunSpec(config=frozen(plain(cfg)), method=frozen(plain(cfg.method)), label=method_label(cfg),
+                   forbidden=tuple(forbidden), dataset=dataset, model=model, sampler=sampler, schedule=schedule,
+                   metrics=metrics, n_samples=int(cfg.get("n_samples", 0)), skip_existing=bool(cfg.get("skip_existing", True)),
+                   overwrite=bool(cfg.get("overwrite", False)), save_samples=bool(cfg.get("save_samples", True)))
+
+
+def method_label(cfg: DictConfig) -> str:
+    """The method config chosen (e.g. "dng_official_cli"): ``label`` when set, Hydra's choice of the
+    method group, else the method's name."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if cfg.get("label"):
+        return str(cfg.label)
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("method")
+        if choice:
+            return str(choice)
+    return str(cfg.method.name)
+
+
+def build_guidance(method_cfg: Mapping):
+    name = method_cfg.get("name")
+    if name not in METHODS:
+        raise UserError(f"method={name!r} is unknown: allowed are {', '.join(METHODS)}")
+    kwargs = {k: thawed(v) for k, v in method_cfg.items() if k != "name"}
+    try:
+        return METHODS[name](**kwargs)
+    except TypeError as err:
+        raise UserError(f"method {name}: {err}") from None
+
+
+def forbidden_classes(cfg: DictConfig, num_classes: int) -> list[int]:
+    """The top-level ``forbidden`` list, checked against the dataset's classes."""
+    raw = cfg.get("forbidden", [])
+    raw = list(raw) if isinstance(raw, (list, tuple, ListConfig)) else [raw]
+    if not raw:
+        raise UserError("forbidden=[] is invalid: name at least one forbidden class")
+    out = []
+    for c in raw:
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < num_classes:
+            raise UserError(f"forbidden class {c!r} is out of range: allowed are 0..{num_classes - 1}")
+        if c in out:
+            raise UserError(f"forbidden class {c} is given twice")
+        out.append(c)
+    if len(out) == num_classes:
+        raise UserError(f"forbidden={out} forbids every class: at least one of 0..{num_classes - 1} must be kept")
+    return out
+
+
+def dataset_spec(dataset_cfg: DictConfig) -> DatasetSpec:
+    from dng_cli.data import dataset_format
+
+    d = dataset_cfg  # attribute access: a missing mandatory value (???) fails here, in one line
+    core = ("name", "channels", "image_size", "num_classes", "class_names", "format", "root")
+    return DatasetSpec(name=str(d.name), channels=int(d.channels), image_size=int(d.image_size),
+                       num_classes=int(d.num_classes), class_names=tuple(str(c) for c in d.get("class_names") or ()),
+                       format=dataset_format(d), root=None if d.get("root") is None else str(d.root),
+                       extra=frozen({k: v for k, v in plain(d).items() if k not in core}))
+
+
+def sampler_spec(sampler_cfg: DictConfig, method: str) -> SamplerSpec:
+    s = sampler_cfg
+    device = auto_device(str(s.get("device", "cpu")))
+    precision = precision_for(s, method, device)
+    return SamplerSpec(steps=s.steps, variance=str(s.variance), seed=int(s.seed), batch_size=int(s.batch_size),
+                       device=device, num_threads=s.get("num_threads"), progress=bool(s.get("progress", True)),
+                       channels_last=bool(s.get("channels_last", False)), compile=bool(s.get("compile", False)),
+                       max_batch=s.get("max_batch"), precision=precision)
+
+
+def precision_for(sampler_cfg, method: str | None, device: str | torch.device | None = None) -> str:
+    """The network precision a sampler config uses on ``device`` (default: its own, auto decided):
+    ``sampler.precision`` with auto resolved (``models.resolve_precision``)."""
+    device = device if device is not None else auto_device(str(sampler_cfg.get("device", "cpu")))
+    return resolve_precision(str(sampler_cfg.get("precision", "fp32")), torch.device(device_type(str(device))), method)
+
+
+def metrics_spec(metrics_cfg: DictConfig, dataset: DatasetSpec) -> MetricsSpec:
+    from dng_cli import data, metrics
+
+    fid = metrics_cfg.fid
+    if fid.features not in metrics.FEATURES:
+        raise UserError(f"metrics.fid.features={fid.features!r} is unknown: allowed are {', '.join(metrics.FEATURES)}")
+    if fid.split not in ("train", "test"):
+        raise UserError(f"metrics.fid.split={fid.split!r} is invalid: allowed are train, test")
+    if dataset.format in ("image_folder", "tensors"):
+        data.split_source(dataset, str(fid.split))  # the FID reference's data exists
+    weights = fid.get("inception_weights")
+    return MetricsSpec(features=str(fid.features), split=str(fid.split), cache_dir=str(fid.cache_dir),
+                       inception_weights=None if weights is None else str(weights),
+                       kl_smoothing=float(metrics_cfg.kl_smoothing))
+
+
+def auto_device(device: str) -> str:
+    """``auto`` -> cuda when a CUDA device is available, else cpu; any other name as it is."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def device_type(device: str) -> str:
+    return "cuda" if str(device).startswith("cuda") else str(device)
+
+
+def respaced(base: NoiseSchedule, sampler_cfg) -> NoiseSchedule:
+    """``base`` respaced to ``sampler.steps`` after checking the sampler's ``steps`` and ``variance``."""
+    if sampler_cfg.variance not in VARIANCES:
+        raise UserError(f"sampler.variance={sampler_cfg.variance!r} is invalid: allowed are {', '.join(VARIANCES)}")
+    steps = sampler_cfg.steps
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise UserError(f"sampler.steps={steps!r} is invalid: it must be an integer in [1, {len(base)}]")
+    return base.respace(steps)
+
+
+# ---------------------------------------------------------------------------------------- model
+def model_folders(model_cfg) -> dict[str, Path]:
+    """Every checkpoint folder a model config names, by its config key (a shipped name -> the package's)."""
+    return {key: resolve(str(value), "ddpm") for key, value in model_paths(model_cfg).items()}
+
+
+def model_paths(model_cfg) -> dict[str, Any]:
+    """The checkpoint paths a model config names, as given, by config key."""
+    kind = model_cfg.get("kind")
+    if kind == "conditional":
+        return {"model.path": model_cfg.path}
+    if kind == "pair":
+        return {"model.unconditional": model_cfg.unconditional,
+                **{f"model.forbidden_models.{c}": p for c, p in model_cfg.forbidden_models.items()}}
+    if kind == "random":
+        return {}
+    raise UserError(f"model.kind={kind!r} is invalid: allowed are conditional, pair, random")
+
+
+def scheduler_config(model_cfg, folders: Mapping[str, Path]) -> dict:
+    """The diffusers scheduler config the model was trained with: ``scheduler_config.json`` in its folder
+    (``dng train`` writes it; a pair's models must agree), ``model.scheduler`` for a random model. Without
+    one: {} — diffusers' DDPMScheduler defaults, the linear 1e-4…0.02 chain over T = 1000 that every
+    model trained here before the file existed used."""
+    from dng_cli.io import read_json_object
+
+    if model_cfg.get("kind") == "random":
+        conf = model_cfg.get("scheduler") or {}
+        return dict(plain(conf) if isinstance(conf, DictConfig) else conf)
+    configs = {k: read_json_object(f / "scheduler_config.json") if (f / "scheduler_config.json").is_file() else {}
+               for k, f in folders.items()}
+    first_key, first = next(iter(configs.items()))
+    for key, conf in configs.items():
+        if not torch.allclose(NoiseSchedule.from_scheduler(conf).betas, NoiseSchedule.from_scheduler(first).betas):
+            raise UserError(f"{key} was trained with another noise schedule than {first_key} "
+                            f"(their scheduler_config.json differ): a pair must share one")
+    return first
+
+
+def model_spec(model_cfg: DictConfig, dataset: DatasetSpec | None = None, classifier: bool = False) -> ModelSpec:
+    """The model config resolved and checked: its folders exist and (with ``dataset``) fit the dataset's
+    images and classes; with ``classifier``, model.classifier too."""
+    kind = model_cfg.get("kind")
+    given = model_paths(model_cfg)
+    folders = {key: resolve(str(value), "ddpm") for key, value in given.items()}
+    configs = {}
+    for key, path in folders.items():
+        if not (path / "config.json").is_file():
+            value = given[key]
+            if key == "model.path":
+                raise UserError(f"model.path={str(value)!r} is not a checkpoint folder (save_pretrained folder "
+                                f"with config.json) nor a shipped name ({', '.join(SHIPPED)})")
+            raise UserError(f"model path {str(value)!r} is not a checkpoint folder (save_pretrained folder with config.json)")
+        configs[key] = json.loads((path / "config.json").read_text())
+    if kind == "random":
+        configs = {"model.unet": plain(model_cfg.unet)}
+    null_label = model_cfg.get("null_label", "last")
+    if dataset is not None:
+        _check_fits(model_cfg, kind, configs, dataset, null_label)
+    source = None
+    if classifier:
+        source = classifier_spec(model_cfg.get("classifier"), dataset)
+    elif not OmegaConf.is_missing(model_cfg, "classifier") and model_cfg.get("classifier") is not None:
+        source = classifier_source(model_cfg.classifier)
+    forbidden_models = ({int(c): folders[f"model.forbidden_models.{c}"] for c in model_cfg.forbidden_models}
+                        if kind == "pair" else {})
+    return ModelSpec(name=model_cfg.get("name"), kind=str(kind), folders=MappingProxyType(folders),
+                     forbidden_models=MappingProxyType(forbidden_models),
+                     unet=frozen(plain(model_cfg.unet)) if kind == "random" else None,
+                     seed=int(model_cfg.seed) if kind == "random" else None, null_label=null_label,
+                     scheduler_config=frozen(scheduler_config(model_cfg, folders)),
+                     classifier=frozen(source) if source is not None else None)
+
+
+def _check_fits(model_cfg, kind: str, configs: dict, dataset: DatasetSpec, null_label) -> None:
+    want = {"in_channels": dataset.channels, "sample_size": dataset.image_size}
+    for key, conf in configs.items():
+        for field_, value in want.items():
+            if conf.get(field_) is not None and conf.get(field_) != value:
+                raise UserError(f"{key} does not fit dataset={dataset.name}: its {field_} is {conf.get(field_)}, "
+                                f"the dataset's is {value}")
+    if kind == "conditional":
+        check_trained_on("model.path", str(model_cfg.path), "ddpm", dataset)
+    if kind in ("conditional", "random"):
+        embeds = next(iter(configs.values())).get("num_class_embeds")
+        if embeds is not None and embeds != dataset.num_classes + 1:
+            raise UserError(f"model={model_cfg.get('name')} does not fit dataset={dataset.name}: it has "
+                            f"{embeds - 1} classes (+ null label), the dataset {dataset.num_classes}")
+        if embeds is not None:
+            null_label_index(int(embeds), null_label)
+
+
+def classifier_spec(value, dataset: DatasetSpec | None) -> dict:
+    """``model.classifier`` resolved (``models.classifier_source``) and checked against the dataset."""
+    src = classifier_source(value)
+    if src["kind"] == "folder":
+        clf = Path(src["path"]) / "config.json"
+        if not clf.is_file():
+            raise UserError(f"model.classifier={str(value)!r} is not a classifier folder (config.json "
+                            f"and model.safetensors), a TorchScript file, nor a shipped name ({', '.join(SHIPPED)})")
+        if dataset is not None:
+            conf = json.loads(clf.read_text())
+            for field_, want in (("in_channels", dataset.channels), ("num_classes", dataset.num_classes)):
+                if conf.get(field_) is not None and conf[field_] != want:
+                    raise UserError(f"model.classifier={str(value)!r} does not fit dataset={dataset.name}: "
+                                    f"its {field_} is {conf[field_]}, the dataset's is {want}")
+            check_trained_on("model.classifier", str(value), "classifier", dataset)
+    else:
+        classifier_weights_hash(src)  # the file / weights exist (it is checked on a batch later)
+    return src
+
+
+def check_trained_on(key: str, value: str, kind: str, dataset) -> None:
+    """Refuse a model or classifier whose card says it was trained on another dataset: same image size and
+    class count (mnist vs fashion_mnist) would otherwise run with the wrong class names and FID reference."""
+    card = resolve(value, kind) / "card.json"
+    trained = (json.loads(card.read_text()).get("data") or {}).get("dataset") if card.is_file() else None
+    if trained is not None and trained != dataset.name:
+        raise UserError(f"{key}={value!r} was trained on {trained}, not on dataset={dataset.name}: "
+                        f"add dataset={trained}")
+
+
+# -------------------------------------------------------------------------------------- identity
+def schedule_keys(conf: dict) -> dict:
+    """The model's noise schedule as result keys. A linear ε-chain keeps the keys the sampler config
+    carried before the schedule moved into the model folder, so earlier results stay reusable."""
+    schedule = NoiseSchedule.from_scheduler(conf)
+    pred = str(conf.get("prediction_type", "epsilon"))
+    if conf.get("trained_betas") is None and conf.get("beta_schedule", "linear") == "linear" and pred == "epsilon":
+        return {"sampler.num_train_timesteps": float(len(schedule)), "sampler.beta_start": float(conf.get("beta_start", 1e-4)),
+                "sampler.beta_end": float(conf.get("beta_end", 0.02))}
+    return {"schedule.betas": runs.fingerprint(schedule.betas.tolist()), "schedule.prediction_type": pred}
+
+
+def schedule_of(model: dict) -> dict:
+    """``schedule_keys`` of a stored result's model config (``runs.identity_config`` of an earlier result)."""
+    model_cfg = OmegaConf.create(model)
+    return schedule_keys(scheduler_config(model_cfg, model_folders(model_cfg)))
+
+
+def weights_hash(folder: Path, key: str) -> str:
+    """sha256 of a UNet folder's weights file (safetensors, .bin or .pt: ``models.unet_weights_file``)."""
+    from dng_cli.io import sha256_file
+    from dng_cli.models import unet_weights_file
+
+    if not folder.is_dir():
+        raise UserError(f"{key}: checkpoint folder {str(folder)!r} not found")
+    try:
+        return sha256_file(unet_weights_file(folder))
+    except UserError as err:
+        raise UserError(f"{key}: {err}") from None
