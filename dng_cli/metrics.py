@@ -324,9 +324,10 @@ def features_key(features: str, classifier_path: Path | None = None, net: nn.Mod
 
 @torch.inference_mode()
 def per_class_stats(net: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                    batch_size: int = 500, progress: bool = False) -> dict[str, np.ndarray]:
+                    batch_size: int = 500, progress: bool = False, features: list | None = None) -> dict[str, np.ndarray]:
     """Float64 accumulators per class: sum [K, D], cov_sum [K, D, D], n [K]. (2048-d Inception features:
-    33.6 MB of Σffᵀ per class, 336 MB for MNIST's ten — the price of any excluded-class set being exact.)"""
+    33.6 MB of Σffᵀ per class, 336 MB for MNIST's ten — the price of any excluded-class set being exact.)
+    ``features``: a list that receives every batch's features too (the KID reference)."""
     from tqdm.auto import tqdm
 
     d = int(net.num_features)
@@ -335,6 +336,8 @@ def per_class_stats(net: nn.Module, images_uint8: torch.Tensor, labels: torch.Te
     n = torch.zeros(num_classes, dtype=torch.float64)
     for i in tqdm(range(0, len(images_uint8), batch_size), disable=not progress, desc="reference features"):
         f = net(images_uint8[i:i + batch_size]).double()
+        if features is not None:
+            features.append(f.float())
         y = labels[i:i + batch_size]
         for c in y.unique().tolist():
             fc = f[y == c]
@@ -342,6 +345,83 @@ def per_class_stats(net: nn.Module, images_uint8: torch.Tensor, labels: torch.Te
             cs[c] += fc.t() @ fc
             n[c] += len(fc)
     return {"sum": s.numpy(), "cov_sum": cs.numpy(), "n": n.numpy()}
+
+
+# ----------------------------------------------------------------------------------------- KID
+# Kernel Inception Distance (Bińkowski et al. 2018, "Demystifying MMD GANs"): the unbiased MMD² between generated
+# and reference features with the cubic polynomial kernel k(x, y) = (xᵀy/d + 1)³. Unlike FID it has an unbiased
+# estimator and no Gaussian assumption, so it stays meaningful with fewer samples than feature dimensions.
+def poly_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a @ b.t() / a.shape[1] + 1.0) ** 3
+
+
+def _kernel_sum(a: torch.Tensor, b: torch.Tensor, block: int = 2048) -> float:
+    """Σ_ij k(a_i, b_j), in row blocks (a 9000×9000 kernel would not fit in memory at once)."""
+    return float(sum(poly_kernel(a[i:i + block], b).sum() for i in range(0, len(a), block)))
+
+
+def kid_reference_terms(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, np.ndarray]:
+    """Per-class kernel sums of the reference features, so that the reference term of KID for any set of kept
+    classes is exact without a kernel matrix per set: ``pair_sum`` [K, K] = Σ_{i∈a, j∈b} k(y_i, y_j), ``self_sum``
+    [K] = Σ_{i∈a} k(y_i, y_i)."""
+    y = features.double()
+    groups = [y[labels == c] for c in range(num_classes)]
+    pair = np.zeros((num_classes, num_classes))
+    for a in range(num_classes):
+        for b in range(a, num_classes):
+            pair[a, b] = pair[b, a] = _kernel_sum(groups[a], groups[b]) if len(groups[a]) and len(groups[b]) else 0.0
+    self_sum = np.array([float(((g * g).sum(1) / y.shape[1] + 1.0).pow(3).sum()) for g in groups])
+    return {"pair_sum": pair, "self_sum": self_sum}
+
+
+class KidReference:
+    """The reference side of KID for one set of kept classes: its features and its unbiased within-term
+    ``yy`` = mean_{i≠j} k(y_i, y_j) (from ``kid_reference_terms``)."""
+
+    def __init__(self, ref: dict[str, np.ndarray], exclude: Sequence[int] = ()):
+        keep = [c for c in range(len(ref["self_sum"])) if c not in set(exclude)]
+        mask = np.isin(ref["labels"], keep)
+        self.features = torch.from_numpy(ref["features"][mask]).double()
+        m = len(self.features)
+        pair = ref["pair_sum"][np.ix_(keep, keep)].sum()
+        self.yy = float((pair - ref["self_sum"][keep].sum()) / (m * (m - 1)))
+
+    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K_xx [N, N], r [N] = mean_j k(x_i, y_j)) of generated features x: what every KID of x's resamples needs."""
+        x = x.double()
+        r = torch.cat([poly_kernel(x[i:i + 1024], self.features).mean(1) for i in range(0, len(x), 1024)])
+        return poly_kernel(x, x), r
+
+
+def kid_from_parts(k_xx: torch.Tensor, r: torch.Tensor, yy: float, weights: torch.Tensor | None = None) -> float:
+    """Unbiased MMD² = mean_{i≠j} k(x_i, x_j) + yy − 2 mean_ij k(x_i, y_j). ``weights``: how often each sample is in
+    a bootstrap resample; pairs of one sample with itself are left out, as the unbiased estimator leaves out i = j."""
+    w = torch.ones(len(r), dtype=k_xx.dtype) if weights is None else weights.to(k_xx.dtype)
+    pairs = float(w.sum() ** 2 - (w * w).sum())
+    xx = float(w @ k_xx @ w - (w * w * torch.diagonal(k_xx)).sum()) / pairs
+    return xx + yy - 2.0 * float((w * r).sum() / w.sum())
+
+
+def kid(fake_features: torch.Tensor, reference: KidReference) -> float:
+    return kid_from_parts(*reference.parts(fake_features), reference.yy)
+
+
+def kid_se(fake_features: torch.Tensor, reference: KidReference, n_boot: int = 200, seed: int = 0) -> float | None:
+    """Bootstrap standard error of ``kid`` over resamples of the generated samples (reference held fixed, as
+    ``fid_se``); cheap: one N×N kernel, then a weighted sum per resample."""
+    n = len(fake_features)
+    if n < 3:
+        return None
+    k_xx, r = reference.parts(fake_features)
+    g = torch.Generator().manual_seed(seed)
+    values = [kid_from_parts(k_xx, r, reference.yy, torch.bincount(torch.randint(0, n, (n,), generator=g), minlength=n))
+              for _ in range(n_boot)]
+    return float(np.std(values, ddof=1))
+
+
+def load_kid_reference(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in ("features", "labels", "pair_sum", "self_sum")}
 
 
 def save_stats(path: Path, stats: dict[str, np.ndarray]) -> None:

@@ -189,17 +189,23 @@ def test_torchscript_inception_path_with_a_stand_in(tmp_path, monkeypatch):
     assert metrics.fid_from_features(f, ref) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_evaluate_reports_inception_fid_next_to_the_classifier_fid(compose, tiny_mnist, tmp_path, monkeypatch):
+def standin_inception(tmp_path, monkeypatch, tiny_mnist) -> list[str]:
+    """Overrides that score with a stand-in Inception (its hash accepted) on the tiny MNIST copy."""
     import hashlib
+
+    path = _standin_file(tmp_path)
+    monkeypatch.setattr(metrics, "TORCHSCRIPT_INCEPTION_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
+    return ["model=tiny_random", "sampler.steps=1", "sampler.progress=false", f"dataset.root={tiny_mnist}",
+            f"metrics.fid.cache_dir={tmp_path / 'fid'}", "metrics.fid.features=inception",
+            f"metrics.fid.inception_weights={path}"]
+
+
+def test_evaluate_reports_inception_fid_next_to_the_classifier_fid(compose, tiny_mnist, tmp_path, monkeypatch):
     import json
 
     from dng_cli.commands import evaluate
 
-    path = _standin_file(tmp_path)
-    monkeypatch.setattr(metrics, "TORCHSCRIPT_INCEPTION_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
-    cfg = compose("evaluate", ["model=tiny_random", "n_samples=6", "sampler.steps=1", "sampler.progress=false",
-                               "method=np", f"dataset.root={tiny_mnist}", f"metrics.fid.cache_dir={tmp_path / 'fid'}",
-                               "metrics.fid.features=inception", f"metrics.fid.inception_weights={path}"])
+    cfg = compose("evaluate", standin_inception(tmp_path, monkeypatch, tiny_mnist) + ["n_samples=6", "method=np"])
     evaluate.run(cfg, tmp_path / "run")
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["fid_features"].startswith("classifier-") and m["fid"] > 0

@@ -35,8 +35,10 @@ from dng_cli.commands.calibrate import calibrate_method, check_search, run_cfg
 from dng_cli.commands.common import atomic_write_text, entry, setup_torch, write_json
 
 log = logging.getLogger(__name__)
-METRICS = ("kl_kept", "kl_uniform", "fid", "fid_inception")  # what `compared` may name
-LABELS = {"kl_kept": "KL kept", "kl_uniform": "KL uniform", "fid": "FID", "fid_inception": "Inception FID"}
+METRICS = ("kl_kept", "kl_uniform", "fid", "fid_inception", "kid_inception")  # what `compared` may name
+LABELS = {"kl_kept": "KL kept", "kl_uniform": "KL uniform", "fid": "FID", "fid_inception": "Inception FID",
+          "kid_inception": "Inception KID"}
+INCEPTION_METRICS = ("fid_inception", "kid_inception")  # compared whenever metrics.fid.features=inception
 
 
 def method_config(name: str) -> DictConfig:
@@ -109,6 +111,17 @@ def metric_functions(cfg: DictConfig, compared: list[str], forbidden: list[int])
             return metrics.fid_to_gaussian(mu, cov, torch.from_numpy(p.records[key][idx]).double())
         return value
 
+    def kid(reference: metrics.KidReference) -> matching.Metric:
+        parts: dict[int, tuple] = {}  # per grid point: its N×N kernel and cross means, once
+
+        def value(p: matching.Point, idx: np.ndarray) -> float:
+            if id(p) not in parts:
+                parts[id(p)] = (p, *reference.parts(torch.from_numpy(p.records["inception"])))
+            _, k_xx, r = parts[id(p)]
+            w = torch.from_numpy(np.bincount(idx, minlength=len(r)))
+            return metrics.kid_from_parts(k_xx, r, reference.yy, w)
+        return value
+
     for name in compared:
         if name == "kl_kept":
             fns[name] = lambda p, idx: metrics.kl_kept(counts(p, idx), forbidden, smoothing)
@@ -118,12 +131,16 @@ def metric_functions(cfg: DictConfig, compared: list[str], forbidden: list[int])
             fns[name] = fid("features", scorer.stats)
         elif name == "fid_inception" and scorer.inception is not None:
             fns[name] = fid("inception", scorer.inception[2])
-    if scorer.inception is not None and "fid_inception" not in fns and "fid" in compared:
-        fns["fid_inception"] = fid("inception", scorer.inception[2])
+        elif name == "kid_inception" and scorer.inception is not None:
+            fns[name] = kid(scorer.kid_reference)
     return fns
 
 
 # ---------------------------------------------------------------------------------- tables
+def _digits(metric: str) -> int:
+    return 2 if metric.startswith("fid") else 4 if metric.startswith("kid") else 3
+
+
 def _num(v, digits: int = 3, sign: bool = False) -> str:
     return "—" if v is None else f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
 
@@ -163,8 +180,8 @@ def markdown(analysis: dict, compared: list[str], not_reached: list[dict]) -> st
                                                f"no ({100 * r['identified_fraction']:.0f} % of replicates)")
         cells = [f"{100 * r['target']:g} %", r["method"], (f"{r['scale_star']:.3g}" if r["scale_star"] else "—") + ci,
                  r["grid"], ident]
-        cells += [_num(r[k], 2 if k.startswith("fid") else 3) + ("" if r[f"{k}_se"] is None else
-                  f" ± {r[f'{k}_se']:.{2 if k.startswith('fid') else 3}f}") for k in compared]
+        cells += [_num(r[k], _digits(k)) + ("" if r[f"{k}_se"] is None else f" ± {r[f'{k}_se']:.{_digits(k)}f}")
+                  for k in compared]
         lines.append("| " + " | ".join(cells) + " |")
     for r in not_reached:
         lines.append(f"| {100 * r['target']:g} % | {r['method']} | not reached | | {r['reason']} |" + " |" * len(compared))
@@ -173,7 +190,7 @@ def markdown(analysis: dict, compared: list[str], not_reached: list[dict]) -> st
               f"mean gap of the two fronts over that range of forbidden rates):", "",
               "| target | difference | metric | kind | diff [95% CI] | p | p_holm | |", "|---|---|---|---|---|---|---|---|"]
     for c in claim_rows(analysis):
-        digits = 2 if c["metric"].startswith("fid") else 3
+        digits = _digits(c["metric"])
         kind = c["kind"] + (f" {c['band'].replace(' ', '–')}" if c["band"] else "")
         diff = "—" if c["diff"] is None else (f"{c['diff']:+.{digits}f}" + (
             f" [{c['lo']:+.{digits}f}, {c['hi']:+.{digits}f}]" if c["lo"] is not None else ""))
@@ -251,8 +268,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     n, seed = int(cfg.n_samples), int(cfg.seed)
     seeds = [seed + i for i in range(n)]
     inception = cfg.metrics.fid.features == "inception"
-    compared = [k for k in cfg.compared if k != "fid_inception" or inception] + (
-        ["fid_inception"] if inception and "fid_inception" not in cfg.compared else [])
+    compared = [k for k in cfg.compared if k not in INCEPTION_METRICS or inception] + (
+        [k for k in INCEPTION_METRICS if k not in cfg.compared] if inception else [])
     forbidden = pipeline.forbidden_classes(cfg, int(cfg.dataset.num_classes))
     data = fanout.absolute_paths(pipeline.plain(cfg))  # what a job gets: it may start in another directory
     if jobs is None:
@@ -308,7 +325,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
                                for k, v in calibrations.items()},
                "evaluations": [{"method": name, "scale": scale, "folder": str(Path("eval") / name / f"scale={scale:g}"),
                                 **{k: r.get(k) for k in ("forbidden_rate", "forbidden_rate_ci", "kl_kept", "kl_uniform",
-                                                         "fid", "fid_inception", "n_samples", "fingerprint")}}
+                                                         "fid", "fid_inception", "kid_inception", "n_samples", "fingerprint")}}
                                for (name, scale), r in sorted(evaluated.items())]}
     write_json(output_dir / "compare.json", summary)
     rows = method_rows(analysis, compared) + claim_rows(analysis)

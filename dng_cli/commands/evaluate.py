@@ -36,8 +36,10 @@ def fid_scores(feats: torch.Tensor, stats: dict, forbidden: list[int], prefix: s
             f"{prefix}_full_se": metrics.fid_se(feats, full)}
 
 
-def fid_reference(run: spec.RunSpec, net, key: str) -> dict:
-    """Per-class reference accumulators: shipped, cached, or computed from the dataset (then cached)."""
+def fid_reference(run: spec.RunSpec, net, key: str, kid: bool = False) -> dict:
+    """Per-class reference accumulators: shipped, cached, or computed from the dataset (then cached). With
+    ``kid``, also the KID reference (every reference feature and its per-class kernel sums, ``<name>-kid.npz``)
+    under the key "kid"; a cache made before KID is completed by one more pass over the data."""
     from dng_cli.data import load_dataset
 
     d, m = run.dataset, run.metrics
@@ -46,16 +48,24 @@ def fid_reference(run: spec.RunSpec, net, key: str) -> dict:
     candidates = [SHIPPED[d.name] / "fid" / name] if d.name in SHIPPED else []
     candidates.append(Path(m.cache_dir) / name)
     for path in candidates:
-        if path.is_file():
-            return metrics.load_stats(path)
+        kid_path = path.with_name(path.stem + "-kid.npz")
+        if path.is_file() and (not kid or kid_path.is_file()):
+            return {**metrics.load_stats(path), **({"kid": metrics.load_kid_reference(kid_path)} if kid else {})}
     images, labels = load_dataset(d, m.split)
     big = int(getattr(net, "num_features", 0)) > 512  # Inception: 299x299 inputs, small batches
     log.info("computing FID reference statistics %s: %d %s images, once (then cached in %s)%s", name, len(images),
              m.split, candidates[-1].parent, " — Inception runs at ~16 images/s on 2 CPU cores (MNIST's 10000 test "
              "images: ~10 min); progress and ETA below" if big else "")
+    features: list | None = [] if kid else None
     stats = metrics.per_class_stats(net, pipeline.to_uint8(images), labels, d.num_classes,
-                                    batch_size=INCEPTION_BATCH if big else 500, progress=big)
-    metrics.save_stats(candidates[-1], stats)
+                                    batch_size=INCEPTION_BATCH if big else 500, progress=big, features=features)
+    if kid:
+        feats = torch.cat(features)
+        reference = {"features": feats.numpy(), "labels": labels.numpy().astype(np.int16),
+                     **metrics.kid_reference_terms(feats, labels, d.num_classes)}
+        metrics.save_stats(candidates[-1].with_name(candidates[-1].stem + "-kid.npz"), reference)
+        stats["kid"] = reference
+    metrics.save_stats(candidates[-1], {k: v for k, v in stats.items() if k != "kid"})
     return stats
 
 
@@ -183,7 +193,9 @@ class Scorer:
         if run.metrics.features == "inception":
             inc_net = metrics.feature_network("inception", None, run.metrics.inception_weights)
             inc_key = metrics.features_key("inception", net=inc_net)
-            self.inception = (inc_net, inc_key, fid_reference(run, inc_net, inc_key))
+            inc_stats = fid_reference(run, inc_net, inc_key, kid=True)
+            self.inception = (inc_net, inc_key, inc_stats)
+            self.kid_reference = metrics.KidReference(inc_stats["kid"], self.forbidden)
 
     def __call__(self, images: torch.Tensor) -> tuple[dict, torch.Tensor]:
         run, forbidden, n = self.run, self.forbidden, len(images)
@@ -198,7 +210,10 @@ class Scorer:
             speed = n / (time.perf_counter() - t0)  # this run's Inception throughput (scripts/bench_inception.py)
             self.records["inception"] = inc_feats.float().numpy()
             inception_scores = {**fid_scores(inc_feats, inc_stats, forbidden, "fid_inception"),
-                                "fid_inception_features": inc_key, "fid_inception_images_per_s": speed}
+                                "fid_inception_features": inc_key, "fid_inception_images_per_s": speed,
+                                # KID beside FID: unbiased, no Gaussian assumption (N may be below 2048)
+                                "kid_inception": metrics.kid(inc_feats, self.kid_reference) if n > 1 else None,
+                                "kid_inception_se": metrics.kid_se(inc_feats, self.kid_reference)}
         counts = metrics.class_histogram(preds, run.dataset.num_classes)
         smoothing = run.metrics.kl_smoothing
         return {
@@ -225,7 +240,7 @@ def rescore(run: spec.RunSpec, output_dir: Path, old: dict, identity: dict, fing
     scorer = Scorer(run)
     scores, _ = scorer(torch.from_numpy(images))
     # Scorer's keys replace the old ones; the Inception ones are dropped first, as this config may not make them
-    result = {k: v for k, v in old.items() if not k.startswith("fid_inception") and k != "rescore"}
+    result = {k: v for k, v in old.items() if not k.startswith(("fid_inception", "kid_inception")) and k != "rescore"}
     result.update(scores, config=run.plain_config(), fingerprint=fingerprint, weights=identity_weights(identity),
                   rescored={"from": runs.SAMPLES_NAME, "changed": old["rescore"],
                             "sampled_on": (old.get("rescored") or {}).get("sampled_on")  # a rescore of a rescore

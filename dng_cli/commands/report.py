@@ -16,7 +16,8 @@ from dng_cli.commands.common import atomic_write_text, entry
 log = logging.getLogger(__name__)
 COLUMNS = ["label", "method", "forbidden", "guidance_scale", "steps", "n_samples", "forbidden_rate", "forbidden_rate_lo",
            "forbidden_rate_hi", "kl_kept", "kl_kept_se", "kl_uniform", "kl_uniform_se", "fid", "fid_se", "fid_full", "fid_features",
-           "fid_inception", "fid_inception_se", "fid_inception_full", "images_per_s", "histogram", "run"]
+           "fid_inception", "fid_inception_se", "fid_inception_full", "kid_inception", "kid_inception_se", "images_per_s",
+           "histogram", "run"]
 
 
 REQUIRED = ("method", "forbidden", "forbidden_rate", "forbidden_rate_ci", "kl_uniform", "steps", "n_samples")
@@ -24,7 +25,8 @@ REQUIRED = ("method", "forbidden", "forbidden_rate", "forbidden_rate_ci", "kl_un
 
 NUMBERS = ("forbidden_rate", "kl_uniform")  # required numbers
 OPTIONAL_NUMBERS = ("guidance_scale", "kl_uniform_se", "kl_kept", "kl_kept_se", "fid", "fid_se", "fid_full",
-                    "fid_inception", "fid_inception_se", "fid_inception_full", "images_per_s")
+                    "fid_inception", "fid_inception_se", "fid_inception_full", "kid_inception", "kid_inception_se",
+                    "images_per_s")
 
 
 def _number(value) -> bool:
@@ -184,19 +186,29 @@ def histogram_markdown(entries: list[tuple[str, dict]]) -> str:
             "bold) — where the removed mass goes:\n\n" + "\n\n".join(tables) + "\n")
 
 
+def _kid(r: dict) -> str:
+    """Inception KID ± its s.e. (×10³, as KIDs are usually quoted); "—" for a run scored before KID existed."""
+    v, se = r.get("kid_inception"), r.get("kid_inception_se")
+    return "—" if v is None else f"{1e3 * v:.2f}" + (f" ± {1e3 * se:.2f}" if se is not None else "") + " ×10⁻³"
+
+
 def markdown(rows: list[dict], failed: list[tuple[str, str]] = ()) -> str:
     inception = any(r.get("fid_inception") is not None for r in rows)  # runs with metrics.fid.features=inception
+    kid = any(r.get("kid_inception") is not None for r in rows)  # ... scored since KID exists
     kept = any(r.get("kl_kept") is not None for r in rows)  # runs that measured balance over the kept classes
     head = ("| method | forbidden | scale | steps | N | forbidden % (95% CI) |" + (" KL kept ± s.e. |" if kept else "")
             + " KL ± s.e. | FID ± s.e. | FID (full) |"
-            + (" Inception FID ± s.e. | Inception FID (full) |" if inception else "") + " images/s |\n")
-    head += "|---|---|---|---|---|---|" + ("---|" if kept else "") + "---|---|---|" + ("---|---|" if inception else "") + "---|\n"
+            + (" Inception FID ± s.e. | Inception FID (full) |" if inception else "")
+            + (" Inception KID ± s.e. |" if kid else "") + " images/s |\n")
+    head += ("|---|---|---|---|---|---|" + ("---|" if kept else "") + "---|---|---|" + ("---|---|" if inception else "")
+             + ("---|" if kid else "") + "---|\n")
     lines = [
         f"| {r['label']} | {_fmt(r['forbidden'])} | {_fmt(r.get('guidance_scale'))} | {r['steps']} | {r['n_samples']} "
         f"| {100 * r['forbidden_rate']:.1f} ({100 * r['forbidden_rate_lo']:.1f}–{100 * r['forbidden_rate_hi']:.1f}) |"
         + (f" {_kl(r, 'kl_kept')} |" if kept else "")
         + f" {_kl(r)} | {_fid(r)} | {_fmt(r.get('fid_full'))} |"
         + (f" {_fid(r, 'fid_inception')} | {_fmt(r.get('fid_inception_full'))} |" if inception else "")
+        + (f" {_kid(r)} |" if kid else "")
         + (f" {r['images_per_s']:.1f} |" if r.get('images_per_s') is not None else " |")
         for r in rows
     ]
