@@ -117,3 +117,15 @@ def test_a_published_comparison_table_is_regenerated_from_its_files(path):
     assert table in (REPO / "docs" / "results.md").read_text()
     for cal in summary["calibration"]:  # the calibration files behind λ0
         assert (path.parent / "calibrate" / cal / "calibration.json").is_file(), cal
+
+
+def test_the_main_job_row_comes_from_its_committed_files():
+    """README's main-job row against the metrics.json files behind it (docs/results/main_job/run.sh)."""
+    dng, none = (json.loads((REPO / "docs" / "results" / "main_job" / n / "metrics.json").read_text())
+                 for n in ("dng", "unguided"))
+    lo, hi = dng["forbidden_rate_ci"]
+    row = (f"forbidden {100 * dng['forbidden_rate']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}] vs "
+           f"{100 * none['forbidden_rate']:.1f} % unguided; KL {dng['kl_uniform']:.3f} ± {dng['kl_uniform_se']:.3f}; "
+           f"FID {dng['fid']:.1f} ± {dng['fid_se']:.1f}")
+    assert row in (REPO / "README.md").read_text(), row
+    assert dng["config"]["method"]["name"] == "dng" and dng["n_samples"] == 200 and none["config"]["method"]["name"] == "none"
