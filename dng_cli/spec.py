@@ -374,12 +374,11 @@ def model_spec(model_cfg: DictConfig, dataset: DatasetSpec | None = None, classi
     """The model config resolved and checked: its folders exist and (with ``dataset``) fit the dataset's
     images and classes; with ``classifier``, model.classifier too."""
     kind = model_cfg.get("kind")
-    given = model_paths(model_cfg)
-    folders = {key: resolve(str(value), "ddpm") for key, value in given.items()}
+    folders = model_folders(model_cfg)
     configs = {}
     for key, path in folders.items():
         if not (path / "config.json").is_file():
-            value = given[key]
+            value = model_paths(model_cfg)[key]  # as given, for the message
             if key == "model.path":
                 raise UserError(f"model.path={str(value)!r} is not a checkpoint folder (save_pretrained folder "
                                 f"with config.json) nor a shipped name ({', '.join(SHIPPED)})")
