@@ -181,6 +181,12 @@ class DynamicNegativeGuidance(Guidance):
     convention (github.com/FelixKoulischer/Dynamic-Negative-Guidance).
     Static limit: temperature = offset = 0 is NP with scale λ·prior/(1-prior).
     ``guidance_scale=0`` tracks the posterior without guiding: a pure detector run.
+
+    ``hold`` (a variant, not the paper's method; ``method=dng_hold``): once a class's tracked posterior has
+    reached ``hold``, the guidance weight uses the running maximum of that posterior instead of its current
+    value, so a sample detected mid-chain stays guided through the late steps where the learned model's
+    posterior decays (docs/method.md). The tracked posterior itself, and every diagnostic, are unchanged;
+    ``hold=None`` (the default) is the paper's update exactly.
     """
 
     needs_update = True
@@ -188,7 +194,7 @@ class DynamicNegativeGuidance(Guidance):
 
     def __init__(self, guidance_scale: float = 10.0, prior: float = 0.1, temperature: float = 1.0,
                  offset: float = 0.0, p_min: float = 1e-6, p_max: float = 0.99,
-                 update_variance: str = "sampled"):
+                 update_variance: str = "sampled", hold: float | None = None):
         self.guidance_scale = _check_finite_nonneg("guidance_scale", guidance_scale)
         prior, offset, p_min, p_max = (_number(n, v) for n, v in
                                        (("prior", prior), ("offset", offset), ("p_min", p_min), ("p_max", p_max)))
@@ -207,6 +213,12 @@ class DynamicNegativeGuidance(Guidance):
             raise UserError(f"update_variance={update_variance!r} is invalid: allowed are sampled, small")
         self.prior, self.offset, self.p_min, self.p_max = prior, offset, p_min, p_max
         self.update_variance = update_variance
+        if hold is not None:
+            hold = _number("hold", hold)
+            if not prior < hold <= p_max:
+                raise UserError(f"hold={hold} is invalid: it must satisfy prior={prior} < hold <= p_max={p_max} "
+                                f"(or be null: no hold)")
+        self.hold = hold
 
     def check_classes(self, num_classes: int) -> None:
         """The priors of all forbidden classes together must stay below p_max (they share 1 - Σp)."""
@@ -216,7 +228,19 @@ class DynamicNegativeGuidance(Guidance):
 
     def start(self, x_T, num_classes):
         self.check_classes(num_classes)
-        return {"log_posterior": x_T.new_full((x_T.shape[0], num_classes), math.log(self.prior))}
+        state = {"log_posterior": x_T.new_full((x_T.shape[0], num_classes), math.log(self.prior))}
+        if self.hold is not None:
+            state["log_posterior_max"] = state["log_posterior"].clone()  # running max of the tracked posterior
+        return state
+
+    def guided_log_posterior(self, state) -> torch.Tensor:
+        """The log posterior the weights use: the tracked one, or with ``hold`` its running maximum for every
+        class whose maximum has reached ``hold``."""
+        log_p = state["log_posterior"]
+        if self.hold is None:
+            return log_p
+        held = state["log_posterior_max"]
+        return torch.where(held >= math.log(self.hold), held, log_p)
 
     def posterior(self, state):
         return state["log_posterior"].exp()
@@ -227,7 +251,7 @@ class DynamicNegativeGuidance(Guidance):
         return self.guidance_scale * p / (1.0 - p.sum(-1, keepdim=True)).clamp_(min=1.0 - self.p_max)
 
     def __call__(self, eps_u, eps_c, step, state):
-        w = self.weights(state["log_posterior"])  # [B, K]
+        w = self.weights(self.guided_log_posterior(state))  # [B, K]
         w_b = w.t().reshape(*w.t().shape, *([1] * (eps_u.dim() - 1)))  # [K, B, 1, ...]
         eps = eps_u - (w_b * (eps_c - eps_u)).sum(0)  # Eq. 12
         return eps, w.sum(-1)
@@ -244,6 +268,8 @@ class DynamicNegativeGuidance(Guidance):
         increment = drift - self.temperature * sq / (2.0 * variance)
         increment = torch.nan_to_num(increment, nan=0.0, posinf=1e30, neginf=-1e30)
         state["log_posterior"] = (state["log_posterior"] + increment).clamp_(math.log(self.p_min), math.log(self.p_max))
+        if self.hold is not None:
+            state["log_posterior_max"] = torch.maximum(state["log_posterior_max"], state["log_posterior"])
 
 
 def _number(name: str, value) -> float:

@@ -13,7 +13,8 @@ p(c | x_t) is known and printed too). Rows: AUROC and mean p of forbidden / kept
 75 and 100 % of the chain; "mean p(all)" is the calibration check — an exact posterior averages to
 the forbidden share. Normalisers: "unguided" is DNG's N(x'; μ_c, σ²)/N(x'; μ_u, σ²); "mixture"
 divides by p N(x'; μ_c, σ²) + (1 − p) N(x'; μ_¬c, σ²), μ_¬c = (μ_u − p μ_c)/(1 − p), the
-two-hypothesis Bayes rule whose posterior cannot leave [0, 1].
+two-hypothesis Bayes rule whose posterior cannot leave [0, 1]. "hold h" rows score the p that method=dng_hold's
+weight uses (the running maximum once p reached h): whether a detected sample stays guided late in the chain.
 Writes <out>/posterior_diagnostics.md and .json; last line: the JSON.
 """
 
@@ -86,6 +87,16 @@ def replay(rows, prior, temperature, offset, update, normaliser) -> torch.Tensor
         out.append(log_p.exp())
     out.append(out[-1])
     return torch.stack(out)
+
+
+HOLDS = (0.5, 0.2)  # dng_hold's level, and a lower one
+
+
+def held(post: torch.Tensor, prior: float, hold: float) -> torch.Tensor:
+    """[steps+1, B] the posterior a ``hold`` weight uses after each step: the running maximum (from the prior on)
+    once it has reached ``hold``, else the tracked value (guidance.DynamicNegativeGuidance.guided_log_posterior)."""
+    peak = torch.cummax(torch.cat([torch.full_like(post[:1], prior), post]), dim=0).values[1:]
+    return torch.where(peak >= hold, peak, post)
 
 
 def chain(eps_fn, steps, x_T, gens, exact=None, batch=128):
@@ -199,6 +210,10 @@ def main() -> None:
             lines.append(row_md("exact p(c | x_t)", steps, run["exact"]))
         for name, *setting in SETTINGS:
             run[name] = score(replay(rows, *setting), is_forb)
+            lines.append(row_md(name, steps, run[name]))
+        for level in HOLDS:  # method=dng_hold: the p its weight uses (the tracked p is the row "prior 0.1, τ 1")
+            name = f"prior 0.1, τ 1, hold {level}: the weight's p"
+            run[name] = score(held(replay(rows, 0.1, 1.0, 0.0, "sampled", "unguided"), 0.1, level), is_forb)
             lines.append(row_md(name, steps, run[name]))
         result["runs"][str(steps)] = run
         print(f"{steps} steps: {int(is_forb.sum())}/{n} forbidden, {time.time() - t0:.0f} s", file=sys.stderr)

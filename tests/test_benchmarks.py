@@ -17,13 +17,18 @@ def _last_json(args, tmp_path):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def test_bench_sampler_tiny(tmp_path):
+def _tiny_unet(tmp_path):
+    """A 2-level UNet with class labels, saved as tmp_path/tiny (a stand-in for the shipped model's shape)."""
     from dng_cli.models import build_unet
 
     arch = dict(sample_size=28, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(4, 8),
                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                 norm_num_groups=4, num_class_embeds=11)
     build_unet(arch, seed=0).save_pretrained(tmp_path / "tiny")
+
+
+def test_bench_sampler_tiny(tmp_path):
+    _tiny_unet(tmp_path)
     out = _last_json([str(REPO / "scripts" / "bench_sampler.py"), "--model", str(tmp_path / "tiny"), "--batch", "4",
                       "--steps", "2", "--repeats", "1", "--no-compile", "--threads", "1"], tmp_path)
     ips = out["images_per_s"]  # the ratios are the timed cases' ratios (no timing is asserted)
@@ -31,6 +36,18 @@ def test_bench_sampler_tiny(tmp_path):
     assert out["dng_over_raw"] == pytest.approx(ips["raw 2x"] / ips["dng"])
     assert out["speedup_vs_reference_eager"] == pytest.approx(ips["dng"] / ips["reference"])
     assert out["device"] == "cpu" and set(out["bookkeeping_ms_per_step"]) == {"none", "np", "sld", "dng"}
+
+
+def test_bench_precision_tiny(tmp_path):
+    """scripts/bench_precision.py: every precision x memory format case, and the native-bf16 check `auto` uses."""
+    from dng_cli.models import native_bf16
+
+    _tiny_unet(tmp_path)
+    out = _last_json([str(REPO / "scripts" / "bench_precision.py"), "--model", str(tmp_path / "tiny"), "--batch", "4",
+                      "--max-batch", "2", "--seconds", "0.01", "--repeats", "1", "--threads", "1"], tmp_path)
+    assert set(out["evals_per_s"]) == {"fp32/contiguous", "fp32/channels_last", "bf16/contiguous", "bf16/channels_last"}
+    assert all(v > 0 for v in out["evals_per_s"].values())
+    assert out["native_bf16"] == native_bf16("cpu")
 
 
 def test_bench_steps_tiny(tmp_path):

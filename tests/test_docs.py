@@ -119,6 +119,27 @@ def test_a_published_comparison_table_is_regenerated_from_its_files(path):
         assert (path.parent / "calibrate" / cal / "calibration.json").is_file(), cal
 
 
+REPORTS = sorted(d for d in (REPO / "docs" / "results").iterdir()
+                 if d.is_dir() and not (d / "compare.json").exists() and (d / "run.sh").is_file()
+                 and any(d.rglob("metrics.json")) and not any(d.glob("*/compare.json")) and not (d / "pairs.json").exists())
+
+
+def test_published_report_tables_have_their_files():
+    assert {d.name for d in REPORTS} >= {"main_job", "several_classes"}
+
+
+@pytest.mark.parametrize("folder", REPORTS, ids=[d.name for d in REPORTS])
+def test_a_published_report_table_is_regenerated_from_its_files(folder):
+    """Each `dng report` table in docs/results.md is what report's own table code makes of the metrics.json files
+    committed under docs/results/<table>/ (written there by its run.sh): no number copied by hand."""
+    from dng_cli.commands.report import collect, markdown
+
+    rows = collect(folder)
+    assert rows and all(r["fingerprint"] for r in rows)
+    table = markdown(rows).split("\n\nFID features:")[0]
+    assert table in (REPO / "docs" / "results.md").read_text(), f"{folder.name}: regenerated table not published"
+
+
 def test_the_main_job_row_comes_from_its_committed_files():
     """README's main-job row against the metrics.json files behind it (docs/results/main_job/run.sh)."""
     dng, none = (json.loads((REPO / "docs" / "results" / "main_job" / n / "metrics.json").read_text())
@@ -129,3 +150,8 @@ def test_the_main_job_row_comes_from_its_committed_files():
            f"FID {dng['fid']:.1f} ± {dng['fid_se']:.1f}")
     assert row in (REPO / "README.md").read_text(), row
     assert dng["config"]["method"]["name"] == "dng" and dng["n_samples"] == 200 and none["config"]["method"]["name"] == "none"
+    n500 = json.loads((REPO / "docs" / "results" / "main_job" / "dng_n500" / "metrics.json").read_text())
+    lo, hi = n500["forbidden_rate_ci"]
+    line = (f"at N = {n500['n_samples']} (seeds 0…{n500['n_samples'] - 1}, which contain those 200) it is "
+            f"{n500['histogram_counts'][0]} zeros, {100 * n500['forbidden_rate']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]")
+    assert line in (REPO / "README.md").read_text(), line
