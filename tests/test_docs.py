@@ -155,3 +155,5 @@ def test_the_main_job_row_comes_from_its_committed_files():
     line = (f"at N = {n500['n_samples']} (seeds 0…{n500['n_samples'] - 1}, which contain those 200) it is "
             f"{n500['histogram_counts'][0]} zeros, {100 * n500['forbidden_rate']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]")
     assert line in (REPO / "README.md").read_text(), line
+    kept = f"KL kept {dng['kl_kept']:.3f} ± {dng['kl_kept_se']:.3f} vs {none['kl_kept']:.3f} ± {none['kl_kept_se']:.3f}"
+    assert kept in (REPO / "README.md").read_text(), kept

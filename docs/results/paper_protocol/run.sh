@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."
 out=outputs/multirun/mnist_paper_cpu
 nice -n 10 dng evaluate -m experiment=mnist_paper n_samples=120 sampler.steps=50 sampler.progress=false \
-  hydra.sweeper.params.method=np,sld,dng_fewstep hydra.sweep.dir=$out
+  method=np,sld,dng_fewstep hydra.sweep.dir=$out
 here=docs/results/paper_protocol
 (cd $out && find . -name metrics.json) | while read -r f; do mkdir -p "$here/$(dirname "$f")" && cp "$out/$f" "$here/$f"; done
 dng report $here
