@@ -66,5 +66,7 @@ def test_ours_equals_the_transcribed_official_loop():
                      variance="large")
     # float rounding through 20 steps (one batched call vs two; measured 4.6e-4): an eighth of one uint8 level
     assert float((out.images - ref_x).abs().max()) <= 1e-3
-    assert torch.allclose(out.posterior, ref_p, rtol=1e-3, atol=1e-6)
+    # the log-posterior sums ‖·‖²/(2σ²) with σ² → 0 late in the chain, which amplifies that rounding: compare in log
+    # space (measured max 6.7e-3 nats on an AVX2 CPU, at p ≈ 2e-4, where a relative 1e-3 on p itself failed)
+    assert float((out.posterior.log() - ref_p.log()).abs().max()) <= 0.02
     assert float(ref_p[-1].max() - ref_p[-1].min()) > 0.1  # the posteriors moved apart: the check has teeth
