@@ -130,7 +130,7 @@ def _values(parser, line: str) -> list[str]:
 # ------------------------------------------------------------------------------- declared types
 # Every scalar option with its type and range, checked for every command whose config has the key
 # (one mechanism instead of a check per call site). (type, low, high, low inclusive?); None = open.
-INT, FLOAT, BOOL = "an integer", "a number", "true or false"
+INT, FLOAT, BOOL, BOOL_AUTO = "an integer", "a number", "true or false", "true, false or auto"
 SPEC: dict[str, tuple] = {
     "n_samples": (INT, 1), "seed": (INT, 0), "batch_size": (INT, 1), "steps": (INT, 1), "epochs": (INT, 1),
     "checkpoint_every": (INT, 1), "log_every": (INT, 1), "warmup_steps": (INT, 0), "width": (INT, 1),
@@ -140,7 +140,7 @@ SPEC: dict[str, tuple] = {
     "resume": (BOOL,), "conditional": (BOOL,), "progress": (BOOL,), "skip_existing": (BOOL,), "overwrite": (BOOL,), "save_samples": (BOOL,),
     "sampler.steps": (INT, 1), "sampler.batch_size": (INT, 1), "sampler.seed": (INT, 0),
     "sampler.max_batch": (INT, 1), "sampler.num_threads": (INT, 1),
-    "sampler.channels_last": (BOOL,), "sampler.compile": (BOOL,), "sampler.progress": (BOOL,),
+    "sampler.channels_last": (BOOL_AUTO,), "sampler.compile": (BOOL,), "sampler.progress": (BOOL,),
     "method.guidance_scale": (FLOAT, 0.0), "method.prior": (FLOAT,), "method.temperature": (FLOAT, 0.0),
     "method.offset": (FLOAT,), "method.p_min": (FLOAT,), "method.p_max": (FLOAT,), "method.threshold": (FLOAT,),
     "method.scale": (FLOAT, 0.0), "method.momentum_scale": (FLOAT, 0.0), "method.momentum_beta": (FLOAT,),
@@ -181,7 +181,7 @@ def check_types(cfg: DictConfig) -> None:
 def _check_value(key: str, value, kind: str, low=None, high=None, low_inclusive: bool = True) -> None:
     ok = {INT: isinstance(value, int) and not isinstance(value, bool),
           FLOAT: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-          BOOL: isinstance(value, bool)}[kind]
+          BOOL: isinstance(value, bool), BOOL_AUTO: isinstance(value, bool) or value == "auto"}[kind]
     if not ok:
         raise UserError(f"{key}={value!r} is invalid: it must be {kind}")
     if low is not None and (value < low or value == low and not low_inclusive):

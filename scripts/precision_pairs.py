@@ -1,6 +1,7 @@
 """fp32 against bf16 (or any two runs of the same seeds), paired per seed: what a precision change does to a result.
 
     python scripts/precision_pairs.py outputs/issue29/mnist_dng_fp32 outputs/issue29/mnist_dng_bf16
+    python scripts/precision_pairs.py --table docs/results/precision     # the published table from its files
 
 Both folders are finished `dng evaluate` runs (records.npz: every seed's class and classifier features) on the same
 seeds. Prints, and writes as the LAST line one JSON object: the fraction of samples whose class changes; each
@@ -36,12 +37,58 @@ def load(folder: Path) -> tuple[dict, dict]:
     return json.loads((folder / "metrics.json").read_text()), records
 
 
+def unchanged(pair: dict) -> bool:
+    """The clearing rule, fixed before the table was run: McNemar p >= 0.05 on the forbidden indicator and the
+    paired 95 % intervals of KL kept and FID both contain 0 (uncorrected: stricter than a Holm-corrected rule)."""
+    return pair["mcnemar_p"] >= 0.05 and all(pair[f"{m}_diff"][1] <= 0 <= pair[f"{m}_diff"][2]
+                                             for m in ("kl_kept", "fid"))
+
+
+def cleared(folder: Path) -> set[str]:
+    """The methods with a row for every dataset of ``folder`` (``<dataset>_<method>/pairs.json``; the dataset is
+    the folder name's prefix) and every row unchanged: a method not measured on a dataset is not cleared."""
+    verdicts: dict[str, dict[str, bool]] = {}
+    for f in sorted(folder.glob("*/pairs.json")):
+        pair = json.loads(f.read_text())
+        dataset = f.parent.name[: -len(pair["method"]) - 1]
+        verdicts.setdefault(pair["method"], {})[dataset] = unchanged(pair)
+    datasets = {d for v in verdicts.values() for d in v}
+    return {m for m, v in verdicts.items() if set(v) == datasets and all(v.values())}
+
+
+def table(folder: Path) -> str:
+    """One markdown row per ``<dataset>_<method>/pairs.json`` under ``folder``, the scale from its fp32 run."""
+    head = ("| dataset | method | λ | N | class changed | forbidden fp32 → bf16 (McNemar p) | KL kept bf16 − fp32 "
+            "| FID bf16 − fp32 | DNG AUROC fp32 / bf16 | images/s fp32 / bf16 | unchanged |")
+    rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for f in sorted(folder.glob("*/pairs.json")):
+        pair = json.loads(f.read_text())
+        cfg = json.loads((f.parent / "fp32" / "metrics.json").read_text())["config"]
+        auroc = pair["posterior_auroc"]
+        k, fid = pair["kl_kept_diff"], pair["fid_diff"]
+        rows.append(
+            f"| {cfg['dataset']['name']} | {pair['method']} | {cfg['method']['guidance_scale']:.4g} | {pair['n']} "
+            f"| {100 * pair['class_changed']:.1f} % | {100 * pair['forbidden_rate'][0]:.1f} % → "
+            f"{100 * pair['forbidden_rate'][1]:.1f} % ({pair['mcnemar_p']:.2f}) "
+            f"| {k[0]:+.4f} [{k[1]:+.4f}, {k[2]:+.4f}] | {fid[0]:+.3f} [{fid[1]:+.3f}, {fid[2]:+.3f}] "
+            f"| {'—' if auroc[0] is None else f'{auroc[0]:.3f} / {auroc[1]:.3f}'} "
+            f"| {pair['images_per_s'][0]:.1f} / {pair['images_per_s'][1]:.1f} | {'yes' if unchanged(pair) else 'no'} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("a", type=Path, help="the reference run (fp32)")
-    ap.add_argument("b", type=Path, help="the other run (bf16)")
+    ap.add_argument("a", type=Path, nargs="?", help="the reference run (fp32)")
+    ap.add_argument("b", type=Path, nargs="?", help="the other run (bf16)")
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--table", type=Path, help="print the markdown table of every <dataset>_<method>/pairs.json here")
     args = ap.parse_args()
+    if args.table is not None:
+        print(table(args.table))
+        print(json.dumps({"cleared": sorted(cleared(args.table))}))
+        return
+    if args.a is None or args.b is None:
+        raise SystemExit("error: give two run folders (fp32, bf16) or --table FOLDER")
     import torch
     from omegaconf import OmegaConf
 

@@ -7,6 +7,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# sampler.precision=auto resolves as on a CPU without native bf16, here and in every subprocess: the suite's results
+# do not depend on the machine (tests of auto itself patch models.native_bf16 or set the variable).
+os.environ["DNG_NATIVE_BF16"] = "0"
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW_MODULES = {"test_faults", "test_sweep", "test_benchmarks", "test_real_models", "test_posterior_exact", "test_slurm",

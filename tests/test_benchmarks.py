@@ -87,3 +87,25 @@ def test_precision_pairs_pairs_two_runs_of_the_same_seeds(tmp_path, compose):
     x = np.array([True] * 6 + [False] * 10)
     assert module.mcnemar_p(x, np.zeros(16, bool)) == pytest.approx(2 / 64)
     assert module.mcnemar_p(x, x) == 1.0
+
+
+def test_precision_pairs_clearing_rule(tmp_path):
+    """A method is cleared only if every one of its rows keeps McNemar p >= 0.05 and 0 inside both paired intervals."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("precision_pairs", REPO / "scripts" / "precision_pairs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ok = {"method": "np", "mcnemar_p": 0.5, "kl_kept_diff": [0.001, -0.002, 0.004], "fid_diff": [0.1, -0.1, 0.3]}
+    assert module.unchanged(ok)
+    assert not module.unchanged({**ok, "mcnemar_p": 0.01})
+    assert not module.unchanged({**ok, "fid_diff": [0.2, 0.05, 0.4]})
+    assert not module.unchanged({**ok, "kl_kept_diff": [-0.01, -0.02, -0.001]})
+    for name, pair in {"mnist_np": ok, "fashion_np": {**ok, "mcnemar_p": 0.01}, "mnist_sld": {**ok, "method": "sld"}}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "pairs.json").write_text(json.dumps(pair))
+    (tmp_path / "fashion_sld").mkdir()
+    (tmp_path / "fashion_sld" / "pairs.json").write_text(json.dumps({**ok, "method": "sld"}))
+    (tmp_path / "mnist_dng").mkdir()
+    (tmp_path / "mnist_dng" / "pairs.json").write_text(json.dumps({**ok, "method": "dng"}))
+    assert module.cleared(tmp_path) == {"sld"}  # np fails on one dataset, dng is not measured on fashion

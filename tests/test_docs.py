@@ -155,3 +155,22 @@ def test_the_main_job_row_comes_from_its_committed_files():
     assert line in (REPO / "README.md").read_text(), line
     kept = f"KL kept {dng['kl_kept']:.3f} ± {dng['kl_kept_se']:.3f} vs {none['kl_kept']:.3f} ± {none['kl_kept_se']:.3f}"
     assert kept in (REPO / "README.md").read_text(), kept
+
+
+def test_the_precision_table_and_the_cleared_set_come_from_their_files():
+    """docs/performance.md's paired fp32/bf16 table is what scripts/precision_pairs.py --table makes of the committed
+    docs/results/precision/<dataset>_<method>/ files, and `sampler.precision=auto` clears exactly the methods whose
+    every row there is unchanged."""
+    import importlib.util
+
+    from dng_cli import models
+
+    spec = importlib.util.spec_from_file_location("precision_pairs", REPO / "scripts" / "precision_pairs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folder = REPO / "docs" / "results" / "precision"
+    for pair in folder.glob("*/pairs.json"):
+        assert all((pair.parent / p / "metrics.json").is_file() for p in ("fp32", "bf16")), pair.parent.name
+    table = module.table(folder)
+    assert table.count("\n") >= 2 and table in (REPO / "docs" / "performance.md").read_text()
+    assert models.BF16_CLEARED == frozenset(module.cleared(folder))

@@ -61,3 +61,46 @@ def test_auto_falls_back_to_fp32(compose, monkeypatch):
 def test_an_unknown_precision_is_one_line(compose):
     with pytest.raises(UserError, match="sampler.precision='fp16' is invalid: allowed are fp32, bf16, auto"):
         evaluate.check_cfg(compose("evaluate", BASE + ["sampler.precision=fp16"]))
+
+
+def test_memory_format_auto_is_nchw_only_for_bf16_on_a_cpu(compose):
+    from dng_cli import spec
+
+    def layout(*extra):
+        return spec.sampler_spec(compose("evaluate", BASE + list(extra)).sampler, "np").channels_last
+
+    assert layout() is True  # the shipped default (auto) at fp32: NHWC, as before
+    assert layout("sampler.precision=bf16") is False
+    assert layout("sampler.precision=bf16", "sampler.channels_last=true") is True  # an explicit choice is kept
+    assert layout("sampler.channels_last=false") is False
+    assert spec.channels_last_for("auto", "bf16", "cuda") is True
+    with pytest.raises(UserError, match="sampler.channels_last='nhwc' is invalid: it must be true, false or auto"):
+        evaluate.check_cfg(compose("evaluate", BASE + ["sampler.channels_last=nhwc"]))
+
+
+def test_a_compare_decides_auto_once_for_all_its_methods(compose, monkeypatch):
+    """A compare never mixes precisions: auto is bf16 only where every compared method would be bf16."""
+    from dng_cli.commands import compare
+
+    tiny = ["model=tiny_random", "sampler.precision=auto"]
+    monkeypatch.setattr(models, "native_bf16", lambda device: True)
+    monkeypatch.setattr(models, "BF16_CLEARED", frozenset({"np", "dng"}))
+    assert compare.one_precision(compose("compare", tiny + ["methods=[np,dng]"])).sampler.precision == "bf16"
+    assert compare.one_precision(compose("compare", tiny + ["methods=[np,sld,dng]"])).sampler.precision == "fp32"
+    fixed = compose("compare", tiny[:1] + ["methods=[np,sld]", "sampler.precision=bf16"])
+    assert compare.one_precision(fixed).sampler.precision == "bf16"  # an explicit precision is kept
+    monkeypatch.setattr(models, "native_bf16", lambda device: False)
+    assert compare.one_precision(compose("compare", tiny + ["methods=[np,dng]"])).sampler.precision == "fp32"
+
+
+def test_dng_native_bf16_overrides_the_cpu_check(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("DNG_NATIVE_BF16", "1")
+    assert models.native_bf16(cpu) is True
+    monkeypatch.setattr(models, "BF16_CLEARED", frozenset({"np"}))
+    assert models.resolve_precision("auto", cpu, "np") == "bf16"
+    monkeypatch.setenv("DNG_NATIVE_BF16", "0")
+    assert models.native_bf16(cpu) is False and models.resolve_precision("auto", cpu, "np") == "fp32"
+    monkeypatch.setenv("DNG_NATIVE_BF16", "yes")
+    with pytest.raises(UserError, match="DNG_NATIVE_BF16='yes' is invalid: 0 or 1"):
+        models.native_bf16(cpu)
