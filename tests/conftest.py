@@ -6,6 +6,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+# two threads in every process, also under pytest-xdist (more workers than cores share them): tests that compare an
+# in-process run with a subprocess's or a job's need the same thread count, or float reductions differ in the last bits
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # sampler.precision=auto resolves as on a CPU without native bf16, here and in every subprocess: the suite's results
 # do not depend on the machine (tests of auto itself patch models.native_bf16 or set the variable).
@@ -17,6 +19,12 @@ SLOW_MODULES = {"test_faults", "test_sweep", "test_benchmarks", "test_real_model
 SLOW_TESTS = {"test_compare_end_to_end_on_the_tiny_model", "test_turning_inception_on_rescores_the_saved_samples_without_sampling",
               "test_evaluate_reports_inception_fid_next_to_the_classifier_fid", "test_real_inception_weights_when_installed",
               "test_cli_refusal_keeps_the_folder_consistent", "test_an_a_a_comparison_comes_out_unresolved"}
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): a worker per core plus one, at most 4 — much of the slow set waits on
+    subprocess start-up, submitit's polling and SLURM, and the extra worker runs while another waits."""
+    return min(4, (os.cpu_count() or 1) + 1)
 
 
 def pytest_collection_modifyitems(config, items):

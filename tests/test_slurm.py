@@ -17,6 +17,8 @@ import pytest
 
 from dng_cli import cli
 
+pytestmark = pytest.mark.xdist_group("slurm")  # under pytest-xdist: one worker runs them all, so one cluster starts
+
 TINY = ["model=tiny_random", "n_samples=6", "sampler.steps=2", "sampler.batch_size=2", "sampler.progress=false"]
 SLURM = ["launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
          "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=3", "hydra.launcher.timeout_min=10"]
