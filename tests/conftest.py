@@ -22,9 +22,9 @@ SLOW_TESTS = {"test_compare_end_to_end_on_the_tiny_model", "test_turning_incepti
 
 
 def pytest_xdist_auto_num_workers(config):
-    """``-n auto`` (pyproject's addopts): a worker per core plus one, at most 4 — much of the slow set waits on
-    subprocess start-up, submitit's polling and SLURM, and the extra worker runs while another waits."""
-    return min(4, (os.cpu_count() or 1) + 1)
+    """``-n auto`` (pyproject's addopts): a worker per core, at most 4 (each keeps 2 torch threads; on 2 cores a
+    third worker oversubscribed them: 1331 s against 2 workers' 1154 s, docs/performance.md#test-suite)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def pytest_collection_modifyitems(config, items):
