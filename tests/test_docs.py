@@ -133,11 +133,11 @@ def test_a_published_comparison_is_recomputed_from_its_committed_records(path, t
     the records are the ones behind the table, and a later compare can add methods to them without re-sampling."""
     import shutil
 
-    import yaml
+    from omegaconf import OmegaConf
 
     run = tmp_path / "run"
     shutil.copytree(path.parent, run)
-    overrides = [o for o in yaml.safe_load((path.parent / "overrides.yaml").read_text()) if not o.startswith("hydra.")]
+    overrides = [o for o in OmegaConf.load(path.parent / "overrides.yaml") if not o.startswith("hydra.")]
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     cli.main(["compare", *overrides, "bootstrap=0", f"hydra.run.dir={run}"])
     assert not list(run.rglob("samples.npz"))  # nothing was sampled
