@@ -3,8 +3,8 @@
 ``dng compare launcher=slurm`` (or ``launcher=local``) without ``-m``: the submitting process builds a submitit
 executor from the same ``hydra.launcher`` settings a ``-m`` sweep uses (partition, time limit, GPUs, setup lines,
 …), runs each method's calibration as one job, each evaluation point as one job, waits for them, and writes
-the tables itself. Every job re-uses the run folders' fingerprints, so a re-run resumes from whatever finished,
-and a job that fails makes the command fail with a count line after the others have finished. In a ``-m``
+the tables itself. Every job re-uses the run folders' fingerprints, so a re-run resumes from whatever finished
+(the submitter reads the finished units itself and queues only the others: ``finished``), and a job that fails makes the command fail with a count line after the others have finished. In a ``-m``
 sweep the command is itself a launcher job and runs its units inline.
 """
 
@@ -43,22 +43,30 @@ class Runner:
         self.executor.update_parameters(**{k if k in base else f"{cluster}_{k}": v for k, v in params.items()
                                            if k not in SPECIFIC_INIT_KEYS | {"submitit_folder", "_target_"}})
 
-    def map(self, fn: Callable, calls: Sequence[tuple], what: str) -> list[Any]:
-        """``fn(*args)`` for each args as one job; the results in order. Raises one UserError naming how many
-        failed once every job has ended."""
+    def map(self, fn: Callable, calls: Sequence[tuple], what: str,
+            ready: Callable[..., Any] | None = None) -> list[Any]:
+        """``fn(*args)`` for each args as one job; the results in order. ``ready(*args)``: the result when it is
+        already on disk, else None; such a call is not queued. Raises one UserError naming how many failed once
+        every job has ended."""
         if not calls:
             return []
+        results: list[Any] = [ready(*args) if ready is not None else None for args in calls]
+        todo = [i for i, r in enumerate(results) if r is None]
+        finished = f" ({len(calls) - len(todo)} finished already)" if len(todo) < len(calls) else ""
+        if not todo:
+            log.info("%s: all %d unit(s) finished already: no job submitted", what, len(calls))
+            return results
         with self._submitting, self.executor.batch():
-            jobs = [self.executor.submit(fn, *args) for args in calls]
-        log.info("%s: %d %s job(s) submitted: %s", what, len(jobs), self.cluster, ", ".join(j.job_id for j in jobs))
-        results, failed = [], []
-        for job in jobs:
+            jobs = [self.executor.submit(fn, *calls[i]) for i in todo]
+        log.info("%s: %d %s job(s) submitted%s: %s", what, len(jobs), self.cluster, finished,
+                 ", ".join(j.job_id for j in jobs))
+        failed = []
+        for i, job in zip(todo, jobs):
             try:
-                results.append(job.result())
+                results[i] = job.result()
             except Exception as err:  # submitit's FailedJobError carries the job's traceback: keep its error line
                 errors = [line for line in str(err).splitlines() if ERROR_LINE.match(line)]
                 failed.append(f"job {job.job_id}: {errors[-1] if errors else one_line(err)}")
-                results.append(None)
         if failed:
             raise UserError(f"{what}: {len(failed)} of {len(jobs)} jobs failed (logs under {self.folder / '.submitit'}); "
                             f"first: {failed[0]}")
@@ -102,6 +110,20 @@ def absolute_paths(config: dict) -> dict:
         if key in ("dataset.root", "metrics.fid.cache_dir") or os.path.exists(value):
             OmegaConf.update(cfg, key, os.path.abspath(value))
     return OmegaConf.to_container(cfg)
+
+
+def finished(fn: Callable, config: dict, *args):
+    """What ``unit(fn, config, *args)`` would return when every result it needs is already on disk (read, nothing
+    computed), else None: a Runner's ``ready`` for the units of compare and calibrate."""
+    from omegaconf import OmegaConf
+
+    from dng_cli import runs
+
+    with runs.only_finished():
+        try:
+            return fn(OmegaConf.create(config), *args)
+        except runs.Unfinished:
+            return None
 
 
 def unit(fn: Callable, config: dict, *args):

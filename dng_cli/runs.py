@@ -19,6 +19,7 @@ What depends on models (weight hashes, the model's noise schedule) is handed in 
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import json
 import logging
@@ -31,8 +32,9 @@ import threading
 import time
 import zipfile
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from dng_cli import RunRefused, UserError, io, one_line
 from dng_cli.io import LOCK_NAME, TEMP_MARK
@@ -153,6 +155,30 @@ def finished_result(metrics_path: Path, identity: dict, fingerprint: str, recomp
     key, there, here = changed[0] if changed else ("fingerprint", old.get("fingerprint"), fingerprint)
     raise RunRefused(f"{metrics_path.parent} holds a finished run of another config ({key}={there!r} there, "
                      f"{here!r} here): use another output folder, or overwrite=true to recompute it")
+
+
+class Unfinished(Exception):
+    """A result that would have to be computed, asked for under ``only_finished``."""
+
+
+_ONLY_FINISHED = contextvars.ContextVar("dng_only_finished", default=False)
+
+
+@contextmanager
+def only_finished() -> Iterator[None]:
+    """Within this block an evaluation returns its finished result, read without taking the folder's lock, or
+    raises ``Unfinished``: nothing is sampled or scored (a calibration replayed from finished probes still writes
+    its calibration.json, under the command's lock). What a launcher's submitter asks before it queues a
+    unit, so that a resumed compare does not queue jobs that would only find their results."""
+    token = _ONLY_FINISHED.set(True)
+    try:
+        yield
+    finally:
+        _ONLY_FINISHED.reset(token)
+
+
+def only_finished_asked() -> bool:
+    return _ONLY_FINISHED.get()
 
 
 # ---------------------------------------------------------------------------------------- samples

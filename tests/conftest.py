@@ -6,9 +6,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-# two threads in every process, also under pytest-xdist (more workers than cores share them): tests that compare an
-# in-process run with a subprocess's or a job's need the same thread count, or float reductions differ in the last bits
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# torch threads: the cores shared out over pytest-xdist's workers (2 cores, 2 workers: 1 each; one process: 2), the
+# same count in every subprocess, launcher job and SLURM job a test starts (they inherit OMP_NUM_THREADS): tests that
+# compare an in-process run with a job's need the same thread count, or float reductions differ in the last bits.
+# Two workers of 2 threads each oversubscribed 2 cores (docs/performance.md#test-suite).
+THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+torch.set_num_threads(THREADS)
 # sampler.precision=auto resolves as on a CPU without native bf16, here and in every subprocess: the suite's results
 # do not depend on the machine (tests of auto itself patch models.native_bf16 or set the variable).
 os.environ["DNG_NATIVE_BF16"] = "0"
@@ -22,8 +26,7 @@ SLOW_TESTS = {"test_compare_end_to_end_on_the_tiny_model", "test_turning_incepti
 
 
 def pytest_xdist_auto_num_workers(config):
-    """``-n auto`` (pyproject's addopts): a worker per core, at most 4 (each keeps 2 torch threads; on 2 cores a
-    third worker oversubscribed them: 1331 s against 2 workers' 1154 s, docs/performance.md#test-suite)."""
+    """``-n auto`` (pyproject's addopts): a worker per core, at most 4 (docs/performance.md#test-suite)."""
     return max(1, min(4, os.cpu_count() or 1))
 
 

@@ -42,10 +42,14 @@ def test_compare_through_the_local_launcher_equals_the_serial_run(tmp_path, caps
     assert points >= 2 and len(job_folders(tmp_path / "jobs")) == 2 + points  # 2 calibrations + a job per point
     log = (tmp_path / "jobs" / "compare.log").read_text()
     assert "compare calibration: 2 local job(s) submitted" in log and "compare np evaluation" in log
-    # a re-run submits nothing new that samples: every unit finds its finished result
+    # a re-run queues no job: the submitter finds every unit's result (nothing sampled), and the table is the same
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "jobs").rglob("metrics.json")}
+    first = compared(tmp_path / "jobs")
     fan_out(tmp_path / "jobs", LOCAL)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "jobs").rglob("metrics.json")} == stamps
+    assert len(job_folders(tmp_path / "jobs")) == 2 + points and compared(tmp_path / "jobs") == first
+    log = (tmp_path / "jobs" / "compare.log").read_text()
+    assert "compare calibration: all 2 unit(s) finished already: no job submitted" in log
 
 
 def test_a_failing_unit_fails_the_command_after_the_others_finish(tmp_path):
@@ -57,6 +61,9 @@ def test_a_failing_unit_fails_the_command_after_the_others_finish(tmp_path):
                                         r"ValueError: invalid literal for int\(\) with base 10: 'x'"):
         runner.map(int, [("0",), ("x",), ("2",)], "units")
     assert len(job_folders(tmp_path)) == 5  # every unit ran, the failing one too
+    # a unit whose result is ready is not queued (what a resumed compare's submitter does with finished results)
+    assert runner.map(int, [("7",), ("x",)], "units", ready=lambda a: -1 if a == "x" else None) == [7, -1]
+    assert len(job_folders(tmp_path)) == 6
 
 
 def test_calibrate_through_the_local_launcher_equals_the_serial_run(tmp_path, capsys):

@@ -166,6 +166,13 @@ def test_compare_fans_out_through_sbatch_and_equals_the_serial_run(slurm, tmp_pa
     serial = json.loads((tmp_path / "serial" / "compare.json").read_text())
     for key in ("methods", "claims", "evaluations", "calibration"):
         assert summary[key] == serial[key], key
+    # resumed: the submitter finds every unit's result and queues nothing (no job would wait in the queue for it)
+    queued = sorted(p.name for p in (out / ".submitit").iterdir())
+    res = subprocess.run([sys.executable, "-m", "dng_cli.cli", *args, *SLURM, "hydra.run.dir=../jobs"],
+                         capture_output=True, text=True, timeout=600, cwd=elsewhere)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(p.name for p in (out / ".submitit").iterdir()) == queued
+    assert json.loads((out / "compare.json").read_text())["claims"] == serial["claims"]
 
 
 def test_a_requeued_job_resumes_from_its_finished_batches(slurm, tmp_path, compose):

@@ -101,7 +101,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     jobs = fanout.runner(output_dir)  # launcher=local|slurm: the bisection runs as one job, not here
     if jobs is not None:
         (result,) = jobs.map(fanout.unit, [(calibrate_run, fanout.absolute_paths(plain(cfg)), float(cfg.target_forbidden),
-                                            Path(output_dir).resolve())], "calibrate")
+                                            Path(output_dir).resolve())], "calibrate", ready=fanout.finished)
     else:
         device = setup_torch(cfg.sampler.device, cfg.sampler.get("num_threads"))
         network = pipeline.load_model(cfg.model, device)

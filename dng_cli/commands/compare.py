@@ -290,7 +290,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         cal_lists = [calibrate_targets(cfg, name, targets, output_dir, network) for name in names]
     else:
         cal_lists = jobs.map(fanout.unit, [(calibrate_targets, data, name, targets, output_dir) for name in names],
-                             "compare calibration")
+                             "compare calibration", ready=fanout.finished)
     not_reached, calibrations, evaluated = [], {}, {}
     for name, cals in zip(names, cal_lists):
         for target, cal in zip(targets, cals["calibrations"]):
@@ -304,7 +304,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
             results = [evaluate_point(cfg, name, s, output_dir, network) for s in scales]
         else:
             results = jobs.map(fanout.unit, [(evaluate_point, data, name, s, output_dir) for s in scales],
-                               f"compare {name} evaluation")
+                               f"compare {name} evaluation", ready=fanout.finished)
         points = []
         for scale, result in zip(scales, results):
             rec = load_point(output_dir / "eval" / name / f"scale={scale:g}", result, cfg, seeds)

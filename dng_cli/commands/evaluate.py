@@ -91,9 +91,22 @@ def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
     The folder is locked for the run (re-entrant: the CLI entry point or compare may hold it already).
     The config is resolved here, once (``spec.resolve_run``); everything below works on the run spec."""
     run_spec = check_cfg(cfg)
+    if runs.only_finished_asked():
+        return finished_only(run_spec, output_dir)
     with runs.RunLock(output_dir, reentrant=True):
         runs.clean_folder(output_dir)
         return _run(run_spec, output_dir, network)
+
+
+def finished_only(run: spec.RunSpec, output_dir: Path) -> dict:
+    """Under ``runs.only_finished``: this config's finished result (read only, no lock), else ``runs.Unfinished``
+    (also when it would be rescored: that computes). Another config's result is refused as a run would."""
+    path = output_dir / runs.RESULT_NAME
+    found = finished_result(path, dict(run.identity), run.fingerprint, recompute=run.overwrite or not run.skip_existing
+                            ) if path.exists() else None
+    if found is None or "rescore" in found:
+        raise runs.Unfinished(str(output_dir))
+    return found
 
 
 def _run(run: spec.RunSpec, output_dir: Path, network) -> dict:
