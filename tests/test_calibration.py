@@ -151,6 +151,26 @@ def test_compare_shares_one_pilot_set_per_method_across_targets(tmp_path, capsys
     assert len(run) < sum(len(probes) for probes in listed)  # the second target reused the first one's probes
 
 
+def test_compare_method_overrides_reach_every_result_and_the_table(tmp_path, capsys):
+    """``method_overrides`` (a setting chosen on the pilot set, e.g. CCFG's τ) is in every probe's and grid point's
+    config (and in no other method's: np's results do not depend on it), in compare.json and the table; the same
+    folder with another value reuses np's results and refuses CCFG's, never reusing them."""
+    out = tmp_path / "cmp"
+    args = ["compare", *TINY, "methods=[np,ccfg]", "targets=[0.5]", "n_samples=4", "pilot_n=4", "bootstrap=10",
+            f"hydra.run.dir={out}"]
+    cli.main([*args, "method_overrides={ccfg:{tau:0.05}}"])
+    results = [json.loads(p.read_text()) for p in (out / "eval" / "ccfg").rglob("metrics.json")]
+    results += [json.loads(p.read_text()) for p in (out / "calibrate" / "ccfg").rglob("metrics.json")]
+    assert len(results) >= 2 and {r["config"]["method"]["tau"] for r in results} == {0.05}
+    assert not any("method_overrides" in json.loads(p.read_text())["config"] for p in out.rglob("metrics.json"))
+    assert json.loads((out / "compare.json").read_text())["method_overrides"] == {"ccfg": {"tau": 0.05}}
+    assert "settings beyond the method configs: ccfg: tau 0.05" in (out / "compare.md").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main([*args, "method_overrides={ccfg:{tau:0.1}}"])
+    assert "holds a finished run of another config (method.tau=0.05 there, 0.1 here)" in capsys.readouterr().err
+
+
 def test_compare_table_carries_every_compared_metric_and_the_holm_column():
     from dng_cli.commands.compare import markdown
 
@@ -171,7 +191,9 @@ def test_compare_table_carries_every_compared_metric_and_the_holm_column():
 @pytest.mark.parametrize("args,match", [
     (["methods=[foo]"], "'foo'"), (["targets=[1.5]"], "1.5"), (["methods=[none]"], "no guidance_scale"),
     (["scale_min=0"], "scale_min"), (["methods=[]"], "at least one"), (["scale_start=-1"], "scale_start=-1"),
-    (["scale_start=foo"], "scale_start='foo'"),
+    (["scale_start=foo"], "scale_start='foo'"), (["method_overrides={ccfg:{tau:1}}"], "'ccfg', which is not compared"),
+    (["method_overrides={np:{taux:1}}"], "method_overrides.np.taux is not a setting"),
+    (["method_overrides=3"], "method_overrides=3"), (["methods=[ccfg]", "method_overrides={ccfg:{tau:-1}}"], "tau=-1.0"),
 ])
 def test_compare_bad_input(tmp_path, capsys, args, match):
     with pytest.raises(SystemExit) as exc:

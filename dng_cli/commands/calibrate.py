@@ -21,7 +21,7 @@ from dng_cli.validate import check_types
 log = logging.getLogger(__name__)
 SEARCH_KEYS = ("target_forbidden", "pilot_n", "pilot_seed", "scale_min", "scale_max", "scale_start", "tolerance",
                "max_probes", "methods", "targets", "grid_factors", "grid_extend", "bootstrap", "bootstrap_seed",
-               "band_factor", "compared")
+               "band_factor", "compared", "method_overrides")
 
 
 def check_search(cfg: DictConfig, targets: list) -> None:

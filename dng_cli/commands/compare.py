@@ -52,12 +52,42 @@ def method_config(name: str) -> DictConfig:
     return OmegaConf.merge(*(method_config(p) for p in parents), conf) if parents else conf
 
 
+def method_of(cfg: DictConfig, name: str) -> DictConfig:
+    """A compared method's config: configs/method/<name>.yaml with ``method_overrides.<name>`` merged in (e.g. a
+    setting chosen on the pilot set: ``"method_overrides={ccfg:{tau:0.05}}"``); it enters every result's identity."""
+    conf = method_config(name)
+    extra = (cfg.get("method_overrides") or {}).get(name)
+    if not extra:
+        return conf
+    if not isinstance(extra, DictConfig):
+        raise UserError(f"method_overrides.{name}={extra!r} is invalid: give the method's settings, e.g. "
+                        f"method_overrides={{{name}:{{guidance_scale:1.0}}}}")
+    allowed = [k for k in conf if k != "name"]
+    for key in extra:
+        if key not in allowed:
+            raise UserError(f"method_overrides.{name}.{key} is not a setting of method={name}: allowed are "
+                            f"{', '.join(allowed)}")
+    return OmegaConf.merge(conf, extra)
+
+
+def overrides_of(cfg: DictConfig) -> dict:
+    """``method_overrides`` as plain data ({} when none)."""
+    extra = cfg.get("method_overrides")
+    return OmegaConf.to_container(extra, resolve=True) if isinstance(extra, DictConfig) else {}
+
+
 def check_cfg(cfg: DictConfig) -> None:
     targets, methods = list(cfg.targets), list(cfg.methods)
     if not targets or not methods:
         raise UserError("methods and targets must each name at least one entry")
     if len(set(map(str, methods))) != len(methods):
         raise UserError(f"methods={[str(m) for m in methods]} names a method twice")
+    extra = cfg.get("method_overrides")
+    if extra is not None and not isinstance(extra, DictConfig):
+        raise UserError(f"method_overrides={extra!r} is invalid: give a mapping, e.g. method_overrides={{ccfg:{{tau:0.05}}}}")
+    for name in extra or {}:
+        if name not in map(str, methods):
+            raise UserError(f"method_overrides names {name!r}, which is not compared: methods={[str(m) for m in methods]}")
     check_search(cfg, targets)
     factors = list(cfg.get("grid_factors") or [])
     if not factors or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0 for f in factors):
@@ -68,7 +98,7 @@ def check_cfg(cfg: DictConfig) -> None:
     if not cfg.get("compared"):
         raise UserError("compared must name at least one metric")
     for name in methods:
-        m = method_config(str(name))
+        m = method_of(cfg, str(name))
         if "guidance_scale" not in m:
             raise UserError(f"methods entry {name!r} has no guidance_scale to calibrate")
         evaluate.check_cfg(run_cfg(cfg, m, 1.0, int(cfg.n_samples), int(cfg.seed)))
@@ -96,7 +126,7 @@ def load_point(folder: Path, result: dict, cfg: DictConfig, seeds: list[int]) ->
 def metric_functions(cfg: DictConfig, compared: list[str], forbidden: list[int]) -> dict[str, matching.Metric]:
     """Each compared metric as a function of (grid point, resampled seed indices)."""
     k, smoothing = int(cfg.dataset.num_classes), float(cfg.metrics.kl_smoothing)
-    first = method_config(str(cfg.methods[0]))  # the scorer does not depend on the method: any one's run spec
+    first = method_of(cfg, str(cfg.methods[0]))  # the scorer does not depend on the method: any one's run spec
     scorer = evaluate.Scorer(evaluate.check_cfg(run_cfg(cfg, first, float(first.guidance_scale), int(cfg.n_samples),
                                                         int(cfg.seed))))
     fns: dict[str, matching.Metric] = {}
@@ -167,12 +197,14 @@ def claim_rows(analysis: dict) -> list[dict]:
             for c in analysis["claims"]]
 
 
-def markdown(analysis: dict, compared: list[str], not_reached: list[dict]) -> str:
+def markdown(analysis: dict, compared: list[str], not_reached: list[dict], overrides: dict | None = None) -> str:
     ref = analysis["reference"]
     head = ["target", "method", "λ* [95% CI]", "grid", "identified"] + [f"{LABELS[k]} ± s.e." for k in compared]
+    changed = "; ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in kv.items()) for m, kv in (overrides or {}).items())
     lines = [f"**At matched safety** — each metric at the scale λ* where the method's fitted forbidden rate equals "
              f"the target (N = {analysis['n_seeds']} shared evaluation seeds; ± s.e. and intervals from "
-             f"{analysis['n_boot']} paired bootstrap replicates that redo the matching):", "",
+             f"{analysis['n_boot']} paired bootstrap replicates that redo the matching"
+             + (f"; settings beyond the method configs: {changed}" if changed else "") + "):", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in method_rows(analysis, compared):
         ci = f" [{r['scale_star_lo']:.3g}, {r['scale_star_hi']:.3g}]" if r["scale_star_lo"] is not None else ""
@@ -232,7 +264,7 @@ def calibrate_targets(cfg: DictConfig, name: str, targets: list[float], output_d
     """1. One method's pilot bisection for every target, in order (one pilot set per method: each later target
     starts from the probes already run). A unit of its own: one launcher job per method. Returns
     {"calibrations": one per target, "pilots": every probe as (scale, forbidden, n)}."""
-    method = method_config(name)
+    method = method_of(cfg, name)
     known: list[calibration.Probe] = []
     cals = []
     for target in targets:
@@ -247,7 +279,7 @@ def calibrate_targets(cfg: DictConfig, name: str, targets: list[float], output_d
 def evaluate_point(cfg: DictConfig, name: str, scale: float, output_dir: Path, network=None) -> dict:
     """2. One grid point on the shared evaluation seeds (a unit of its own: one launcher job)."""
     folder = output_dir / "eval" / name / f"scale={scale:g}"
-    return evaluate.run(run_cfg(cfg, method_config(name), scale, int(cfg.n_samples), int(cfg.seed), label=name),
+    return evaluate.run(run_cfg(cfg, method_of(cfg, name), scale, int(cfg.n_samples), int(cfg.seed), label=name),
                         folder, network)
 
 
@@ -257,7 +289,7 @@ def one_precision(cfg: DictConfig) -> DictConfig:
     comparison mixes precisions. Decided where the compare starts (a launcher's jobs get the decided value)."""
     if str(cfg.sampler.get("precision", "fp32")) != "auto":
         return cfg
-    each = {pipeline.precision_of(run_cfg(cfg, method_config(str(m)), 1.0, 1, 0)) for m in cfg.methods}
+    each = {pipeline.precision_of(run_cfg(cfg, method_of(cfg, str(m)), 1.0, 1, 0)) for m in cfg.methods}
     cfg = cfg.copy()
     cfg.sampler.precision = "bf16" if each == {"bf16"} else "fp32"
     log.info("sampler.precision=auto -> %s for every method of this compare", cfg.sampler.precision)
@@ -335,6 +367,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     analysis = matching.analyse(methods, targets, fns, reference, int(cfg.bootstrap), int(cfg.bootstrap_seed),
                                 float(cfg.band_factor)) if methods else matching.empty(n, int(cfg.bootstrap), reference)
     summary = {**analysis, "compared": compared, "not_reached": not_reached, "targets": targets,
+               "method_overrides": overrides_of(cfg),
                "calibration": {k: {"scale_star": v["scale_star"], "reason": v["reason"], "probes": v["probes"]}
                                for k, v in calibrations.items()},
                "evaluations": [{"method": name, "scale": scale, "folder": str(Path("eval") / name / f"scale={scale:g}"),
@@ -350,7 +383,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     for r in rows:
         w.writerow({k: "" if r.get(k) is None else r[k] for k in columns})
     atomic_write_text(output_dir / "compare.csv", buf.getvalue())
-    md = markdown(analysis, compared, not_reached)
+    md = markdown(analysis, compared, not_reached, overrides_of(cfg))
     md += "\n" + report.histogram_markdown([(f"{name} λ={scale:g}", r) for (name, scale), r in sorted(evaluated.items())])
     atomic_write_text(output_dir / "compare.md", md)
     plot(analysis, compared, output_dir / "compare.png")

@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
 # The Fashion-MNIST matched-safety comparison (issues 23 and 28) with the current procedure: np, sld, dng and ccfg,
-# remove Shirt (6), targets 3 % and 1 % (the classifier's floor is ~2.3 %), N = 1000 shared evaluation seeds,
-# pilot 300, 50 steps. Resumable: re-run to continue. ~6 h on 2 CPU cores; on a GPU add
+# remove Shirt (6), targets 3 % and 1 % (the classifier's floor is ~2.3 %), N = 500 shared evaluation seeds (as the
+# MNIST ccfg compare; 1000 would take ~7 h here: ~8 grid points per method at ~11 min each), pilot 300, 50 steps.
+# CCFG at τ 0.05, the pilot rule's choice on this model (scripts/ccfg_tau.py: the τ whose weight best separates
+# unguided pilot chains that end as Shirt from the others; its paper's 0.2 by the dimension rule gives half that
+# separation), set before any guided run of it.
+# Resumable: re-run to continue (also in a later session, from the partial files committed in fashion_partial/:
+# this script copies them to outputs/issue23/fashion when that folder is missing). ~4 h on 2 CPU cores; on a GPU add
 # `sampler.device=cuda sampler.batch_size=1000 sampler.max_batch=2000`. When it has finished, copy its
 # compare.json/csv/md/png and calibrate/*/calibration.json (+ the metrics.json files) to fashion/ here.
+set -euo pipefail
 cd "$(dirname "$0")/../../.."
+src=docs/results/matched_safety/fashion_partial dst=outputs/issue23/fashion
+if [ -d "$src" ] && [ ! -d "$dst" ]; then  # a later session: resume from the committed probes and grid points
+  mkdir -p "$dst" && cp -r "$src"/. "$dst"/
+fi
 exec nice -n 10 dng compare dataset=fashion_mnist model=fashion_mnist "forbidden=[6]" "methods=[np,sld,dng,ccfg]" \
-    "targets=[0.03,0.01]" n_samples=1000 pilot_n=300 tolerance=0.5 sampler.progress=false \
+    "targets=[0.03,0.01]" "method_overrides={ccfg:{tau:0.05}}" n_samples=500 pilot_n=300 tolerance=0.5 sampler.progress=false \
     hydra.run.dir=outputs/issue23/fashion
