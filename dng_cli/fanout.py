@@ -4,8 +4,9 @@
 executor from the same ``hydra.launcher`` settings a ``-m`` sweep uses (partition, time limit, GPUs, setup lines,
 …), runs each method's calibration as one job, each evaluation point as one job, waits for them, and writes
 the tables itself. Every job re-uses the run folders' fingerprints, so a re-run resumes from whatever finished
-(the submitter reads the finished units itself and queues only the others: ``finished``), and a job that fails makes the command fail with a count line after the others have finished. In a ``-m``
-sweep the command is itself a launcher job and runs its units inline.
+(the submitter reads the finished units itself and queues only the others: ``finished``), and a job that fails
+makes the command fail with a count line after the others have finished. In a ``-m`` sweep the command is itself
+a launcher job and runs its units inline.
 """
 
 from __future__ import annotations

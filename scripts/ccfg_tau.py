@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from dng_cli.sampler import randn, sample
 from dng_cli.schedule import NoiseSchedule
 
 FORBIDDEN = {"mnist": 0, "fashion_mnist": 6}  # each dataset's default forbidden class (configs/dataset)
+SHAPE = (1, 28, 28)  # both shipped models' samples
 
 
 class Recorder(Guidance):
@@ -73,13 +73,13 @@ def main() -> None:
         gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + 100]]
         rec = Recorder()
         with torch.inference_mode():
-            images.append(sample(eps_fn, schedule, rec, randn((len(gens), 1, 28, 28), gens), gens,
+            images.append(sample(eps_fn, schedule, rec, randn((len(gens), *SHAPE), gens), gens,
                                  progress=False).images)
         dd.append(torch.stack(rec.dd))  # [steps, b]
     dd, images = torch.cat(dd, 1), torch.cat(images)
     classes, _ = classify(load_classifier(args.dataset), to_uint8(images))
     in_c = classes == c
-    dims = 28 * 28
+    dims = SHAPE[0] * SHAPE[1] * SHAPE[2]  # D of τ̂ = τ·16384/D
     taus = [0.2 * 2.0 ** k for k in range(-10, 11)]
 
     def mean_weight(tau: float) -> torch.Tensor:  # [b]: W_b(τ)

@@ -98,27 +98,31 @@ def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
         return _run(run_spec, output_dir, network)
 
 
+def finished_in(run: spec.RunSpec, output_dir: Path) -> dict | None:
+    """The folder's finished result of this config (``"rescore"`` marked when only metric settings differ), else
+    None; another config's result is refused (``finished_result``)."""
+    path = output_dir / runs.RESULT_NAME
+    return finished_result(path, dict(run.identity), run.fingerprint,
+                           recompute=run.overwrite or not run.skip_existing) if path.exists() else None
+
+
 def finished_only(run: spec.RunSpec, output_dir: Path) -> dict:
     """Under ``runs.only_finished``: this config's finished result (read only, no lock), else ``runs.Unfinished``
-    (also when it would be rescored: that computes). Another config's result is refused as a run would."""
-    path = output_dir / runs.RESULT_NAME
-    found = finished_result(path, dict(run.identity), run.fingerprint, recompute=run.overwrite or not run.skip_existing
-                            ) if path.exists() else None
+    (also when it would be rescored: that computes)."""
+    found = finished_in(run, output_dir)
     if found is None or "rescore" in found:
         raise runs.Unfinished(str(output_dir))
     return found
 
 
 def _run(run: spec.RunSpec, output_dir: Path, network) -> dict:
-    metrics_path = output_dir / runs.RESULT_NAME
     identity = dict(run.identity)
     fingerprint = run.fingerprint
-    if metrics_path.exists():
-        finished = finished_result(metrics_path, identity, fingerprint, recompute=run.overwrite or not run.skip_existing)
-        if finished is not None and "rescore" in finished:
-            return rescore(run, output_dir, finished, identity, fingerprint)
-        if finished is not None:
-            return finished
+    finished = finished_in(run, output_dir)
+    if finished is not None and "rescore" in finished:
+        return rescore(run, output_dir, finished, identity, fingerprint)
+    if finished is not None:
+        return finished
     device = setup_torch(run.sampler.device, run.sampler.num_threads)
     scorer = Scorer(run)  # reference statistics first: a missing Inception file fails before any sampling
     gen = pipeline.build(run, device, network)
