@@ -169,7 +169,12 @@ class RunSpec:
         return build_guidance(self.method)
 
     def plain_config(self) -> dict:
-        return thawed(self.config)
+        """The config as run, with ``sampler.precision`` the precision actually used (``auto`` decided): what a
+        result records and what its identity starts from."""
+        config = thawed(self.config)
+        if isinstance(config.get("sampler"), dict):
+            config["sampler"]["precision"] = self.sampler.precision
+        return config
 
     @cached_property
     def identity(self) -> Mapping[str, Any]:
@@ -187,9 +192,6 @@ class RunSpec:
             name = {"model.path": "ddpm", "model.unconditional": "unconditional"}.get(key)
             weights[name or f"class_{key.rsplit('.', 1)[1]}"] = weights_hash(folder, key)
         identity = runs.identity(self.plain_config(), weights, lambda _: schedule_keys(thawed(model.scheduler_config)))
-        identity.pop("sampler.precision", None)  # the precision actually used; fp32 is every earlier result's
-        if self.sampler.precision != "fp32":
-            identity["sampler.precision"] = self.sampler.precision
         return MappingProxyType(identity)
 
     @property

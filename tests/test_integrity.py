@@ -149,13 +149,13 @@ def test_sweeps_are_validated_up_front(capsys, tmp_path):
 def test_result_identity_is_stable_across_the_config_layout_change(compose):
     """`forbidden` moved to the top level and the schedule into the model folder: a result written with
     the old layout (method.forbidden, sampler.num_train_timesteps/beta_start/beta_end) has the same identity."""
-    from dng_cli.pipeline import plain
+    from dng_cli.spec import resolve_run
 
-    new = plain(compose("evaluate", TINY + ["method=np", "forbidden=[0,6]"]))
+    new = resolve_run(compose("evaluate", TINY + ["method=np", "forbidden=[0,6]"])).plain_config()  # as recorded
     legacy = {**new, "method": {**new["method"], "forbidden": new["forbidden"]},
               "sampler": {**new["sampler"], "num_train_timesteps": 1000, "beta_start": 1.0e-4, "beta_end": 0.02}}
     del legacy["forbidden"]
     del legacy["sampler"]["precision"]  # a key added later (fp32: what every earlier result ran in)
     assert evaluate.identity_config(new) == evaluate.result_config(legacy)
-    other = plain(compose("evaluate", TINY + ["method=np", "forbidden=[0]"]))
+    other = resolve_run(compose("evaluate", TINY + ["method=np", "forbidden=[0]"])).plain_config()
     assert evaluate.identity_config(other) != evaluate.identity_config(new)

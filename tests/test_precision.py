@@ -23,6 +23,11 @@ def test_fp32_is_bit_for_bit_the_run_without_the_key(compose, tmp_path):
     b, ib = _run(compose, tmp_path / "none", ["~sampler.precision"])
     assert np.array_equal(ia, ib) and a["fingerprint"] == b["fingerprint"] and a["precision"] == "fp32"
     assert "sampler.precision" not in pipeline.result_identity(compose("evaluate", BASE))
+    # the shipped default, auto, is that same result where it resolves to fp32 (no native bf16: the suite's setting)
+    assert compose("evaluate", BASE).sampler.precision == "auto"
+    c, ic = _run(compose, tmp_path / "default", [])
+    assert np.array_equal(ia, ic) and c["fingerprint"] == a["fingerprint"] and c["precision"] == "fp32"
+    assert c["config"]["sampler"]["precision"] == "fp32"  # the result records the precision used, not "auto"
 
 
 def test_bf16_autocasts_the_network_and_is_its_own_result(compose, tmp_path):
@@ -89,6 +94,9 @@ def test_a_compare_decides_auto_once_for_all_its_methods(compose, monkeypatch):
     assert compare.one_precision(compose("compare", tiny + ["methods=[np,sld,dng]"])).sampler.precision == "fp32"
     fixed = compose("compare", tiny[:1] + ["methods=[np,sld]", "sampler.precision=bf16"])
     assert compare.one_precision(fixed).sampler.precision == "bf16"  # an explicit precision is kept
+    # with a launcher the nodes' hardware is unknown here: auto is fp32, an explicit bf16 is kept
+    assert compare.one_precision(compose("compare", tiny + ["methods=[np,dng]"]), launcher=True).sampler.precision == "fp32"
+    assert compare.one_precision(fixed, launcher=True).sampler.precision == "bf16"
     monkeypatch.setattr(models, "native_bf16", lambda device: False)
     assert compare.one_precision(compose("compare", tiny + ["methods=[np,dng]"])).sampler.precision == "fp32"
 

@@ -283,25 +283,28 @@ def evaluate_point(cfg: DictConfig, name: str, scale: float, output_dir: Path, n
                         folder, network)
 
 
-def one_precision(cfg: DictConfig) -> DictConfig:
+def one_precision(cfg: DictConfig, launcher: bool = False) -> DictConfig:
     """``sampler.precision=auto`` decided once for the whole compare: bf16 only if it would be bf16 for every
     compared method (each cleared by the paired table, on native-bf16 hardware), else fp32 for all, so that no
-    comparison mixes precisions. Decided where the compare starts (a launcher's jobs get the decided value)."""
+    comparison mixes precisions. Decided where the compare starts (a launcher's jobs get the decided value), so
+    with a launcher it is fp32: the submitting host cannot tell the nodes' hardware (a login node with bf16 in
+    front of nodes without it would have them emulate bf16 at 6-17x the cost); set bf16 explicitly there."""
     if str(cfg.sampler.get("precision", "fp32")) != "auto":
         return cfg
     each = {pipeline.precision_of(run_cfg(cfg, method_of(cfg, str(m)), 1.0, 1, 0)) for m in cfg.methods}
     cfg = cfg.copy()
-    cfg.sampler.precision = "bf16" if each == {"bf16"} else "fp32"
-    log.info("sampler.precision=auto -> %s for every method of this compare", cfg.sampler.precision)
+    cfg.sampler.precision = "bf16" if each == {"bf16"} and not launcher else "fp32"
+    log.info("sampler.precision=auto -> %s for every method of this compare%s", cfg.sampler.precision,
+             " (its units run as launcher jobs: auto is fp32, pass sampler.precision=bf16 for bf16)" if launcher else "")
     return cfg
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict:
     check_cfg(cfg)
-    cfg = one_precision(cfg)
     from dng_cli import fanout
 
     jobs = fanout.runner(output_dir)  # launcher=local|slurm: the units below run as its jobs
+    cfg = one_precision(cfg, launcher=jobs is not None)
     network = None
     if jobs is None:
         device = setup_torch(cfg.sampler.device, cfg.sampler.get("num_threads"))

@@ -169,9 +169,9 @@ def check_cfg(cfg: DictConfig) -> None:
     if cfg.sd_model != "tiny_random" and not Path(str(cfg.sd_model)).is_dir():
         raise UserError(f"sd_model={str(cfg.sd_model)!r} is not a folder: give a local diffusers Stable Diffusion "
                         f"folder or tiny_random")
-    if str(cfg.sampler.get("precision", "fp32")) != "fp32":
+    if str(cfg.sampler.get("precision", "fp32")) not in ("fp32", "auto"):  # auto: fp32, the only precision here
         raise UserError(f"sampler.precision={cfg.sampler.precision} is not supported by dng sd (it runs the SD UNet in "
-                        f"fp32): use sampler.precision=fp32")
+                        f"fp32): use sampler.precision=fp32 or auto")
     if not str(cfg.prompt).strip():
         raise UserError("prompt is empty: pass prompt=\"...\"")
     pipeline.respaced(NoiseSchedule.from_scheduler(SD_SCHEDULER), cfg.sampler)  # steps, variance

@@ -5,6 +5,7 @@
 # regenerates the published table from these files.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
+export DNG_NATIVE_BF16=0  # published in fp32: sampler.precision=auto (the default) stays fp32 on every CPU/GPU
 out=outputs/main_job
 run() { name=$1; shift; nice -n 10 dng evaluate "$@" sampler.progress=false hydra.run.dir=$out/$name; }
 run unguided method=none

@@ -11,6 +11,7 @@
 # compare.json/csv/md/png and calibrate/*/calibration.json (+ the metrics.json files) to fashion/ here.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
+export DNG_NATIVE_BF16=0  # published in fp32: sampler.precision=auto (the default) stays fp32 on every CPU/GPU
 src=docs/results/matched_safety/fashion_partial dst=outputs/issue23/fashion
 if [ -d "$src" ] && [ ! -d "$dst" ]; then  # a later session: resume from the committed probes and grid points
   mkdir -p "$dst" && cp -r "$src"/. "$dst"/

@@ -8,6 +8,7 @@
 # mnist_ccfg/ here (records.npz: each seed's class and classifier features, so a later compare can add methods).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
+export DNG_NATIVE_BF16=0  # published in fp32: sampler.precision=auto (the default) stays fp32 on every CPU/GPU
 dst=outputs/issue28/mnist_ccfg
 mkdir -p "$dst/calibrate"
 [ -d "$dst/calibrate/dng" ] || cp -r docs/results/matched_safety/mnist/calibrate/dng "$dst/calibrate/"

@@ -4,6 +4,7 @@
 # methods=[np,sld]: every probe and grid point is reused by its fingerprint (nothing is sampled).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
+export DNG_NATIVE_BF16=0  # published in fp32: sampler.precision=auto (the default) stays fp32 on every CPU/GPU
 src=outputs/issue23/mnist dst=outputs/issue23/mnist_np_sld
 mkdir -p "$dst/calibrate" "$dst/eval"
 for m in np sld; do

@@ -5,6 +5,7 @@
 # the table from these files.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
+export DNG_NATIVE_BF16=0  # published in fp32: sampler.precision=auto (the default) stays fp32 on every CPU/GPU
 out=outputs/multirun/mnist_paper_cpu
 nice -n 10 dng evaluate -m experiment=mnist_paper n_samples=120 sampler.steps=50 sampler.progress=false \
   method=np,sld,dng_fewstep hydra.sweep.dir=$out

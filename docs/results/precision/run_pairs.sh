@@ -7,6 +7,7 @@
 # Resumable (finished evaluations are reused). Writes outputs/issue29/<dataset>_<method>/pairs.json.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
+export DNG_NATIVE_BF16=0  # published in fp32: sampler.precision=auto (the default) stays fp32 on every CPU/GPU
 out=outputs/issue29
 pair() {  # dataset method scale [extra overrides...]
   local ds=$1 m=$2 s=$3; shift 3

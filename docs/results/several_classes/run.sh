@@ -4,6 +4,7 @@
 # files (no samples) are copied here and `dng report` tabulates them; tests/test_docs.py regenerates the table.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
+export DNG_NATIVE_BF16=0  # published in fp32: sampler.precision=auto (the default) stays fp32 on every CPU/GPU
 out=outputs/multirun/multiclass_cpu
 nice -n 10 dng evaluate -m "method=np,sld" "forbidden=[0,6,8]" n_samples=100 sampler.steps=50 sampler.progress=false hydra.sweep.dir=$out
 nice -n 10 dng evaluate -m method=dng_fewstep "forbidden=[0,6,8]" method.prior=0.2 n_samples=100 sampler.steps=50 sampler.progress=false hydra.sweep.dir=$out

@@ -3,6 +3,7 @@
 # the same seeds 0..999; then the paired comparison (pairs.json here; 200 bootstrap replicates).
 set -euo pipefail
 cd "$(dirname "$0")/../../../.."
+export DNG_NATIVE_BF16=0  # published in fp32: sampler.precision=auto (the default) stays fp32 on every CPU/GPU
 for p in bf16 fp32; do
   dng evaluate --method=dng n_samples=1000 sampler.precision=$p sampler.progress=false hydra.run.dir=outputs/issue29/mnist_dng_$p
 done
