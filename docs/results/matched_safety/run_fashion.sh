@@ -7,8 +7,8 @@
 # separation), set before any guided run of it.
 # Resumable: re-run to continue (also in a later session, from the partial files committed in fashion_partial/:
 # this script copies them to outputs/issue23/fashion when that folder is missing). ~4 h on 2 CPU cores; on a GPU add
-# `sampler.device=cuda sampler.batch_size=1000 sampler.max_batch=2000`. When it has finished, copy its
-# compare.json/csv/md/png and calibrate/*/calibration.json (+ the metrics.json files) to fashion/ here.
+# `sampler.device=cuda sampler.batch_size=1000 sampler.max_batch=2000`. When it has finished, copy the files behind
+# the table to fashion/ here: docs/results/matched_safety/collect.sh outputs/issue23/fashion docs/results/matched_safety/fashion
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 export DNG_NATIVE_BF16=0  # published in fp32: sampler.precision=auto (the default) stays fp32 on every CPU/GPU
