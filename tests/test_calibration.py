@@ -151,6 +151,16 @@ def test_compare_shares_one_pilot_set_per_method_across_targets(tmp_path, capsys
     assert len(run) < sum(len(probes) for probes in listed)  # the second target reused the first one's probes
 
 
+def test_compare_logs_each_probe_under_the_compared_methods_name(tmp_path, capsys):
+    """A variant that inherits another method's guidance (dng_hold is dng with a hold) is named as compared, so
+    its probes are not logged as the other method's."""
+    out = tmp_path / "cmp"
+    cli.main(["compare", *TINY, "methods=[dng_hold]", "targets=[0.5]", "n_samples=4", "pilot_n=4", "bootstrap=10",
+              f"hydra.run.dir={out}"])
+    log = (out / "compare.log").read_text()
+    assert "probe dng_hold scale" in log and "probe dng scale" not in log
+
+
 def test_compare_method_overrides_reach_every_result_and_the_table(tmp_path, capsys):
     """``method_overrides`` (a setting chosen on the pilot set, e.g. CCFG's τ) is in every probe's and grid point's
     config (and in no other method's: np's results do not depend on it), in compare.json and the table; the same
