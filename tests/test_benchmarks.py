@@ -109,3 +109,26 @@ def test_precision_pairs_clearing_rule(tmp_path):
     (tmp_path / "mnist_dng").mkdir()
     (tmp_path / "mnist_dng" / "pairs.json").write_text(json.dumps({**ok, "method": "dng"}))
     assert module.cleared(tmp_path) == {"sld"}  # np fails on one dataset, dng is not measured on fashion
+
+
+def test_same_seeds_counts_the_samples_two_methods_share(tmp_path):
+    """scripts/same_seeds.py: on records with a known difference it counts the changed samples, class changes and
+    forbidden counts per shared scale; on the committed dng_hold compare it gives the published 3 of 9 x 500."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    feats, classes = rng.normal(size=(6, 3)).astype(np.float32), np.array([0, 1, 2, 0, 4, 5])
+    for method, scale, f, c in [("a", "2", feats, classes), ("b", "2", feats + np.array([[0], [1], [0], [0], [0], [1e-6]]),
+                                 np.array([0, 3, 2, 0, 4, 5])), ("a", "4", feats, classes)]:
+        (tmp_path / "cmp" / "eval" / method / f"scale={scale}").mkdir(parents=True)
+        np.savez(tmp_path / "cmp" / "eval" / method / f"scale={scale}" / "records.npz", seeds=np.arange(6),
+                 classes=c, features=f)
+    out = _last_json([str(REPO / "scripts" / "same_seeds.py"), str(tmp_path / "cmp"), "a", "b"], tmp_path)
+    assert out["rows"] == [{"scale": 2.0, "n": 6, "differ": 1, "class_changed": 1, "forbidden_a": 2, "forbidden_b": 2}]
+    published = _last_json([str(REPO / "scripts" / "same_seeds.py"),
+                            str(REPO / "docs" / "results" / "matched_safety" / "mnist_hold"), "dng_hold", "dng"], tmp_path)
+    assert len(published["rows"]) == 9 and sum(r["differ"] for r in published["rows"]) == 3
+    assert sum(r["class_changed"] for r in published["rows"]) == 0
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "same_seeds.py"), str(tmp_path / "cmp"), "a", "c"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode != 0 and res.stderr.count("\n") == 1 and "no scale evaluated for both" in res.stderr
