@@ -74,7 +74,7 @@ def calibrate_method(cfg: DictConfig, method: DictConfig, target: float, folder:
     def probe(scale: float) -> tuple[int, int]:
         m = evaluate.run(probe_cfg(cfg, method, scale, label), probes_dir / f"scale={scale:g}", network)
         forbidden = sum(m["histogram_counts"][c] for c in m["forbidden"])
-        log.info("probe %s scale %g: %d/%d forbidden", label or method.name, scale, forbidden, m["n_samples"])
+        log.info("probe %s scale %g: %d/%d forbidden", m["label"], scale, forbidden, m["n_samples"])
         return forbidden, m["n_samples"]
 
     start = cfg.get("scale_start")

@@ -8,9 +8,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."
 export DNG_NATIVE_BF16=0  # published in fp32: sampler.precision=auto (the default) stays fp32 on every CPU/GPU
 dst=outputs/issue28/mnist_hold
-src=docs/results/matched_safety/mnist_ccfg
-mkdir -p "$dst/calibrate" "$dst/eval"
-[ -d "$dst/calibrate/dng" ] || cp -r "$src/calibrate/dng" "$dst/calibrate/"
-[ -d "$dst/eval/dng" ] || cp -r "$src/eval/dng" "$dst/eval/"
+docs/results/matched_safety/reuse.sh docs/results/matched_safety/mnist_ccfg "$dst" calibrate/dng eval/dng
 exec nice -n 10 dng compare "methods=[dng_hold,dng]" "targets=[0.01,0.003]" n_samples=500 pilot_n=300 tolerance=0.5 \
     sampler.progress=false hydra.run.dir="$dst"
