@@ -85,17 +85,20 @@ def tiny_mnist(tmp_path):
 @pytest.fixture(scope="session")
 def slurm():
     """A real single-node SLURM cluster (tests/slurm_cluster.py) for the session: runs in CI (CI=true) and
-    with DNG_TEST_SLURM=1; installs slurm-wlm and munge with apt-get when missing (root only)."""
+    with DNG_TEST_SLURM=1; installs slurm-wlm and munge with apt-get when missing (root only). Install, start and
+    the cluster's life are held under one machine-wide lock: whichever pytest-xdist worker gets the SLURM tests
+    (xdist_group keeps them on one), a second worker never runs apt-get or a cluster beside the first."""
     import slurm_cluster
 
     if os.environ.get("CI") != "true" and os.environ.get("DNG_TEST_SLURM") != "1":
         pytest.skip("real-SLURM tests: set DNG_TEST_SLURM=1 (as root; installs slurm-wlm and munge with apt-get)")
-    if not slurm_cluster.installed():
-        if os.geteuid() != 0:
-            pytest.fail("the real-SLURM tests need slurm-wlm and munge: run as root (they are installed with apt-get)")
-        slurm_cluster.install()
-    cluster = slurm_cluster.Cluster().start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    with slurm_cluster.machine_lock():
+        if not slurm_cluster.installed():
+            if os.geteuid() != 0:
+                pytest.fail("the real-SLURM tests need slurm-wlm and munge: run as root (they are installed with apt-get)")
+            slurm_cluster.install()
+        cluster = slurm_cluster.Cluster().start()
+        try:
+            yield cluster
+        finally:
+            cluster.stop()

@@ -4,21 +4,50 @@ Debian's ``slurm-wlm`` (22.05) with ``munge``: installed with apt-get when missi
 ``slurm.conf`` for this one machine (``proctrack/linuxproc``, ``task/none``, no accounting database) in a
 scratch folder that ``SLURM_CONF`` points at for the daemons and the clients, ``munged``, ``slurmctld`` and
 ``slurmd`` started in the background, and ``sinfo`` polled until the node is idle. ``stop()`` ends what
-``start()`` started. Without an accounting database ``sacct`` fails; submitit then reads job states from
+``start()`` started; a watcher process ends it too when the process that started it dies without stopping it
+(``kill -9`` of a test session). ``machine_lock()`` serialises install and cluster across processes: pytest-xdist
+workers that both need a cluster take turns instead of racing apt-get's dpkg lock or the daemons' ports. Without an accounting database ``sacct`` fails; submitit then reads job states from
 squeue/scontrol (it logs a "Bypassing sacct error" warning at each poll)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 PACKAGES = ["slurm-wlm", "munge"]
+LOCK = Path(tempfile.gettempdir()) / "dng-slurm-tests.lock"
+DAEMONS = ("slurmctld", "slurmd")
+
+
+@contextmanager
+def machine_lock(timeout: float = 3600.0):
+    """Hold this machine's test-cluster lock (an flock: the kernel drops it when the holder dies, however it dies).
+    Install, start, use and stop happen under it, so at most one process at a time installs packages or runs a
+    cluster; a second one waits for the first to stop its cluster."""
+    LOCK.touch(exist_ok=True)
+    with open(LOCK, "r+") as fh:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.time() > deadline:
+                    raise RuntimeError(f"another process has held {LOCK} (the test SLURM cluster) for {timeout:.0f} s")
+                time.sleep(1)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def installed() -> bool:
@@ -28,8 +57,53 @@ def installed() -> bool:
 def install() -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True, timeout=600)
-    subprocess.run(["apt-get", "install", "-y", "-qq", *PACKAGES], check=True, env=env, capture_output=True,
-                   timeout=900)
+    # DPkg::Lock::Timeout: wait for a dpkg run of somebody else's (unattended upgrades) instead of failing at once
+    subprocess.run(["apt-get", "install", "-y", "-qq", "-o", "DPkg::Lock::Timeout=600", *PACKAGES], check=True,
+                   env=env, capture_output=True, timeout=900)
+
+
+def _leftover_daemons() -> list[int]:
+    """pids of slurmctld/slurmd processes of a test cluster (their command line names a ``dng-slurm-`` config)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        name = Path(cmd[0].decode(errors="replace")).name if cmd and cmd[0] else ""
+        if name in DAEMONS and any(b"dng-slurm-" in part for part in cmd):
+            pids.append(int(proc.name))
+    return pids
+
+
+# Run detached from the test session (own session, so a kill of pytest's process group spares it): waits until the
+# pid that started the cluster is gone, then ends the daemons it started; exits quietly once `stopped` exists.
+WATCHER = """
+import os, signal, sys, time
+owner, stopped, pidfiles, munged = int(sys.argv[1]), sys.argv[2], sys.argv[3].split(","), sys.argv[4] == "1"
+while not os.path.exists(stopped):
+    try:
+        os.kill(owner, 0)
+    except ProcessLookupError:
+        for p in pidfiles:
+            try:
+                os.kill(int(open(p).read().strip()), signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
+        if munged:
+            os.system("pkill -x munged")
+        break
+    time.sleep(0.5)
+"""
+
+
+def watch(owner: int, stopped: Path, pidfiles: list[Path], munged: bool) -> subprocess.Popen:
+    """Start the watcher: when ``owner`` dies before ``stopped`` exists, SIGTERM the pids in ``pidfiles``."""
+    return subprocess.Popen([sys.executable, "-c", WATCHER, str(owner), str(stopped), ",".join(map(str, pidfiles)),
+                             "1" if munged else "0"], start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 class Cluster:
@@ -89,9 +163,15 @@ NodeName={host} CPUs={cpus} RealMemory=8000 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
         os.environ["SLURM_CONF"] = str(self.conf)
-        for daemon in ("slurmctld", "slurmd"):
+        for pid in _leftover_daemons():  # a cluster of a killed session would hold the ports
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for daemon in DAEMONS:
             subprocess.run([f"/usr/sbin/{daemon}", "-f", str(self.conf)], check=True, capture_output=True, timeout=60)
             self.started.append(self.dir / f"{daemon}.pid")
+        watch(os.getpid(), self.dir / "stopped", self.started, self.munged)
         deadline = time.time() + timeout
         while time.time() < deadline:
             res = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
@@ -108,7 +188,10 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
             except (OSError, ValueError):
                 pass
-        time.sleep(1)
+        deadline = time.time() + 20
+        while _leftover_daemons() and time.time() < deadline:
+            time.sleep(0.5)
+        (self.dir / "stopped").touch()  # the watcher's sign that the cluster was stopped on purpose
         if self.munged:
             subprocess.run(["pkill", "-x", "munged"], capture_output=True)
         os.environ.pop("SLURM_CONF", None)
