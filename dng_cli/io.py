@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -148,7 +149,31 @@ def pause_for_tests(point: str) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    """Strict JSON (no bare NaN/Infinity, which other readers reject), written atomically; a non-finite number is
+    an error naming where it sits, and nothing is written."""
+    try:
+        text = json.dumps(obj, indent=2, default=_json_default, allow_nan=False)
+    except ValueError:
+        raise ValueError(f"{path.name}: {_first_non_finite(obj) or 'a value'} is not a finite number; "
+                         f"nothing was written") from None
+    atomic_write_text(path, text + "\n")
+
+
+def _first_non_finite(obj: Any, where: str = "") -> str | None:
+    """The key path of the first NaN/inf in a JSON-like object."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "the value"
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        found = _first_non_finite(v, f"{where}.{k}" if where else str(k))
+        if found:
+            return found
+    return None
 
 
 def _json_default(obj: Any):

@@ -1,23 +1,28 @@
-"""Methods compared at matched safety, with intervals that include the matching itself.
+"""Methods compared at matched safety: one estimand, valid on plateaus, with intervals that include the matching.
 
-Estimand: for method m and target t, a metric's value at the guidance scale λ_m(t) where m's TRUE
-forbidden rate equals t. The rate falls with λ, so it is fitted by a decreasing (isotonic, weights n)
-curve against log λ over every probe of the method — its evaluation grid on the shared seeds and its
-pilot probes — and λ_m(t) is where the fitted curve crosses t (linear in log λ between the fitted points
-around the crossing). Each metric is measured at every grid point and interpolated at λ_m(t) (linear in
-log λ); a crossing outside the grid leaves the metric unidentified (no extrapolation).
+Estimand — band-averaged matched quality (BAM). For method m and rate r, λ_m(r) is where m's forbidden rate
+equals r: the rate falls with λ, so it is fitted by a decreasing (isotonic, weights n) curve against log λ over
+m's evaluation grid (shared seeds only: pilots place the grid and are not evidence), and λ_m(r) is where the
+fitted curve crosses r. Q_m(r) is a metric interpolated at λ_m(r). Both interpolations are in log λ, by the
+shape-preserving cubic (PCHIP) through the grid points, and never beyond the grid: a crossing outside it is clamped to the grid end, and how often that
+happened is reported. The claim for target t is
 
-Uncertainty: a paired bootstrap over the evaluation seeds. One replicate resamples the seed indices once
-— the same indices for every method, grid point and metric, since all methods share their seeds — and
-redraws each pilot probe's count (binomial: pilot seeds are independent of the evaluation seeds); then
-the rate fit, the crossing and the interpolation are redone. The interval of a difference thus carries
-the noise of the matching. p-values are two-sided bootstrap p-values, Holm-adjusted over every claim of
-one comparison (targets × pairs × metrics); "resolved" means adjusted p < 0.05.
+    Δ = (1/ln f²) ∫_{t/f}^{t·f} [Q_A(r) − Q_B(r)] d ln r        (f = ``band_factor``, 2 by default),
 
-Identification: when the crossing is missing or outside the grid in more than 5 % of the replicates,
-or the fitted rate stays within the Wilson half-width of t over more than a factor 2 in λ (a plateau),
-the target is not identified for that method; its claims at t compare the two fronts instead — the mean
-metric gap over a band of rates around t where both fronts were measured.
+the matched difference averaged over log-spaced rates around t (trapezoid over ``BAND_RATES`` points). A method
+on a plateau (its rate ≈ t over a wide range of λ while quality changes across it) moves Δ continuously, so the
+same estimand serves a plateau method and a steep one and the bootstrap stays valid. The single-t matched value
+Q_m(t) and λ_m(t) are reported beside it, as secondary columns.
+
+Uncertainty: a paired bootstrap over the evaluation seeds. One replicate resamples the seed indices once — the
+same indices for every method, grid point, rate and metric, since all methods share their seeds — and redoes the
+rate fit, the crossings and the interpolation. Percentile intervals; p-values are studentized and centred
+(|Δ*−Δ|/se ≥ |Δ|/se); one pre-registered primary metric forms the tested family (targets × pairs), the other
+metrics a secondary family; within each, Westfall–Young max-T step-down adjusted p over the joint replicates
+(exact for correlated claims). When no replicate reaches a claim's statistic the p-value is the normal tail,
+Bonferroni over the claims still in the step (so the bootstrap's 1/(B+1) floor never decides). Every claim
+carries its minimum detectable effect at the N it ran (80 % power at the family's level): an unresolved claim is
+"inconclusive at N (MDE x)", not "no difference".
 
 Pure math over arrays (numpy); what a metric is comes in as a callable.
 """
@@ -26,14 +31,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Callable, Sequence
 
 import numpy as np
 
 Z95 = 1.959963984540054
-MIN_IDENTIFIED = 0.95
-EXTEND_ABOVE = 0.025  # the grid grows while more replicates than this cross outside it (half the 5 % allowed)
-PLATEAU_SPAN = 2.0
+MIN_IDENTIFIED = 0.95  # diagnostic: λ_m(t) inside the grid in at least this share of replicates
+BAND_RATES = 9
+ALPHA, POWER = 0.05, 0.8
+MARGIN = 1.5  # the grid brackets [t/(f·MARGIN), t·f·MARGIN], so that few bootstrap replicates clamp at the band's ends
 
 
 @dataclass
@@ -49,7 +56,7 @@ class Point:
 class Method:
     name: str
     points: list[Point]  # the grid, all on the same N seeds (same order)
-    pilots: list[tuple[float, int, int]] = field(default_factory=list)  # (scale, forbidden, n) on pilot seeds
+    pilots: list[tuple[float, int, int]] = field(default_factory=list)  # (scale, forbidden, n): placed the grid only
 
 
 Metric = Callable[[Point, np.ndarray], float]  # (point, seed indices) -> value
@@ -93,31 +100,72 @@ def crossing(log_scales: np.ndarray, fitted: np.ndarray, target: float) -> float
     return float(math.exp(log_scales[j - 1] + frac * (log_scales[j] - log_scales[j - 1])))
 
 
-def plateau(log_scales: np.ndarray, fitted: np.ndarray, target: float, n: int) -> tuple[float, float] | None:
-    """(λ_lo, λ_hi) when the fitted rate stays within the Wilson half-width of ``target`` (at ``n``
-    samples) over more than a factor ``PLATEAU_SPAN`` in λ — the target is then not identified."""
-    half = Z95 * math.sqrt(max(target * (1 - target), 1.0 / n) / n)
-    near = np.abs(fitted - target) <= half
-    best = None
-    i = 0
-    while i < len(near):
-        if near[i]:
-            j = i
-            while j + 1 < len(near) and near[j + 1]:
-                j += 1
-            span = (float(math.exp(log_scales[i])), float(math.exp(log_scales[j])))
-            if span[1] / span[0] > PLATEAU_SPAN and (best is None or span[1] / span[0] > best[1] / best[0]):
-                best = span
-            i = j + 1
-        else:
-            i += 1
-    return best
+def matched_scale(log_scales: np.ndarray, fitted: np.ndarray, rate: float) -> tuple[float, bool]:
+    """(λ_m(rate), clamped): the crossing, or the grid end the fitted rate stays on the wrong side of (the
+    largest λ when the rate is never reached, the smallest when every point is already below it)."""
+    lam = crossing(log_scales, fitted, rate)
+    if lam is not None:
+        return lam, False
+    return float(math.exp(log_scales[0] if fitted[0] <= rate else log_scales[-1])), True
 
 
-def interpolate(scales: Sequence[float], values: Sequence[float], at: float) -> float:
-    """Linear in log λ between the grid points around ``at`` (which lies within the grid)."""
-    x = np.log(np.asarray(scales, dtype=float))
-    return float(np.interp(math.log(at), x, np.asarray(values, dtype=float)))
+def band_rates(target: float, factor: float, k: int = BAND_RATES) -> np.ndarray:
+    """``k`` log-spaced rates over [target/factor, target·factor]."""
+    return np.exp(np.linspace(math.log(target / factor), math.log(target * factor), k))
+
+
+def band_weights(k: int = BAND_RATES) -> np.ndarray:
+    """Trapezoid weights of the band average in ln r (sum 1)."""
+    w = np.ones(k)
+    if k > 1:
+        w[0] = w[-1] = 0.5
+    return w / w.sum()
+
+
+def _edge_slope(h0: float, h1: float, m0: float, m1: float) -> float:
+    """PCHIP's one-sided three-point end slope, kept shape-preserving (as scipy's PchipInterpolator)."""
+    d = ((2 * h0 + h1) * m0 - h0 * m1) / (h0 + h1)
+    if np.sign(d) != np.sign(m0):
+        return 0.0
+    if np.sign(m0) != np.sign(m1) and abs(d) > abs(3 * m0):
+        return 3 * m0
+    return float(d)
+
+
+def pchip(x: np.ndarray, y: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """The shape-preserving piecewise cubic Hermite interpolant (Fritsch–Carlson; equal to scipy's
+    PchipInterpolator) through (x, y), at ``at`` inside [x0, xn]: monotone data stay monotone, no overshoot."""
+    h, delta = np.diff(x), np.diff(y) / np.diff(x)
+    d = np.zeros(len(x))
+    w1, w2 = 2 * h[1:] + h[:-1], h[1:] + 2 * h[:-1]
+    same = delta[:-1] * delta[1:] > 0
+    safe0, safe1 = np.where(same, delta[:-1], 1.0), np.where(same, delta[1:], 1.0)
+    d[1:-1] = np.where(same, (w1 + w2) / (w1 / safe0 + w2 / safe1), 0.0)  # weighted harmonic mean of the slopes
+    d[0], d[-1] = _edge_slope(h[0], h[1], delta[0], delta[1]), _edge_slope(h[-1], h[-2], delta[-1], delta[-2])
+    i = np.clip(np.searchsorted(x, at, side="right") - 1, 0, len(x) - 2)
+    t = (at - x[i]) / h[i]
+    t2, t3 = t * t, t * t * t
+    return ((2 * t3 - 3 * t2 + 1) * y[i] + (t3 - 2 * t2 + t) * h[i] * d[i] + (-2 * t3 + 3 * t2) * y[i + 1]
+            + (t3 - t2) * h[i] * d[i + 1])
+
+
+def interpolate_log(x: np.ndarray, y: Sequence[float], at: np.ndarray) -> np.ndarray:
+    """``y`` (given at the sorted log λ ``x``) at log λ ``at`` within the grid: the shape-preserving cubic
+    (PCHIP) through the points, linear with two. Its error falls as h³ with the grid's spacing where linear
+    interpolation's falls as h²: what keeps two methods' different grids from biasing a paired difference (the
+    A/A simulations in tests/test_matching.py)."""
+    at = np.clip(at, x[0], x[-1])
+    y = np.asarray(y, dtype=float)
+    return np.interp(at, x, y) if len(x) < 3 else pchip(np.asarray(x, dtype=float), y, at)
+
+
+def dense_curve(x: np.ndarray, fitted: np.ndarray, per_gap: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """The fitted rate as the same cubic, on ``per_gap`` points per grid gap (so that ``crossing``'s linear
+    inversion follows it); non-increasing like the fit, as PCHIP keeps monotone data monotone."""
+    if len(x) < 3:
+        return x, fitted
+    dense = np.unique(np.concatenate([x, np.linspace(x[0], x[-1], per_gap * (len(x) - 1) + 1)]))
+    return dense, np.minimum.accumulate(interpolate_log(x, fitted, dense))
 
 
 # ------------------------------------------------------------------------------------------ the grid
@@ -126,72 +174,72 @@ def round_scale(scale: float, digits: int = 3) -> float:
     return float(f"{scale:.{digits}g}")
 
 
-def outside_grid(points: list[Point], pilots: list[tuple[float, int, int]], target: float, n_boot: int = 200,
-                 seed: int = 0) -> tuple[float, float]:
-    """Fractions of rate-only bootstrap replicates (grid seeds resampled, pilot counts redrawn) whose
-    crossing of ``target`` falls below and above the grid (no crossing: the side the fitted rate is on)."""
-    rng = np.random.default_rng(seed)
-    n = len(points[0].forbidden)
-    grid = sorted(p.scale for p in points)
-    below = above = 0
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        scales = [p.scale for p in points] + [s for s, _, _ in pilots]
-        ks = [float(p.forbidden[idx].sum()) for p in points] + [float(rng.binomial(m, k / m)) for _, k, m in pilots]
-        ns = [float(n)] * len(points) + [float(m) for _, _, m in pilots]
-        x, f = rate_curve(scales, ks, ns)
-        lam = crossing(x, f, target)
-        if lam is None:
-            below += bool(f[0] <= target)
-            above += bool(f[0] > target)
-        else:
-            below += lam < grid[0]
-            above += lam > grid[-1]
-    return below / n_boot, above / n_boot
+def _placed(x: np.ndarray, f: np.ndarray, rate: float) -> float:
+    """Where a fit puts ``rate``: the crossing, else the probe whose fitted rate is nearest to it."""
+    lam = crossing(x, f, rate)
+    return lam if lam is not None else float(np.exp(x[int(np.argmin(np.abs(f - rate)))]))
 
 
 def choose_grid(evaluate: Callable[[float], Point], pilots: list[tuple[float, int, int]], targets: Sequence[float],
-                factors: Sequence[float], lo: float, hi: float, extend: int = 2,
-                evaluate_many: Callable[[list[float]], list[Point]] | None = None) -> dict[float, Point]:
-    """The evaluation grid of one method: λ0(t)·factors for every target t, λ0 where the isotonic fit of
-    the pilot rates crosses t; then, while more than 2.5 % of rate-only bootstrap replicates put the crossing
-    below (above) the grid, a point one grid step below (above) it — at most ``extend`` per target.
-    ``evaluate(scale)`` runs (or reuses) an evaluation; ``evaluate_many(scales)``, when given, runs the first
-    grid (every target's λ0·factors) at once (as launcher jobs) — the same points as one by one. Depends only
-    on results, so a re-run asks for the same points."""
-    points: dict[float, Point] = {}
-    step = max(factors) / min(factors) if max(factors) > min(factors) else 1.25
+                rates: Sequence[float], lo: float, hi: float, extend: int = 4,
+                evaluate_many: Callable[[list[float]], list[Point]] | None = None, band_factor: float = 2.0,
+                max_ratio: float = 2.0, initial: dict[float, Point] | None = None) -> dict[float, Point]:
+    """The evaluation grid of one method, placed by rate. First wave: where the pilot fit puts t·a for every
+    target t and every multiple a in ``rates`` (pilots place the grid; they are not evidence). Then, on the fit of
+    the evaluation points themselves, waves until (i) the band [t/f, t·f] is bracketed with a margin (``MARGIN``) — a point below the grid while its smallest λ is
+    already under t·f, above it while its largest λ is still over t/f, a factor s, s², s³, … away (s = max(2,
+    ``max_ratio``); at most ``extend`` per side and target: pilots of a few hundred seeds can misplace a plateau
+    by a factor 10) — and (ii) no gap inside the band exceeds ``max_ratio`` in λ (the
+    geometric midpoint is added). ``evaluate_many(scales)`` runs a wave at once (launcher jobs); depends only on
+    results, so a re-run asks for the same points. ``initial`` (finished points on the same seeds, e.g. an earlier
+    compare's grid) replaces the pilot wave: the waves then only bracket and fill around them."""
+    points: dict[float, Point] = dict(initial or {})
+    step = max(2.0, max_ratio)
 
-    def at(scale: float) -> None:
-        scale = round_scale(min(max(scale, lo), hi))
-        if scale not in points:
-            points[scale] = evaluate(scale)
+    def clamp(scale: float) -> float:
+        return round_scale(min(max(scale, lo), hi))
 
-    centers, first = {}, []
-    for t in targets:
-        if pilots:
-            x, f = rate_curve(*zip(*pilots))
-            centers[t] = crossing(x, f, t)
-            if centers[t] is None:  # the pilots do not cross t: start at the probe nearest to it
-                centers[t] = float(np.exp(x[int(np.argmin(np.abs(f - t)))]))
-            for factor in factors:
-                scale = round_scale(min(max(centers[t] * factor, lo), hi))
-                if scale not in first:
-                    first.append(scale)
-    if evaluate_many is not None and first:
-        points.update(zip(first, evaluate_many(first)))
-    for scale in first:
-        at(scale)
-    for t in centers:
-        for _ in range(extend):
-            grid = sorted(points)
-            below, above = outside_grid([points[s] for s in grid], pilots, t)
-            if max(below, above) <= EXTEND_ABOVE:
-                break
-            before = len(points)
-            at(grid[0] / step if below >= above else grid[-1] * step)
-            if len(points) == before:  # clamped to the range end, already there
-                break
+    def run(scales: list[float]) -> None:
+        todo = [s for s in dict.fromkeys(scales) if s not in points]
+        if not todo:
+            return
+        if evaluate_many is not None:
+            points.update(zip(todo, evaluate_many(todo)))
+        else:
+            for s in todo:
+                points[s] = evaluate(s)
+
+    first = []
+    if pilots and not points:
+        x, f = rate_curve(*zip(*pilots))
+        first = [clamp(_placed(x, f, t * a)) for t in targets for a in rates]
+    run(first)
+    extended = {(t, side): 0 for t in targets for side in (-1, 1)}
+    for _ in range(64):  # each wave adds points or ends the loop; 64 waves is far beyond any real grid
+        if not points:
+            break
+        grid = sorted(points)
+        x, f = rate_curve(grid, [float(points[s].forbidden.sum()) for s in grid],
+                          [float(len(points[s].forbidden)) for s in grid])
+        wave = []
+        for t in targets:
+            if f[0] < t * band_factor * MARGIN and extended[(t, -1)] < extend:
+                wave.append(clamp(grid[0] / step ** (extended[(t, -1)] + 1)))  # 2, 4, 8, …
+                extended[(t, -1)] += 1
+            if f[-1] > t / (band_factor * MARGIN) and extended[(t, 1)] < extend:
+                wave.append(clamp(grid[-1] * step ** (extended[(t, 1)] + 1)))
+                extended[(t, 1)] += 1
+            a, b = matched_scale(x, f, t * band_factor)[0], matched_scale(x, f, t / band_factor)[0]
+            inside = [s for s in grid if a <= s <= b]
+            span = ([max([s for s in grid if s <= a], default=grid[0])] + inside
+                    + [min([s for s in grid if s >= b], default=grid[-1])])
+            for u, v in zip(span, span[1:]):
+                if v / u > max_ratio * (1 + 1e-9):
+                    wave.append(clamp(math.sqrt(u * v)))
+        wave = [s for s in dict.fromkeys(wave) if s not in points]
+        if not wave:
+            break
+        run(wave)
     return points
 
 
@@ -209,19 +257,51 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return adjusted.tolist()
 
 
-def bootstrap_p(diffs: np.ndarray) -> float:
-    """Two-sided bootstrap p-value of "the difference is 0": twice the smaller tail, (k+1)/(B+1)."""
-    b = len(diffs)
-    if b == 0:
-        return 1.0
-    low, high = (np.sum(diffs <= 0) + 1) / (b + 1), (np.sum(diffs >= 0) + 1) / (b + 1)
-    return float(min(1.0, 2 * min(low, high)))
+def _normal_tail(z: float) -> float:
+    return 2.0 * (1.0 - NormalDist().cdf(z))
+
+
+def max_t(estimates: np.ndarray, replicates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(raw p, Westfall–Young max-T step-down adjusted p) of "each difference is 0", from the point estimates
+    [m] and the joint bootstrap replicates [m, B] (the same resampled seeds across claims, so the correlation
+    between claims is kept). Statistic |Δ|/se against the centred replicates |Δ* − Δ|/se. When no replicate
+    reaches a statistic, the normal tail (Bonferroni over the claims left in the step) replaces the empty count."""
+    m, b = replicates.shape
+    se = replicates.std(axis=1, ddof=1) if b >= 2 else np.zeros(m)
+    ok = se > 0
+    t_obs = np.where(ok, np.abs(estimates) / np.where(ok, se, 1.0), 0.0)
+    t_boot = np.where(ok[:, None], np.abs(replicates - estimates[:, None]) / np.where(ok, se, 1.0)[:, None], 0.0)
+    raw = np.ones(m)
+    for j in range(m):
+        if ok[j]:
+            hits = int(np.sum(t_boot[j] >= t_obs[j]))
+            raw[j] = (hits + 1) / (b + 1) if hits else min(1.0, _normal_tail(t_obs[j]))
+    order = [j for j in np.argsort(-t_obs, kind="stable")]
+    adjusted = np.ones(m)
+    running = 0.0
+    for k, j in enumerate(order):
+        if not ok[j]:
+            p = 1.0
+        else:
+            rest = order[k:]
+            hits = int(np.sum(t_boot[rest].max(axis=0) >= t_obs[j]))
+            p = (hits + 1) / (b + 1) if hits else min(1.0, len(rest) * _normal_tail(t_obs[j]))
+        running = max(running, p)
+        adjusted[j] = min(1.0, running)
+    return raw, adjusted
+
+
+def mde(se: float, claims: int, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Minimum detectable effect: the difference a two-sided test at the family's per-claim level (α/claims,
+    Bonferroni: what max-T gives for uncorrelated claims, conservative otherwise) finds with ``power``."""
+    nd = NormalDist()
+    return float((nd.inv_cdf(1 - alpha / (2 * max(claims, 1))) + nd.inv_cdf(power)) * se)
 
 
 # --------------------------------------------------------------------------------------- analysis
 class _Replicate:
-    """One bootstrap replicate: seed indices (shared by every method; ``independent`` gives each method
-    its own, for comparison only) and redrawn pilot counts; metric values cached."""
+    """One bootstrap replicate: seed indices (shared by every method; ``independent`` gives each method its
+    own, for comparison only); fits and metric values cached."""
 
     def __init__(self, idx: np.ndarray, rng: np.random.Generator | None, independent: bool = False):
         self.shared, self.rng, self.cache, self.independent, self.own = idx, rng, {}, independent, {}
@@ -240,128 +320,119 @@ class _Replicate:
 
 
 def _fit(method: Method, rep: _Replicate) -> tuple[np.ndarray, np.ndarray]:
+    """The isotonic rate fit over the method's evaluation grid (pilots excluded) in this replicate."""
     def compute():
-        scales, ks, ns = [], [], []
         idx = rep.idx(method.name)
-        for p in method.points:
-            scales.append(p.scale)
-            ks.append(float(p.forbidden[idx].sum()))
-            ns.append(float(len(idx)))
-        for s, k, n in method.pilots:
-            scales.append(s)
-            ks.append(float(k if rep.rng is None else rep.rng.binomial(n, k / n)))
-            ns.append(float(n))
-        return rate_curve(scales, ks, ns)
+        pts = sorted(method.points, key=lambda p: p.scale)
+        return rate_curve([p.scale for p in pts], [float(p.forbidden[idx].sum()) for p in pts],
+                          [float(len(idx))] * len(pts))
     return rep.value(("fit", method.name), compute)
 
 
-def _at_target(method: Method, target: float, metrics: dict[str, Metric], rep: _Replicate) -> tuple[float | None, dict]:
-    """(λ*, {metric: value at λ*}) in one replicate; λ* None (and no values) when not identified."""
-    x, f = _fit(method, rep)
-    lam = crossing(x, f, target)
-    grid = sorted(p.scale for p in method.points)
-    if lam is None or not grid[0] <= lam <= grid[-1]:
-        return None, {}
-    points = sorted(method.points, key=lambda p: p.scale)
+def _matched(method: Method, rates: np.ndarray, metrics: dict[str, Metric], rep: _Replicate) -> tuple:
+    """(λ_m(r) [k], clamped [k], {metric: Q_m(r) [k]}) in one replicate."""
+    dense = dense_curve(*_fit(method, rep))
+    found = [matched_scale(*dense, float(r)) for r in rates]
+    lams = np.array([lam for lam, _ in found])
+    clamped = np.array([c for _, c in found])
+    pts = sorted(method.points, key=lambda p: p.scale)
+    grid = np.log([p.scale for p in pts])
     values = {}
     for name, fn in metrics.items():
-        vals = [rep.value((method.name, p.scale, name), lambda p=p: fn(p, rep.idx(method.name))) for p in points]
-        values[name] = interpolate(grid, vals, lam)
-    return lam, values
+        vals = [rep.value((method.name, p.scale, name), lambda p=p: fn(p, rep.idx(method.name))) for p in pts]
+        values[name] = interpolate_log(grid, vals, np.log(lams))
+    return lams, clamped, values
 
 
-def _front(method: Method, metric: str, fn: Metric, rep: _Replicate) -> tuple[np.ndarray, np.ndarray]:
-    """(rate, metric) at each grid point, sorted by rate."""
+def _eval_rate(method: Method, scale: float) -> float:
+    """The evaluation seeds' raw forbidden rate at ``scale``, linear in log λ between grid points."""
     pts = sorted(method.points, key=lambda p: p.scale)
-    idx = rep.idx(method.name)
-    rates = np.array([p.forbidden[idx].mean() for p in pts])
-    vals = np.array([rep.value((method.name, p.scale, metric), lambda p=p: fn(p, idx)) for p in pts])
-    order = np.argsort(rates, kind="stable")
-    return rates[order], vals[order]
-
-
-def _band_gap(a: Method, b: Method, metric: str, fn: Metric, band: tuple[float, float], rep: _Replicate) -> float:
-    ra, va = _front(a, metric, fn, rep)
-    rb, vb = _front(b, metric, fn, rep)
-    rates = np.linspace(band[0], band[1], 5)
-    return float(np.mean(np.interp(rates, ra, va) - np.interp(rates, rb, vb)))
+    return float(np.interp(math.log(scale), np.log([p.scale for p in pts]), [p.forbidden.mean() for p in pts]))
 
 
 def analyse(methods: list[Method], targets: Sequence[float], metrics: dict[str, Metric], reference: str,
-            n_boot: int = 1000, seed: int = 0, band_factor: float = 2.0, paired: bool = True) -> dict:
-    """Every method at every target, and every (method − reference) difference per metric, with paired
-    bootstrap intervals, p-values and Holm-adjusted p-values (see the module docstring). ``paired=False``
-    resamples each method's seeds independently — the wrong interval for shared seeds, kept to show it."""
+            n_boot: int = 1000, seed: int = 0, band_factor: float = 2.0, paired: bool = True,
+            primary: str | None = None) -> dict:
+    """Every method at every target (band-averaged and single-t matched metrics, λ*(t), the evaluation seeds'
+    rate there, clamping) and every (method − reference) band-averaged difference per metric, with paired
+    bootstrap intervals, raw and max-T adjusted p (``primary`` — default the first metric — is the tested
+    family, the rest a secondary one) and MDEs (see the module docstring). ``paired=False`` resamples each method's
+    seeds independently — the wrong interval for shared seeds, kept to show it."""
     n = len(methods[0].points[0].forbidden)
     if any(len(p.forbidden) != n for m in methods for p in m.points):
         raise ValueError("every grid point must hold the same seeds")
+    primary = primary or next(iter(metrics))
+    if primary not in metrics:
+        raise ValueError(f"primary metric {primary!r} is not among the compared metrics {list(metrics)}")
     rng = np.random.default_rng(seed)
     reps = [_Replicate(np.arange(n), None)]
     for _ in range(n_boot):
         reps.append(_Replicate(rng.integers(0, n, n), np.random.default_rng(rng.integers(1 << 62)), not paired))
-    by_name = {m.name: m for m in methods}
-    out_methods, claims = [], []
+    weights = band_weights()
+    out_methods, claims, diffs = [], [], []
     for t in targets:
+        rates = np.concatenate([band_rates(t, band_factor), [t]])  # the band, then t itself (the matched column)
         per = {}
         for m in methods:
-            results = [_at_target(m, t, metrics, r) for r in reps]
-            lams = np.array([np.nan if lam is None else lam for lam, _ in results])
+            runs = [_matched(m, rates, metrics, r) for r in reps]
+            lam_t = np.array([lams[-1] for lams, _, _ in runs])
+            clamped_t = np.array([c[-1] for _, c, _ in runs])
+            clamped_band = np.array([c[:-1] for _, c, _ in runs])
+            bam = {k: np.array([v[k][:-1] @ weights for _, _, v in runs]) for k in metrics}
+            matched = {k: np.array([v[k][-1] for _, _, v in runs]) for k in metrics}
             x, f = _fit(m, reps[0])
-            flat = plateau(x, f, t, n)
-            identified = float(np.mean(~np.isnan(lams[1:]))) if n_boot else float(not np.isnan(lams[0]))
-            ok = identified >= MIN_IDENTIFIED and flat is None and not np.isnan(lams[0])
-            values = {k: np.array([v.get(k, np.nan) for _, v in results]) for k in metrics}
+            band_lams = runs[0][0][[0, BAND_RATES - 1]]
+            inside = float(np.mean(~clamped_t[1:])) if n_boot else float(not clamped_t[0])
             entry = {"target": t, "method": m.name, "grid": sorted(p.scale for p in m.points),
-                     "identified": ok, "identified_fraction": identified,
-                     "plateau": list(flat) if flat else None,
-                     "scale_star": None if np.isnan(lams[0]) else float(lams[0]),
-                     "scale_star_ci": _percentiles(lams[1:]),
-                     "metrics": {k: _summary(v) for k, v in values.items()}}
-            per[m.name] = (entry, values)
+                     "grid_rates": [float(p.forbidden.mean()) for p in sorted(m.points, key=lambda p: p.scale)],
+                     "identified": bool(inside >= MIN_IDENTIFIED and not clamped_t[0]),
+                     "identified_fraction": inside,
+                     "reached": bool(f[-1] <= t),
+                     "scale_star": float(lam_t[0]), "scale_star_clamped": bool(clamped_t[0]),
+                     "scale_star_ci": _percentiles(lam_t[1:]),
+                     "eval_rate": _eval_rate(m, float(lam_t[0])),
+                     "band": [t / band_factor, t * band_factor],
+                     "band_scales": sorted(float(v) for v in band_lams),
+                     "clamped": float(np.mean(clamped_band[1:])) if n_boot else float(np.mean(clamped_band[0])),
+                     "metrics": {k: _summary(v) for k, v in bam.items()},
+                     "matched": {k: _summary(v) for k, v in matched.items()}}
+            per[m.name] = (bam, matched, entry["clamped"])
             out_methods.append(entry)
-        ref_entry, ref_values = per[reference]
+        ref_bam, ref_matched, ref_clamped = per[reference]
         for m in methods:
             if m.name == reference:
                 continue
-            entry, values = per[m.name]
-            for k, fn in metrics.items():
-                claim = {"target": t, "method": m.name, "reference": reference, "metric": k}
-                if entry["identified"] and ref_entry["identified"]:
-                    d = values[k] - ref_values[k]
-                    claim.update(kind="matched", band=None, **_difference(d))
-                else:
-                    band = _band(by_name[m.name], by_name[reference], t, band_factor, reps[0])
-                    if band is None:
-                        claim.update(kind="no common band", band=None, diff=None, lo=None, hi=None, p=None,
-                                     replicates=0)
-                    else:
-                        d = np.array([_band_gap(by_name[m.name], by_name[reference], k, fn, band, r) for r in reps])
-                        claim.update(kind="band", band=list(band), **_difference(d))
+            bam, matched, clamped = per[m.name]
+            for k in metrics:
+                d = bam[k] - ref_bam[k]
+                claim = {"target": t, "method": m.name, "reference": reference, "metric": k,
+                         "family": "primary" if k == primary else "secondary", "estimand": "band-averaged",
+                         "band": [t / band_factor, t * band_factor], **_difference(d),
+                         "matched_diff": float(matched[k][0] - ref_matched[k][0]),
+                         "clamped": max(clamped, ref_clamped)}
                 claims.append(claim)
-    tested = [c for c in claims if c["p"] is not None]
-    for c, p in zip(tested, holm([c["p"] for c in tested])):
-        c["p_holm"] = p
-        c["resolved"] = p < 0.05
-    for c in claims:
-        c.setdefault("p_holm", None)
-        c.setdefault("resolved", False)
+                diffs.append(d)
+    for family in ("primary", "secondary"):
+        members = [i for i, c in enumerate(claims) if c["family"] == family]
+        if not members:
+            continue
+        est = np.array([diffs[i][0] for i in members])
+        boot = np.array([diffs[i][1:] for i in members]).reshape(len(members), n_boot)
+        raw, adj = max_t(est, boot) if n_boot >= 2 else (np.ones(len(members)), np.ones(len(members)))
+        for i, p, pa in zip(members, raw, adj):
+            c = claims[i]
+            c.update(p=float(p), p_adj=float(pa), resolved=bool(pa < ALPHA and n_boot >= 2),
+                     mde=None if c["se"] is None else mde(c["se"], len(members)), family_size=len(members))
     return {"n_seeds": n, "n_boot": n_boot, "reference": reference, "methods": out_methods, "claims": claims,
-            "n_claims": len(tested), "paired": paired}
+            "n_claims": sum(c["family"] == "primary" for c in claims), "primary": primary,
+            "estimand": "band-averaged matched quality", "band_factor": band_factor, "band_rates": BAND_RATES,
+            "adjustment": "Westfall-Young max-T step-down, per family", "paired": paired}
 
 
 def empty(n_seeds: int, n_boot: int, reference: str) -> dict:
     """The analysis of a comparison in which no method has a grid (no target reached)."""
     return {"n_seeds": n_seeds, "n_boot": n_boot, "reference": reference, "methods": [], "claims": [], "n_claims": 0,
-            "paired": True}
-
-
-def _band(a: Method, b: Method, t: float, factor: float, rep: _Replicate) -> tuple[float, float] | None:
-    """Rates in [t/factor, t·factor] that both fronts span (point estimate)."""
-    lo, hi = t / factor, t * factor
-    for m in (a, b):
-        rates = [p.forbidden.mean() for p in m.points]
-        lo, hi = max(lo, min(rates)), min(hi, max(rates))
-    return (float(lo), float(hi)) if hi > lo else None
+            "primary": None, "estimand": "band-averaged matched quality", "paired": True}
 
 
 def _percentiles(values: np.ndarray) -> list[float] | None:
@@ -376,8 +447,7 @@ def _summary(values: np.ndarray) -> dict:
 
 
 def _difference(d: np.ndarray) -> dict:
-    """Point estimate (replicate 0), percentile interval and p over the replicates where both sides exist."""
-    boot = d[1:][~np.isnan(d[1:])]
-    return {"diff": None if np.isnan(d[0]) else float(d[0]), "lo": _percentiles(d[1:])[0] if len(boot) >= 2 else None,
-            "hi": _percentiles(d[1:])[1] if len(boot) >= 2 else None,
-            "p": bootstrap_p(boot) if len(boot) and not np.isnan(d[0]) else None, "replicates": int(len(boot))}
+    """Point estimate (replicate 0), s.e., percentile interval over the replicates."""
+    ci = _percentiles(d[1:])
+    return {"diff": float(d[0]), "se": float(np.std(d[1:], ddof=1)) if len(d) > 2 else None,
+            "lo": ci[0] if ci else None, "hi": ci[1] if ci else None, "replicates": int(len(d) - 1)}

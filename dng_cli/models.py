@@ -340,8 +340,14 @@ def classify(classifier: nn.Module, images: torch.Tensor, batch_size: int = 500)
         x = images[i:i + batch_size]
         x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
         f = classifier.features(x)
+        logits = classifier.head(f)
+        bad = ~(torch.isfinite(f).flatten(1).all(1) & torch.isfinite(logits).all(1))
+        if bool(bad.any()):  # argmax of NaN would be class 0, its features a NaN FID
+            raise UserError(f"the classifier returned NaN/inf for {int(bad.sum())} of {len(x)} images in a batch "
+                            f"(first: image {i + int(bad.nonzero()[0])} of the scored set): it cannot score these "
+                            f"samples; check its weights (nothing was written)")
         feats.append(f)
-        preds.append(classifier.head(f).argmax(1))
+        preds.append(logits.argmax(1))
     return torch.cat(preds), torch.cat(feats)
 
 

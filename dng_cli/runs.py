@@ -293,13 +293,40 @@ class ResultStage:
         self.removed.append(name)
 
     def commit(self, result: dict) -> None:
-        for entry in sorted(self.stage.iterdir()):
-            os.replace(entry, self.folder / entry.name)
-        for name in self.removed:
-            (self.folder / name).unlink(missing_ok=True)
-        io.pause_for_tests("commit")
-        promote_config(self.folder)
-        io.write_json(self.folder / self.result_name, result)  # last: its presence marks the run finished
+        """All or nothing: the old result's marker goes aside first (from then on the folder holds no finished
+        result), every old file the new ones replace or ``remove`` names goes aside, the new ones move in, then the
+        config and the new marker. If any step fails, the new files are taken out and the old ones put back, so the
+        folder never holds files of two runs."""
+        backup = self.stage / ".replaced"
+        backup.mkdir()
+        entries = sorted(p for p in self.stage.iterdir() if p != backup)
+        saved, moved = [], []
+
+        def aside(name: str) -> None:
+            if os.path.lexists(self.folder / name):
+                os.replace(self.folder / name, backup / name)
+                saved.append(name)
+
+        try:
+            aside(self.result_name)
+            for entry in entries:
+                aside(entry.name)
+                os.replace(entry, self.folder / entry.name)
+                moved.append(entry.name)
+            for name in self.removed:
+                if name not in moved:
+                    aside(name)
+            io.pause_for_tests("commit")
+            promote_config(self.folder)
+            io.write_json(self.folder / self.result_name, result)  # last: its presence marks the run finished
+        except BaseException:
+            for name in moved:
+                target = self.folder / name
+                shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink(missing_ok=True)
+            for name in saved:
+                os.replace(backup / name, self.folder / name)
+            self.discard()  # only once every old file is back: a failed roll-back leaves them in the stage
+            raise
         self.discard()
 
     def discard(self) -> None:

@@ -16,6 +16,10 @@ from dng_cli import UserError
 from dng_cli.guidance import Guidance, NoGuidance, StepInfo
 from dng_cli.schedule import NoiseSchedule
 
+class NonFinite(UserError):
+    """A chain left the finite numbers: its images would be black and its metrics meaningless."""
+
+
 EpsFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -99,6 +103,7 @@ def sample(eps_fn: EpsFn, schedule: NoiseSchedule, guidance: Guidance | None = N
 
     state, num_classes = None, None
     posterior = scale = None
+    finite = torch.ones(steps, dtype=torch.bool, device=x.device)  # per step, checked once at the end: no host syncs
     for i in tqdm(range(steps), disable=not progress, desc="sampling", leave=False):
         k = steps - 1 - i  # index into the (ascending) schedule
         eps_u, eps_c = eps_fn(x, t_batch[i])
@@ -123,7 +128,14 @@ def sample(eps_fn: EpsFn, schedule: NoiseSchedule, guidance: Guidance | None = N
         p = guidance.posterior(state)
         if p is not None:
             posterior[i] = p
+        finite[i] = torch.isfinite(eps).all() & torch.isfinite(x_next).all() & (
+            torch.isfinite(p).all() if p is not None else True)
         x = x_next
+    if not bool(finite.all()):
+        i = int((~finite).nonzero()[0])
+        raise NonFinite(f"the sampler produced NaN/inf at step {i + 1} of {steps} (timestep {int(ts[i])}): the "
+                        f"denoiser's output or the guided update overflowed; check the model's weights, "
+                        f"sampler.precision and the guidance scale (nothing was written)")
     if num_classes == 1:
         posterior = posterior.squeeze(-1)
     return SampleOutput(x, posterior, scale, ts)

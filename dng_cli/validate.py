@@ -148,6 +148,7 @@ SPEC: dict[str, tuple] = {
     "dataset.channels": (INT, 1), "dataset.image_size": (INT, 1), "dataset.num_classes": (INT, 2),
     "pilot_n": (INT, 1), "pilot_seed": (INT, 0), "max_probes": (INT, 2), "tolerance": (FLOAT, 0.0, None, False),
     "bootstrap": (INT, 0), "bootstrap_seed": (INT, 0), "grid_extend": (INT, 0), "band_factor": (FLOAT, 1.0, None, False),
+    "grid_max_ratio": (FLOAT, 1.0, None, False),
     "scale_min": (FLOAT, 0.0, None, False), "scale_max": (FLOAT, 0.0, None, False),
 }
 DEVICES = "cpu, cuda, cuda:<index>, auto"

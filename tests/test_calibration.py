@@ -119,20 +119,24 @@ def test_compare_end_to_end_on_the_tiny_model(tmp_path, capsys):
             "bootstrap=20", f"hydra.run.dir={out}"]
     cli.main(args)
     summary = json.loads((out / "compare.json").read_text())
-    assert summary["reference"] == "dng" and summary["n_seeds"] == 6 and summary["compared"] == ["kl_kept", "kl_uniform", "fid"]
+    assert summary["reference"] == "dng" and summary["n_seeds"] == 6 and summary["compared"] == ["kl_kept", "fid"]
+    assert summary["primary"] == "kl_kept" and summary["estimand"] == "band-averaged matched quality"
     assert [m["method"] for m in summary["methods"]] == ["np", "dng_official_cli", "dng"]
     for m in summary["methods"]:  # the tiny model calls everything an 8: the rate is 0 everywhere, nothing crosses 50 %
-        assert not m["identified"] and m["grid"] == [0.01, 0.0125]
-    assert len(summary["claims"]) == 2 * 3 and all(c["kind"] == "no common band" for c in summary["claims"])
+        assert not m["identified"] and m["clamped"] == 1.0 and m["scale_star"] == pytest.approx(m["grid"][0]) == 0.01
+    assert len(summary["claims"]) == 2 * 2 and {c["family"] for c in summary["claims"]} == {"primary", "secondary"}
+    assert all(c["estimand"] == "band-averaged" and c["mde"] is not None for c in summary["claims"])
     folders = sorted(p.parent for p in (out / "eval").glob("*/scale=*/metrics.json"))
     assert {json.loads((f / "metrics.json").read_text())["label"] for f in folders} == {"np", "dng_official_cli", "dng"}
     assert all((f / "records.npz").is_file() for f in folders)
     header = (out / "compare.csv").read_text().splitlines()[0].split(",")
-    for column in ("table", "target", "method", "scale_star", "identified", "kl_kept", "kl_kept_se", "fid_se", "metric",
-                   "kind", "diff", "lo", "hi", "p", "p_holm", "resolved"):
+    for column in ("table", "target", "method", "scale_star", "eval_rate", "clamped", "identified", "kl_kept",
+                   "kl_kept_se", "kl_kept_at_target", "fid_se", "metric", "family", "diff", "lo", "hi", "p", "p_adj",
+                   "resolved", "mde", "matched_diff"):
         assert column in header, column
     md = (out / "compare.md").read_text()
-    assert "| 50 % | np |" in md and "np − dng" in md and "Holm" in md
+    assert "| 50 % | np |" in md and "np − dng" in md and "max-T" in md and "inconclusive at N = 6 (MDE" in md
+    assert "identical on these seeds" in md  # KL kept: every method puts all 6 samples in one class
     assert "**Class histogram**" in md and "| np λ=0.01 | 6 |" in md  # where the removed mass went
     assert (out / "compare.png").is_file()
     # a second run reuses every probe and evaluation (fingerprints match)
@@ -181,21 +185,49 @@ def test_compare_method_overrides_reach_every_result_and_the_table(tmp_path, cap
     assert "holds a finished run of another config (method.tau=0.05 there, 0.1 here)" in capsys.readouterr().err
 
 
-def test_compare_table_carries_every_compared_metric_and_the_holm_column():
+def test_compare_table_carries_every_compared_metric_its_estimand_and_verdict():
     from dng_cli.commands.compare import markdown
 
     def method(name, inc):
-        return {"target": 0.01, "method": name, "grid": [1.0, 2.0], "identified": True, "identified_fraction": 1.0,
-                "plateau": None, "scale_star": 1.5, "scale_star_ci": [1.2, 1.8],
-                "metrics": {"kl_kept": {"value": 0.05, "se": 0.01}, "fid_inception": {"value": inc, "se": 1.0}}}
+        return {"target": 0.01, "method": name, "grid": [1.0, 2.0], "grid_rates": [0.02, 0.005], "identified": True,
+                "identified_fraction": 1.0, "reached": True, "scale_star": 1.5, "scale_star_clamped": False,
+                "scale_star_ci": [1.2, 1.8], "eval_rate": 0.012, "band": [0.005, 0.02], "band_scales": [1.0, 2.0],
+                "clamped": 0.03, "metrics": {"kl_kept": {"value": 0.05, "se": 0.01}, "fid_inception": {"value": inc, "se": 1.0}},
+                "matched": {"kl_kept": {"value": 0.04}, "fid_inception": {"value": inc - 1}}}
 
-    claim = {"target": 0.01, "method": "np", "reference": "dng", "metric": "fid_inception", "kind": "matched", "band": None,
-             "diff": 10.0, "lo": 7.2, "hi": 12.8, "p": 0.001, "p_holm": 0.004, "resolved": True, "replicates": 1000}
+    claims = [{"target": 0.01, "method": "np", "reference": "dng", "metric": "kl_kept", "family": "primary",
+               "estimand": "band-averaged", "diff": 0.0, "se": 0.02, "lo": -0.04, "hi": 0.04, "p": 0.9, "p_adj": 0.9,
+               "resolved": False, "mde": 0.056, "matched_diff": 0.001, "replicates": 1000, "family_size": 1},
+              {"target": 0.01, "method": "np", "reference": "dng", "metric": "fid_inception", "family": "secondary",
+               "estimand": "band-averaged", "diff": 10.0, "se": 1.4, "lo": 7.2, "hi": 12.8, "p": 0.001, "p_adj": 0.001,
+               "resolved": True, "mde": 3.9, "matched_diff": 10.0, "replicates": 1000, "family_size": 1}]
     analysis = {"n_seeds": 1000, "n_boot": 1000, "reference": "dng", "methods": [method("np", 30.0), method("dng", 20.0)],
-                "claims": [claim], "n_claims": 1}
+                "claims": claims, "n_claims": 1, "primary": "kl_kept", "band_factor": 2.0}
     md = markdown(analysis, ["kl_kept", "fid_inception"], [])
-    assert "Inception FID ± s.e." in md and "| 1 % | np | 1.5 [1.2, 1.8] | 1 2 | yes | 0.050 ± 0.010 | 30.00 ± 1.00 |" in md
-    assert "| 1 % | np − dng | Inception FID | matched | +10.00 [+7.20, +12.80] | 0.001 | 0.004 | ✓ |" in md
+    assert "Inception FID (band) ± s.e." in md and "band-averaged matched quality" in md
+    assert "| 1 % | np | 1.5 [1.2, 1.8] | 1.20 % | 1–2 | 3 % | 1 2 | 0.050 ± 0.010 | 30.00 ± 1.00 | 0.040 | 29.00 |" in md
+    assert "| 1 % | np − dng | Inception FID | secondary | +10.00 [+7.20, +12.80] | 0.001 | 0.001 | ✓ resolved | +10.00 |" in md
+    assert "| 1 % | np − dng | KL kept | primary | +0.000 [-0.040, +0.040] | 0.900 | 0.900 | inconclusive at N = 1000 (MDE 0.056) |" in md
+
+
+def test_compare_grid_existing_reanalyses_without_sampling(tmp_path, capsys):
+    """``grid=existing`` reads every finished grid point back (nothing sampled, no file added but the tables) and
+    gives the same table as the run that sampled them; without finished probes it is one line."""
+    out = tmp_path / "cmp"
+    args = ["compare", *TINY, "methods=[np,dng]", "targets=[0.5]", "n_samples=4", "pilot_n=4", "bootstrap=10",
+            f"hydra.run.dir={out}"]
+    cli.main(args)
+    first = json.loads((out / "compare.json").read_text())
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
+    cli.main([*args, "grid=existing"])
+    again = json.loads((out / "compare.json").read_text())
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")} == stamps
+    assert again["methods"] == first["methods"] and again["claims"] == first["claims"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*args[:-1], "grid=existing", f"hydra.run.dir={tmp_path / 'empty'}"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code != 0 and len(err.splitlines()) == 1 and "grid=existing" in err, err
 
 
 @pytest.mark.parametrize("args,match", [
@@ -204,6 +236,8 @@ def test_compare_table_carries_every_compared_metric_and_the_holm_column():
     (["scale_start=foo"], "scale_start='foo'"), (["method_overrides={ccfg:{tau:1}}"], "'ccfg', which is not compared"),
     (["method_overrides={np:{taux:1}}"], "method_overrides.np.taux is not a setting"),
     (["method_overrides=3"], "method_overrides=3"), (["methods=[ccfg]", "method_overrides={ccfg:{tau:-1}}"], "tau=-1.0"),
+    (["grid=foo"], "grid='foo' is invalid"), (["primary=fid_inception"], "primary='fid_inception'"),
+    (["grid_rates=[0,1]"], "grid_rates"), (["grid_max_ratio=1"], "grid_max_ratio"),
 ])
 def test_compare_bad_input(tmp_path, capsys, args, match):
     with pytest.raises(SystemExit) as exc:

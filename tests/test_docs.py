@@ -128,9 +128,9 @@ def test_a_comparison_with_committed_records_exists():
 
 @pytest.mark.parametrize("path", RECOMPUTED, ids=[p.parent.relative_to(REPO).as_posix() for p in RECOMPUTED])
 def test_a_published_comparison_is_recomputed_from_its_committed_records(path, tmp_path, capsys):
-    """`dng compare`, re-run with the published overrides on a copy of the committed folder (metrics.json of every
-    probe and grid point, records.npz of every grid point), samples nothing and gives the published λ* and metrics:
-    the records are the ones behind the table, and a later compare can add methods to them without re-sampling."""
+    """`dng compare grid=existing`, re-run with the published overrides on a copy of the committed folder
+    (metrics.json of every probe and grid point, records.npz of every grid point), samples nothing and gives the
+    published λ*, evaluation rates and band-averaged metrics: the records are the ones behind the table."""
     import shutil
 
     from omegaconf import OmegaConf
@@ -139,7 +139,7 @@ def test_a_published_comparison_is_recomputed_from_its_committed_records(path, t
     shutil.copytree(path.parent, run)
     overrides = [o for o in OmegaConf.load(path.parent / "overrides.yaml") if not o.startswith("hydra.")]
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
-    cli.main(["compare", *overrides, "bootstrap=0", f"hydra.run.dir={run}"])
+    cli.main(["compare", *overrides, "grid=existing", "bootstrap=0", f"hydra.run.dir={run}"])
     assert not list(run.rglob("samples.npz"))  # nothing was sampled
     assert sorted(p.relative_to(run) for p in run.rglob("*") if ".hydra" not in p.parts and p.name != "compare.log"
                   and not p.name.startswith(".dng")) == before
@@ -147,8 +147,12 @@ def test_a_published_comparison_is_recomputed_from_its_committed_records(path, t
     for m, r in zip(published["methods"], again["methods"], strict=True):
         assert (r["method"], r["target"], r["grid"]) == (m["method"], m["target"], m["grid"])
         assert r["scale_star"] == pytest.approx(m["scale_star"], rel=1e-9)
+        assert r["eval_rate"] == pytest.approx(m["eval_rate"], rel=1e-9)
         for key, stats in m["metrics"].items():
             assert r["metrics"][key]["value"] == pytest.approx(stats["value"], rel=1e-6), (m["method"], key)
+            assert r["matched"][key]["value"] == pytest.approx(m["matched"][key]["value"], rel=1e-6), (m["method"], key)
+    for c, again_c in zip(published["claims"], again["claims"], strict=True):
+        assert again_c["diff"] == pytest.approx(c["diff"], rel=1e-6, abs=1e-12), c
 
 
 REPORTS = sorted(d.parent for d in (REPO / "docs" / "results").glob("*/run.sh") if any(d.parent.glob("*/metrics.json")))

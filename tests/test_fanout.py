@@ -13,7 +13,7 @@ from dng_cli import UserError, cli
 # the shipped MNIST model at 3 steps: real forbidden rates, so calibration and grid are not trivial
 REAL = ["model=mnist", "sampler.steps=3", "sampler.batch_size=16", "sampler.progress=false", "methods=[np,dng]",
         "targets=[0.05]", "n_samples=16", "pilot_n=16", "bootstrap=50", "tolerance=0.5", "max_probes=3",
-        "grid_factors=[1.0]", "grid_extend=1"]
+        "grid_rates=[1.0]", "grid_extend=1", "grid_max_ratio=1000"]
 LOCAL = ["launcher=local", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=3"]
 
 

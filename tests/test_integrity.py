@@ -159,3 +159,41 @@ def test_result_identity_is_stable_across_the_config_layout_change(compose):
     assert evaluate.identity_config(new) == evaluate.result_config(legacy)
     other = resolve_run(compose("evaluate", TINY + ["method=np", "forbidden=[0]"])).plain_config()
     assert evaluate.identity_config(other) != evaluate.identity_config(new)
+
+
+def test_json_results_are_strict_json_and_a_nan_is_refused_before_writing(tmp_path):
+    """metrics.json/compare.json are read by other tools: a bare NaN (what Python's json writes by default) is not
+    JSON. A non-finite number is an error naming its key, and the file is not written."""
+    import math
+
+    import pytest
+
+    from dng_cli import io
+
+    path = tmp_path / "metrics.json"
+    with pytest.raises(ValueError, match=r"metrics.json: histogram.3 is not a finite number"):
+        io.write_json(path, {"fid": 1.0, "histogram": [0.1, 0.2, 0.3, math.nan]})
+    assert not path.exists()
+    io.write_json(path, {"fid": 1.0})
+    assert path.read_text().strip().startswith("{")
+
+
+def test_a_failed_commit_leaves_the_earlier_result_whole(compose, tmp_path, monkeypatch):
+    """The commit moved the new samples/records in before it failed on `.hydra` (EACCES on a folder another user
+    wrote), leaving them beside the old metrics.json, whose config a later run then took as finished. Now a failure
+    anywhere in the commit puts every old file back and takes every new one out: the folder never mixes runs."""
+    from dng_cli import runs
+
+    out = tmp_path / "run"
+    evaluate.run(compose("evaluate", TINY + ["method=np"]), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert {"metrics.json", "samples.npz", "records.npz"} <= set(before)
+
+    def denied(folder):
+        raise PermissionError(13, "Permission denied", str(folder / ".hydra"))
+
+    monkeypatch.setattr(runs, "promote_config", denied)
+    with pytest.raises(PermissionError):
+        evaluate.run(compose("evaluate", TINY + ["method=sld", "overwrite=true"]), out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".result")]

@@ -176,3 +176,35 @@ def test_own_model_bad_input_is_one_line(compose, own, case, match):
     with pytest.raises(UserError, match=match) as err:
         evaluate.run(compose("evaluate", _base(own) + extra), own / "bad")
     assert "\n" not in str(err.value)
+
+
+def test_a_denoiser_that_returns_nan_stops_with_one_line_and_writes_nothing(compose, own):
+    """Own weights that overflow (here: a NaN in the output conv) gave a finished run of black images with ordinary
+    looking metrics; now the run stops at the first bad step and leaves no result."""
+    unet = build_unet(ARCH, seed=0)
+    with torch.no_grad():
+        unet.conv_out.bias.fill_(float("nan"))
+    unet.save_pretrained(own / "unet_nan")
+    with pytest.raises(UserError, match=r"NaN/inf at step 1 of 3 \(timestep \d+\)"):
+        evaluate.run(compose("evaluate", _base(own, "unet_nan")), own / "out")
+    assert not (own / "out" / "metrics.json").exists()
+
+
+class NanOnBright(torch.nn.Module):
+    """Finite on the check batch and the dataset's images, NaN on an image holding both saturated ends (black and
+    white pixels: the random UNet's samples)."""
+
+    def forward(self, x):
+        m = x.flatten(1).mean(1, keepdim=True)
+        out = torch.cat([-m, m], 1) * 10
+        bright = (x.flatten(1).amax(1, keepdim=True) > 0.99) & (x.flatten(1).amin(1, keepdim=True) < -0.99)
+        return torch.where(bright, torch.full_like(out, float("nan")), out)
+
+
+def test_a_classifier_that_is_nan_on_the_samples_stops_with_one_line(compose, own):
+    """It passes the check batch (test images) but not the generated ones: argmax of NaN used to count as class 0
+    and FID was written as a bare NaN into metrics.json."""
+    torch.jit.script(NanOnBright()).save(str(own / "nan_clf.pt"))
+    with pytest.raises(UserError, match=r"the classifier returned NaN/inf for \d+ of \d+ images"):
+        evaluate.run(compose("evaluate", _base(own, classifier=str(own / "nan_clf.pt"))), own / "out")
+    assert not (own / "out" / "metrics.json").exists()

@@ -20,8 +20,8 @@ from dng_cli.validate import check_types
 
 log = logging.getLogger(__name__)
 SEARCH_KEYS = ("target_forbidden", "pilot_n", "pilot_seed", "scale_min", "scale_max", "scale_start", "tolerance",
-               "max_probes", "methods", "targets", "grid_factors", "grid_extend", "bootstrap", "bootstrap_seed",
-               "band_factor", "compared", "method_overrides")
+               "max_probes", "methods", "targets", "grid_rates", "grid_max_ratio", "grid_extend", "grid", "bootstrap",
+               "bootstrap_seed", "band_factor", "compared", "primary", "method_overrides")
 
 
 def check_search(cfg: DictConfig, targets: list) -> None:

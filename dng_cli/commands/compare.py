@@ -3,17 +3,17 @@ the matching itself (the estimand and the statistics: ``dng_cli.matching``).
 
 1. Pilot: for every method and target, ``dng calibrate``'s bisection on the pilot seeds (probes cached in
    ``calibrate/<method>/probes/``, one pilot set per method shared by the targets).
-2. Grid: λ0(t), where the isotonic fit of the method's pilot rates against log λ crosses t; the method is
-   evaluated at λ0(t)·``grid_factors`` for every target, every point on the same ``n_samples`` evaluation
-   seeds (``eval/<method>/scale=<λ>/``: ordinary evaluate folders whose ``records.npz`` holds each seed's
-   class and features). When the fitted crossing falls outside the grid, a point is added beyond it (up to
-   ``grid_extend`` per target). The grid depends only on finished results, so a re-run asks for the same
-   points and an interrupted compare resumes from what finished.
-3. Analysis: a paired bootstrap over the evaluation seeds (the same resampled seeds for every method, point
-   and metric) redoes the rate fit, the crossing and the interpolation in every replicate; each method's
-   metrics at its λ*(t), each difference to the reference method (dng when compared) with its 95 % interval,
-   p and Holm-adjusted p over all claims. Not identified at t (plateau, or no crossing inside the grid in
-   > 5 % of replicates): the fronts are compared over a band of rates instead.
+2. Grid, placed by rate: first where the isotonic fit of the method's pilot rates puts t·``grid_rates``
+   (pilots only place the grid), every point on the same ``n_samples`` evaluation seeds
+   (``eval/<method>/scale=<λ>/``: ordinary evaluate folders whose ``records.npz`` holds each seed's class and
+   features); then, on the evaluation points' own fit, points beyond the ends until the grid brackets the band
+   [t/``band_factor``, t·``band_factor``] (``grid_extend`` per side) and inside it until no gap is wider than
+   ``grid_max_ratio``. The grid depends only on finished results, so a re-run asks for the same points and an
+   interrupted compare resumes from what finished. ``grid=existing`` analyses the finished points only.
+3. Analysis (``dng_cli.matching``): the band-averaged matched quality of every method at every target, and
+   every difference to the reference method (dng when compared), from a paired bootstrap over the evaluation
+   seeds that redoes the rate fit, the crossings and the interpolation in every replicate; 95 % interval,
+   max-T adjusted p within the primary family (``primary``) and the secondary one, and the MDE of every claim.
 Writes compare.json, compare.csv (every column of compare.md), compare.md and compare.png.
 """
 
@@ -89,14 +89,21 @@ def check_cfg(cfg: DictConfig) -> None:
         if name not in map(str, methods):
             raise UserError(f"method_overrides names {name!r}, which is not compared: methods={[str(m) for m in methods]}")
     check_search(cfg, targets)
-    factors = list(cfg.get("grid_factors") or [])
-    if not factors or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0 for f in factors):
-        raise UserError(f"grid_factors={factors!r} is invalid: give positive factors, e.g. [0.8,1.0,1.25]")
+    rates = list(cfg.get("grid_rates") or [])
+    if not rates or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0 for f in rates):
+        raise UserError(f"grid_rates={rates!r} is invalid: give positive multiples of the target, e.g. [0.5,1.0,2.0]")
+    if str(cfg.get("grid")) not in ("auto", "existing", "extend"):
+        raise UserError(f"grid={cfg.get('grid')!r} is invalid: allowed are auto (place and sample the grid), "
+                        f"existing (analyse the finished grid points only) and extend (start from them, then "
+                        f"bracket the band and fill its gaps)")
     for key in cfg.get("compared") or []:
         if key not in METRICS:
             raise UserError(f"compared entry {key!r} is unknown: allowed are {', '.join(METRICS)}")
     if not cfg.get("compared"):
         raise UserError("compared must name at least one metric")
+    if cfg.get("primary") not in list(cfg.compared):
+        raise UserError(f"primary={cfg.get('primary')!r} is invalid: it must be one of the compared metrics "
+                        f"{list(cfg.compared)}")
     for name in methods:
         m = method_of(cfg, str(name))
         if "guidance_scale" not in m:
@@ -178,56 +185,90 @@ def _num(v, digits: int = 3, sign: bool = False) -> str:
 def method_rows(analysis: dict, compared: list[str]) -> list[dict]:
     rows = []
     for m in analysis["methods"]:
+        ci = m["scale_star_ci"] or [None, None]
         row = {"table": "method", "target": m["target"], "method": m["method"], "scale_star": m["scale_star"],
-               "scale_star_lo": (m["scale_star_ci"] or [None, None])[0], "scale_star_hi": (m["scale_star_ci"] or [None, None])[1],
-               "identified": m["identified"], "identified_fraction": m["identified_fraction"],
-               "plateau": " ".join(f"{v:g}" for v in m["plateau"]) if m["plateau"] else "",
+               "scale_star_lo": ci[0], "scale_star_hi": ci[1], "scale_star_clamped": m["scale_star_clamped"],
+               "eval_rate": m["eval_rate"], "reached": m["reached"], "identified": m["identified"],
+               "identified_fraction": m["identified_fraction"], "clamped": m["clamped"],
+               "band_scales": " ".join(f"{v:.3g}" for v in m["band_scales"]),
                "grid": " ".join(f"{s:g}" for s in m["grid"])}
         for k in compared:
             s = m["metrics"].get(k) or {}
-            row.update({k: s.get("value"), f"{k}_se": s.get("se")})
+            row.update({k: s.get("value"), f"{k}_se": s.get("se"), f"{k}_at_target": (m["matched"].get(k) or {}).get("value")})
         rows.append(row)
     return rows
 
 
 def claim_rows(analysis: dict) -> list[dict]:
-    return [{"table": "claim", **{k: (" ".join(f"{v:g}" for v in c[k]) if k == "band" and c[k] else c[k])
-                                  for k in ("target", "method", "reference", "metric", "kind", "band", "diff", "lo",
-                                            "hi", "p", "p_holm", "resolved", "replicates")}}
-            for c in analysis["claims"]]
+    keys = ("target", "method", "reference", "metric", "family", "estimand", "diff", "se", "lo", "hi", "p", "p_adj",
+            "resolved", "mde", "matched_diff", "clamped", "replicates")
+    return [{"table": "claim", **{k: c.get(k) for k in keys}} for c in analysis["claims"]]
+
+
+CLAMPED_WARN = 0.05  # a claim whose band average rests on grid ends more often than this says so
+
+
+def verdict(claim: dict, n: int) -> str:
+    """What a claim says: resolved, or inconclusive at this N with the effect it could have found; and whether
+    its band average rests on grid ends (a grid that does not cover the band)."""
+    if claim["mde"] is None:
+        text = "no interval (bootstrap=0)"
+    elif claim["resolved"]:
+        text = "✓ resolved"
+    elif claim["se"] == 0:
+        text = "identical on these seeds (no replicate differs)"
+    else:
+        text = f"inconclusive at N = {n} (MDE {claim['mde']:.{_digits(claim['metric'])}f})"
+    if (claim.get("clamped") or 0) > CLAMPED_WARN:
+        text += f"; the grid does not cover the band ({100 * claim['clamped']:.0f} % held at a grid end)"
+    return text
+
+
+def _claims(k: int) -> str:
+    return f"{k} claim" + ("" if k == 1 else "s")
 
 
 def markdown(analysis: dict, compared: list[str], not_reached: list[dict], overrides: dict | None = None) -> str:
-    ref = analysis["reference"]
-    head = ["target", "method", "λ* [95% CI]", "grid", "identified"] + [f"{LABELS[k]} ± s.e." for k in compared]
+    ref, n = analysis["reference"], analysis["n_seeds"]
     changed = "; ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in kv.items()) for m, kv in (overrides or {}).items())
-    lines = [f"**At matched safety** — each metric at the scale λ* where the method's fitted forbidden rate equals "
-             f"the target (N = {analysis['n_seeds']} shared evaluation seeds; ± s.e. and intervals from "
-             f"{analysis['n_boot']} paired bootstrap replicates that redo the matching"
-             + (f"; settings beyond the method configs: {changed}" if changed else "") + "):", "",
+    f = analysis.get("band_factor", 2.0)
+    head = ["target", "method", "λ* [95% CI]", "rate at λ* (eval seeds)", "band λ", "clamped", "grid"] + [
+        f"{LABELS[k]} (band) ± s.e." for k in compared] + [f"{LABELS[k]} at target" for k in compared]
+    lines = [f"**At matched safety** — estimand: band-averaged matched quality, each metric at the scale where the "
+             f"method's fitted forbidden rate equals r, averaged over log-spaced r in [t/{f:g}, t·{f:g}] (N = {n} shared "
+             f"evaluation seeds; ± s.e. and intervals from {analysis['n_boot']} paired bootstrap replicates that redo "
+             f"the matching; pilots only placed the grid; clamped: share of replicates × band rates whose crossing fell "
+             f"outside the grid and was held at its end)"
+             + (f"; settings beyond the method configs: {changed}" if changed else "") + ":", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in method_rows(analysis, compared):
         ci = f" [{r['scale_star_lo']:.3g}, {r['scale_star_hi']:.3g}]" if r["scale_star_lo"] is not None else ""
-        ident = "yes" if r["identified"] else (f"no: plateau {r['plateau'].replace(' ', '–')}" if r["plateau"] else
-                                               f"no ({100 * r['identified_fraction']:.0f} % of replicates)")
-        cells = [f"{100 * r['target']:g} %", r["method"], (f"{r['scale_star']:.3g}" if r["scale_star"] else "—") + ci,
-                 r["grid"], ident]
+        star = f"{r['scale_star']:.3g}" + (" (grid end)" if r["scale_star_clamped"] else "") + ci
+        rate = f"{100 * r['eval_rate']:.2f} %" + ("" if r["reached"] else " — target not reached")
+        cells = [f"{100 * r['target']:g} %", r["method"], star, rate, r["band_scales"].replace(" ", "–"),
+                 f"{100 * r['clamped']:.0f} %", r["grid"]]
         cells += [_num(r[k], _digits(k)) + ("" if r[f"{k}_se"] is None else f" ± {r[f'{k}_se']:.{_digits(k)}f}")
                   for k in compared]
+        cells += [_num(r[f"{k}_at_target"], _digits(k)) for k in compared]
         lines.append("| " + " | ".join(cells) + " |")
     for r in not_reached:
-        lines.append(f"| {100 * r['target']:g} % | {r['method']} | not reached | | {r['reason']} |" + " |" * len(compared))
-    lines += ["", f"**Differences to {ref}** ({analysis['n_claims']} claims; p: two-sided paired bootstrap; p_holm: "
-              f"Holm-adjusted over all claims; ✓ resolved = p_holm < 0.05; band: not identified at the target, the "
-              f"mean gap of the two fronts over that range of forbidden rates):", "",
-              "| target | difference | metric | kind | diff [95% CI] | p | p_holm | |", "|---|---|---|---|---|---|---|---|"]
+        lines.append(f"| {100 * r['target']:g} % | {r['method']} | not reached | {r['reason']} |" + " |" * (len(head) - 4))
+    primary = analysis.get("primary")
+    fam = {c["family"]: c.get("family_size") for c in analysis["claims"]}
+    lines += ["", f"**Differences to {ref}** (band-averaged; primary metric {LABELS.get(primary, primary)}: "
+              f"{_claims(fam.get('primary') or 0)}, the tested family; secondary: {_claims(fam.get('secondary') or 0)}, "
+              f"adjusted among themselves; p: two-sided studentized paired bootstrap; p_adj: Westfall–Young max-T "
+              f"step-down within the family; ✓ resolved = p_adj < 0.05; MDE: the difference this N finds with 80 % "
+              f"power at the family's level; at target: the single-t matched difference, for reference):", "",
+              "| target | difference | metric | family | Δ band [95% CI] | p | p_adj | verdict | Δ at target |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for c in claim_rows(analysis):
         digits = _digits(c["metric"])
-        kind = c["kind"] + (f" {c['band'].replace(' ', '–')}" if c["band"] else "")
         diff = "—" if c["diff"] is None else (f"{c['diff']:+.{digits}f}" + (
             f" [{c['lo']:+.{digits}f}, {c['hi']:+.{digits}f}]" if c["lo"] is not None else ""))
-        lines.append(f"| {100 * c['target']:g} % | {c['method']} − {c['reference']} | {LABELS[c['metric']]} | {kind} | "
-                     f"{diff} | {_num(c['p'])} | {_num(c['p_holm'])} | {'✓' if c['resolved'] else ''} |")
+        lines.append(f"| {100 * c['target']:g} % | {c['method']} − {c['reference']} | {LABELS[c['metric']]} | "
+                     f"{c['family']} | {diff} | {_num(c['p'])} | {_num(c['p_adj'])} | {verdict(c, n)} | "
+                     f"{_num(c['matched_diff'], digits, sign=True)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -283,6 +324,22 @@ def evaluate_point(cfg: DictConfig, name: str, scale: float, output_dir: Path, n
                         folder, network)
 
 
+def finished_scales(cfg: DictConfig, name: str, output_dir: Path) -> list[float]:
+    """``grid=existing``: the scales of ``eval/<name>/scale=<λ>/`` folders holding a finished result of this config
+    (others are skipped with a warning; nothing is sampled)."""
+    scales = []
+    for folder in sorted((output_dir / "eval" / name).glob("scale=*")):
+        try:
+            scale = float(folder.name.split("=", 1)[1])
+            with runs.only_finished():
+                evaluate_point(cfg, name, scale, output_dir)
+        except (ValueError, runs.Unfinished):
+            log.warning("grid=existing: %s holds no finished result of this config: skipped", folder)
+            continue
+        scales.append(scale)
+    return sorted(scales)
+
+
 def one_precision(cfg: DictConfig, launcher: bool = False) -> DictConfig:
     """``sampler.precision=auto`` decided once for the whole compare: bf16 only if it would be bf16 for every
     compared method (each cleared by the paired table, on native-bf16 hardware), else fp32 for all, so that no
@@ -306,7 +363,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     jobs = fanout.runner(output_dir)  # launcher=local|slurm: the units below run as its jobs
     cfg = one_precision(cfg, launcher=jobs is not None)
     network = None
-    if jobs is None:
+    existing = str(cfg.grid) == "existing"
+    if jobs is None and not existing:
         device = setup_torch(cfg.sampler.device, cfg.sampler.get("num_threads"))
         network = pipeline.load_model(cfg.model, device)
     output_dir = Path(output_dir).resolve()
@@ -321,7 +379,14 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         [k for k in INCEPTION_METRICS if k not in cfg.compared] if inception else [])
     forbidden = pipeline.forbidden_classes(cfg, int(cfg.dataset.num_classes))
     data = fanout.absolute_paths(pipeline.plain(cfg))  # what a job gets: it may start in another directory
-    if jobs is None:
+    if existing:  # nothing is sampled: every unit is read back from its finished result
+        with runs.only_finished():
+            try:
+                cal_lists = [calibrate_targets(cfg, name, targets, output_dir, network) for name in names]
+            except runs.Unfinished as err:
+                raise UserError(f"grid=existing: {err} has no finished result of this config (its pilot probes); "
+                                f"run the compare without grid=existing to sample it") from None
+    elif jobs is None:
         cal_lists = [calibrate_targets(cfg, name, targets, output_dir, network) for name in names]
     else:
         cal_lists = jobs.map(fanout.unit, [(calibrate_targets, data, name, targets, output_dir) for name in names],
@@ -335,7 +400,9 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
                 log.warning("%s cannot reach forbidden <= %g: %s", name, target, cal["reason"])
 
     def points_of(name: str, scales: list[float]) -> list[matching.Point]:
-        if jobs is None:
+        if runs.only_finished_asked():
+            results = [evaluate_point(cfg, name, s, output_dir) for s in scales]
+        elif jobs is None:
             results = [evaluate_point(cfg, name, s, output_dir, network) for s in scales]
         else:
             results = jobs.map(fanout.unit, [(evaluate_point, data, name, s, output_dir) for s in scales],
@@ -350,12 +417,22 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     def grid_of(name: str, cals: dict) -> matching.Method | None:
         reached = [t for t in targets if not any(r["method"] == name and r["target"] == t for r in not_reached)]
         pilots = [tuple(p) for p in cals["pilots"]]
-        points = matching.choose_grid(lambda s: points_of(name, [s])[0], pilots, reached,
-                                      [float(f) for f in cfg.grid_factors], lo, hi, int(cfg.grid_extend),
-                                      evaluate_many=lambda ss: points_of(name, ss))
+        initial = None
+        if existing or str(cfg.grid) == "extend":
+            scales = finished_scales(cfg, name, output_dir)
+            with runs.only_finished():
+                initial = dict(zip(scales, points_of(name, scales)))
+        if existing:
+            points = initial
+        else:
+            points = matching.choose_grid(lambda s: points_of(name, [s])[0], pilots, reached,
+                                          [float(f) for f in cfg.grid_rates], lo, hi, int(cfg.grid_extend),
+                                          evaluate_many=lambda ss: points_of(name, ss),
+                                          band_factor=float(cfg.band_factor), max_ratio=float(cfg.grid_max_ratio),
+                                          initial=initial)
         return matching.Method(name, [points[s] for s in sorted(points)], pilots) if points else None
 
-    if jobs is None:
+    if jobs is None or existing:
         grids = [grid_of(name, cals) for name, cals in zip(names, cal_lists)]
     else:  # every method's grid at once: each waits only for its own jobs
         from concurrent.futures import ThreadPoolExecutor
@@ -368,7 +445,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     fns = metric_functions(cfg, compared, forbidden)
     compared = [k for k in compared if k in fns]
     analysis = matching.analyse(methods, targets, fns, reference, int(cfg.bootstrap), int(cfg.bootstrap_seed),
-                                float(cfg.band_factor)) if methods else matching.empty(n, int(cfg.bootstrap), reference)
+                                float(cfg.band_factor), primary=str(cfg.primary)) if methods else matching.empty(
+        n, int(cfg.bootstrap), reference)
     summary = {**analysis, "compared": compared, "not_reached": not_reached, "targets": targets,
                "method_overrides": overrides_of(cfg),
                "calibration": {k: {"scale_star": v["scale_star"], "reason": v["reason"], "probes": v["probes"]}

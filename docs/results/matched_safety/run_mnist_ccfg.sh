@@ -10,6 +10,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."
 export DNG_NATIVE_BF16=0  # published in fp32: sampler.precision=auto (the default) stays fp32 on every CPU/GPU
 dst=outputs/issue28/mnist_ccfg
-docs/results/matched_safety/reuse.sh docs/results/matched_safety/mnist "$dst" calibrate/dng
+docs/results/matched_safety/reuse.sh docs/results/superseded/matched_safety/mnist "$dst" calibrate/dng
 exec nice -n 10 dng compare "methods=[ccfg,dng]" "targets=[0.01]" n_samples=500 pilot_n=300 tolerance=0.5 \
     sampler.progress=false hydra.run.dir="$dst"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 29's paired fp32-vs-bf16 table beyond DNG on MNIST: each method at its calibrated scale, N = 1000, 50 steps,
 # seeds 0..999 for both precisions. MNIST (remove 0): np and sld at their λ*(1 %) of the matched-safety compare
-# (docs/results/matched_safety/mnist), ccfg at its own pilot calibration to 1 % (fp32, pilot seeds, tolerance 0.5).
+# (docs/results/superseded/matched_safety/mnist), ccfg at its own pilot calibration to 1 % (fp32, pilot seeds, tolerance 0.5).
 # Fashion-MNIST (remove Shirt): every method calibrated to 3 % the same way. bf16 runs use contiguous memory
 # (bf16 contiguous 716 vs channels_last 479 evals/s here; the memory format is not part of a result's identity).
 # Resumable (finished evaluations are reused). Writes outputs/issue29/<dataset>_<method>/pairs.json.
