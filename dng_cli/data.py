@@ -326,6 +326,9 @@ def _class_folders(dataset_cfg, folder: Path) -> list[Path]:
     return found
 
 
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # PIL modes of 16-bit and float images
+
+
 def _image_folder(dataset_cfg, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     from PIL import Image
 
@@ -336,10 +339,17 @@ def _image_folder(dataset_cfg, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     size = int(dataset_cfg.image_size)
     xs, ys = [], []
     for c, sub in enumerate(_class_folders(dataset_cfg, folder)):
-        for path in _images_under(sub):
+        paths = _images_under(sub)
+        if not paths:  # its FID reference would be empty: a NaN FID for every run that keeps this class
+            raise UserError(f"dataset {dataset_cfg.name}: class folder {str(sub)!r} (class {c}) holds no images in the "
+                            f"{split} split: every class needs at least one")
+        for path in paths:
             try:
                 with Image.open(path) as im:
-                    arr = _chw(im.convert(mode))
+                    if im.mode in WIDE_MODES:  # convert() would clip 16-bit/float values at 255, not scale them
+                        raise UserError(f"dataset {dataset_cfg.name}: {str(path)!r} is a {im.mode} image (16-bit or "
+                                        f"float): convert the dataset to 8-bit images")
+                    arr = _chw(im.convert(mode))  # RGBA/LA drop alpha, palettes expand, RGB↔L as PIL converts
             except OSError as err:
                 raise UserError(f"dataset {dataset_cfg.name}: {str(path)!r} is not a readable image: {err}") from None
             if arr.shape[1:] != (size, size):

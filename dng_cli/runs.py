@@ -553,6 +553,8 @@ class RunLock:
                 fd = os.open(self.path, os.O_RDWR)
             except FileNotFoundError:
                 return False
+            except PermissionError:  # another user's lock: say whose, whether it is stale, what to do
+                raise RunRefused(self._foreign()) from None
             created = False
         try:
             import fcntl
@@ -652,6 +654,29 @@ class RunLock:
     def _describe(owner: dict) -> str:
         job = f", SLURM job {owner['slurm_job_id']}" if owner.get("slurm_job_id") else ""
         return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}{job} is gone" if owner else "unreadable"
+
+    def _foreign(self) -> str:
+        """Why a lock this user may not open blocks the folder: its owner, whether its run is alive."""
+        import pwd
+
+        try:
+            uid = os.stat(self.path).st_uid
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            user = f"uid {uid}"
+        except OSError:
+            user = "another user"
+        try:
+            owner = json.loads(self.path.read_text())
+            owner = owner if isinstance(owner, dict) else {}
+        except (OSError, ValueError, UnicodeDecodeError):
+            owner = {}
+        where = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}, since {owner.get('started', '?')}"
+        if owner and self._judge(owner, flocked=False) is not None:
+            return (f"run folder {str(self.folder)!r} is in use by user {user} ({where}): wait for that run, or use "
+                    f"another hydra.run.dir")
+        return (f"run folder {str(self.folder)!r} holds a stale lock of user {user} ({where}; that run is gone), which "
+                f"this user may not replace: ask {user} to delete {str(self.path)!r}, or use another hydra.run.dir")
 
     def _refuse(self, owner: dict, why: str) -> None:
         job = f" (SLURM job {owner['slurm_job_id']})" if owner.get("slurm_job_id") else ""

@@ -416,7 +416,7 @@ def model_spec(model_cfg: DictConfig, dataset: DatasetSpec | None = None, classi
 
 
 def _check_fits(model_cfg, kind: str, configs: dict, dataset: DatasetSpec, null_label) -> None:
-    want = {"in_channels": dataset.channels, "sample_size": dataset.image_size}
+    want = {"in_channels": dataset.channels, "out_channels": dataset.channels, "sample_size": dataset.image_size}
     for key, conf in configs.items():
         for field_, value in want.items():
             if conf.get(field_) is not None and conf.get(field_) != value:

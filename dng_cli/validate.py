@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from importlib import resources
 from typing import Callable
 
@@ -53,9 +54,29 @@ def compose(config_name: str, overrides: list[str], return_hydra_config: bool = 
     except UserError:
         raise
     except Exception as err:
-        raise UserError(one_line(err)) from None
+        raise UserError(override_error(err, overrides)) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def override_error(err: Exception, overrides: list[str]) -> str:
+    """One line for a Hydra error; for an override its grammar cannot read (spaces, non-ASCII, brackets in an
+    unquoted value: Hydra says only "LexerNoViableAltException"), which override and how to quote it."""
+    text = one_line(err)
+    if not any(w in text for w in ("LexerNoViableAlt", "mismatched input", "no viable alternative", "token recognition")):
+        return text
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for line in overrides:
+        try:
+            parser.parse_overrides([line])
+        except Exception:
+            key, _, value = line.partition("=")
+            return (f"override {line!r} cannot be read: an unquoted value may hold letters, digits and _-+./:\\ only "
+                    f"(no spaces, non-ASCII letters or brackets outside a list); quote the value inside the override, "
+                    f"e.g. '{key}=\"{value}\"' (with the outer single quotes for the shell)")
+    return text
 
 
 def check(config_name: str, args: list[str], validator: Validator | None = None) -> None:
@@ -101,7 +122,7 @@ def sweep_jobs(config_name: str, overrides: list[str]) -> list[list[str]]:
     try:
         parsed = parser.parse_overrides(overrides)
     except Exception as err:
-        raise UserError(one_line(err)) from None
+        raise UserError(override_error(err, overrides)) from None
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     axes: dict[str, list[str]] = {}
     base = compose(config_name, fixed, return_hydra_config=True)
@@ -131,8 +152,9 @@ def _values(parser, line: str) -> list[str]:
 # Every scalar option with its type and range, checked for every command whose config has the key
 # (one mechanism instead of a check per call site). (type, low, high, low inclusive?); None = open.
 INT, FLOAT, BOOL, BOOL_AUTO = "an integer", "a number", "true or false", "true, false or auto"
+SEED_LIMIT = 2 ** 63  # seeds are int64 (torch.Generator.manual_seed, the seeds arrays in samples.npz)
 SPEC: dict[str, tuple] = {
-    "n_samples": (INT, 1), "seed": (INT, 0), "batch_size": (INT, 1), "steps": (INT, 1), "epochs": (INT, 1),
+    "n_samples": (INT, 1), "seed": (INT, 0, SEED_LIMIT), "sampler.seed": (INT, 0, SEED_LIMIT), "pilot_seed": (INT, 0, SEED_LIMIT), "batch_size": (INT, 1), "steps": (INT, 1), "epochs": (INT, 1),
     "checkpoint_every": (INT, 1), "log_every": (INT, 1), "warmup_steps": (INT, 0), "width": (INT, 1),
     "feature_dim": (INT, 1), "shift": (INT, 0), "max_train": (INT, 1), "num_threads": (INT, 1),
     "lr": (FLOAT, 0.0, None, False), "weight_decay": (FLOAT, 0.0), "grad_clip": (FLOAT, 0.0),
@@ -168,6 +190,7 @@ def check_types(cfg: DictConfig) -> None:
         if value is None and key.split(".")[-1] in ("max_batch", "num_threads", "max_train", "grad_clip"):
             continue
         _check_value(key, value, kind, *bounds)
+    _check_fits(cfg)
     for key in ("sampler.device", "device"):
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not _device_ok(value):
@@ -177,6 +200,43 @@ def check_types(cfg: DictConfig) -> None:
 
             if not torch.cuda.is_available():
                 raise UserError(f"{key}={value!r} is unavailable: no CUDA device here (use cpu or auto)")
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can still give (MemAvailable, Linux), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_fits(cfg: DictConfig) -> None:
+    """Seeds stay int64 (seed + n_samples ≤ 2^63), and a run's samples fit in memory before anything is allocated:
+    the images (uint8 and float), per-step posteriors and scales and the classifier's features of every sample are
+    held until the result is written — on a shared node an unbounded n_samples would take a neighbour's memory."""
+    from omegaconf import OmegaConf
+
+    for n_key, seed_key in (("n_samples", "seed"), ("pilot_n", "pilot_seed")):
+        n, seed = OmegaConf.select(cfg, n_key, default=None), OmegaConf.select(cfg, seed_key, default=0) or 0
+        if not isinstance(n, int) or isinstance(n, bool) or not isinstance(seed, int):
+            continue
+        if seed + n > SEED_LIMIT:
+            raise UserError(f"{seed_key}={seed} with {n_key}={n} runs past 2^63 (seeds are int64): use "
+                            f"{seed_key} <= {SEED_LIMIT - n}")
+        channels = OmegaConf.select(cfg, "dataset.channels", default=1) or 1
+        size = OmegaConf.select(cfg, "dataset.image_size", default=28) or 28
+        steps = OmegaConf.select(cfg, "sampler.steps", default=50) or 50
+        if not all(isinstance(v, int) for v in (channels, size, steps)):
+            continue
+        per_sample = channels * size * size * 5 + steps * 12 + 4096
+        avail = available_memory()
+        if avail is not None and n * per_sample > avail // 2:
+            raise UserError(f"{n_key}={n} needs ≈ {n * per_sample / 1e9:.1f} GB to hold its samples and this machine "
+                            f"has {avail / 1e9:.1f} GB available: at most {avail // 2 // per_sample} fit in one run (split it into "
+                            f"runs of that many: {seed_key}=0, then {seed_key}=<that many>, ...)")
 
 
 def _check_value(key: str, value, kind: str, low=None, high=None, low_inclusive: bool = True) -> None:
@@ -201,8 +261,6 @@ def _device_ok(value) -> bool:
 
 def check_output_location(config_name: str, overrides: list[str], multirun: bool) -> None:
     """The run (or sweep) folder must be creatable: every existing ancestor a writable folder."""
-    from pathlib import Path
-
     try:
         cfg = compose(config_name, overrides, return_hydra_config=True)
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"

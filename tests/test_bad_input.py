@@ -46,6 +46,14 @@ CASES = [
     ("evaluate", T + ["method=dng_fewstep", "forbidden=[0,6,8]"], "3 forbidden classes"),
     ("evaluate", T + ["method=dng", "method.prior=0.2", "forbidden=[0,1,2,3,4]"], "5 forbidden classes"),
     ("evaluate", T + ["method=np", "method.p_max=0.5"], "p_max"),
+    # --- an override Hydra's grammar cannot read: which one, and how to quote it
+    ("evaluate", T + ["model.path=naïve"], "override 'model.path=naïve' cannot be read"),
+    ("evaluate", ["-m", *T, "method.guidance_scale=1,2", "sampler.device=ü"], "'sampler.device=\"ü\"'"),
+    # --- sizes and seeds: refused before anything is allocated
+    ("evaluate", T + ["n_samples=1000000000"], "n_samples=1000000000 needs"),
+    ("evaluate", T + ["seed=9223372036854775807"], "seed=9223372036854775807"),
+    ("evaluate", T + ["seed=9223372036854775000", "n_samples=2000"], "runs past 2^63"),
+    ("calibrate", T + ["pilot_seed=9223372036854775800", "pilot_n=300"], "runs past 2^63"),
     # --- sampler values
     ("evaluate", T + ["sampler.steps=0"], "steps=0"),
     ("evaluate", T + ["sampler.steps=1001"], "steps=1001"),
@@ -424,3 +432,14 @@ def test_report_writes_no_table_when_it_cannot_finish(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         cli.main(["report", str(tmp_path)])
     assert not (tmp_path / "report.csv").exists() and not (tmp_path / "report.md").exists()
+
+
+def test_report_on_a_metrics_file_names_its_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text("{}")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["report", str(run / "metrics.json")])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "is a file" in err and f"dng report '{run}'" in err, err

@@ -197,3 +197,28 @@ def test_a_failed_commit_leaves_the_earlier_result_whole(compose, tmp_path, monk
         evaluate.run(compose("evaluate", TINY + ["method=sld", "overwrite=true"]), out)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert not [p for p in out.iterdir() if p.name.startswith(".result")]
+
+
+def test_another_users_stale_lock_says_whose_it_is_and_what_to_do(tmp_path, monkeypatch):
+    """A lock file this user may not open (another user's, mode 0644) used to end in a bare "Permission denied".
+    (As root permissions do not bite: the open is made to fail as it does for a normal user.)"""
+    from dng_cli import RunRefused, runs
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    lock = folder / ".dng.lock"
+    lock.write_text(json.dumps({"pid": 999_999_999, "host": os.uname().nodename, "flock": True,
+                                "started": "2026-12-01 10:00:00"}))
+    real_open = os.open
+
+    def denied(path, flags, *args):
+        if str(path) == str(lock) and flags & os.O_RDWR and not flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(RunRefused) as err:
+        runs.RunLock(folder).__enter__()
+    text = str(err.value)
+    assert "stale lock of user" in text and "that run is gone" in text and f"delete '{lock}'" in text, text
+    assert "pid 999999999" in text and "2026-12-01 10:00:00" in text

@@ -156,6 +156,9 @@ def test_the_dataset_content_is_part_of_the_identity(compose, own):
     ("class_names", r"class folder .*/cat' not found"),
     ("no_split", r"split folder .*test.* not found"),
     ("not_torchscript", r"is neither a classifier folder nor a TorchScript file"),
+    ("out_channels", r"model.path does not fit dataset=own: its out_channels is 2, the dataset's is 1"),
+    ("empty_class", r"class folder .*light' \(class 1\) holds no images in the test split"),
+    ("sixteen_bit", r"is a I;16 image \(16-bit or float\): convert the dataset to 8-bit images"),
 ])
 def test_own_model_bad_input_is_one_line(compose, own, case, match):
     from PIL import Image
@@ -173,6 +176,13 @@ def test_own_model_bad_input_is_one_line(compose, own, case, match):
         extra = [f"dataset.root={own}"]
     elif case == "not_torchscript":
         (own / "clf.pt").write_bytes(b"not a TorchScript archive")
+    elif case == "out_channels":  # a UNet that predicts its variance too (2C outputs) used to end in a reshape traceback
+        build_unet({**ARCH, "out_channels": 2}, seed=0).save_pretrained(own / "unet")
+    elif case == "empty_class":  # used to give a NaN FID with exit 0
+        for p in (own / "data" / "test" / "light").iterdir():
+            p.unlink()
+    elif case == "sixteen_bit":  # PIL's convert() clips 16-bit values at 255
+        Image.fromarray(np.full((28, 28), 4000, np.uint16)).save(own / "data" / "test" / "dark" / "wide.png")
     with pytest.raises(UserError, match=match) as err:
         evaluate.run(compose("evaluate", _base(own) + extra), own / "bad")
     assert "\n" not in str(err.value)

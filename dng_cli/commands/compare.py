@@ -224,6 +224,11 @@ def verdict(claim: dict, n: int) -> str:
     return text
 
 
+def _p(p: float | None) -> str:
+    """A p-value: three decimals, or two significant digits below 0.001 (the normal tail can go far below)."""
+    return "—" if p is None else f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
 def _claims(k: int) -> str:
     return f"{k} claim" + ("" if k == 1 else "s")
 
@@ -267,7 +272,7 @@ def markdown(analysis: dict, compared: list[str], not_reached: list[dict], overr
         diff = "—" if c["diff"] is None else (f"{c['diff']:+.{digits}f}" + (
             f" [{c['lo']:+.{digits}f}, {c['hi']:+.{digits}f}]" if c["lo"] is not None else ""))
         lines.append(f"| {100 * c['target']:g} % | {c['method']} − {c['reference']} | {LABELS[c['metric']]} | "
-                     f"{c['family']} | {diff} | {_num(c['p'])} | {_num(c['p_adj'])} | {verdict(c, n)} | "
+                     f"{c['family']} | {diff} | {_p(c['p'])} | {_p(c['p_adj'])} | {verdict(c, n)} | "
                      f"{_num(c['matched_diff'], digits, sign=True)} |")
     return "\n".join(lines) + "\n"
 

@@ -221,11 +221,8 @@ def markdown(rows: list[dict], failed: list[tuple[str, str]] = ()) -> str:
 
 
 def run(cfg: DictConfig, output_dir: Path) -> list[dict]:
-    if cfg.dir is None:
-        raise UserError("report needs a folder: dng report <dir>")
+    check_cfg(cfg)
     root = Path(cfg.dir)
-    if not root.is_dir():
-        raise UserError(f"report dir {str(root)!r} does not exist")
     rows = collect(root)
     failed = unfinished(root)
     if not rows:
@@ -258,6 +255,9 @@ def run(cfg: DictConfig, output_dir: Path) -> list[dict]:
 def check_cfg(cfg: DictConfig) -> None:
     if cfg.dir is None:
         raise UserError("report needs a folder: dng report <dir>")
+    if Path(cfg.dir).is_file():
+        raise UserError(f"report dir {str(cfg.dir)!r} is a file: give the folder that holds the runs, e.g. "
+                        f"dng report {str(Path(cfg.dir).parent)!r}")
     if not Path(cfg.dir).is_dir():
         raise UserError(f"report dir {str(cfg.dir)!r} does not exist")
 
