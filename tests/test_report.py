@@ -90,3 +90,23 @@ def test_matched_safety_view_interpolates_on_each_front():
     assert np_["kl_uniform"] == pytest.approx(0.10 + 0.5 * 0.20) and np_["fid"] == pytest.approx(14.0)
     assert out[("sld", 0.01)]["kl_uniform"] == 0.08 and "already" in out[("sld", 0.01)]["how"]
     assert out[("dng", 0.01)]["kl_uniform"] is None and "not reached" in out[("dng", 0.01)]["how"]
+
+
+def test_report_never_puts_two_models_or_seed_sets_on_one_front(tmp_path, capsys):
+    """The audit's case: a sweep over two models (the MNIST DDPM and a random tiny UNet) used to give one "dng"
+    front mixing both, so a matched row was interpolated between different models; a copied run folder counted
+    twice. Now each model is its own front, named by what differs, the table shows the model, copies count once."""
+    import shutil
+
+    sweep = tmp_path / "mix"
+    cli.main(["evaluate", "-m", "model=mnist,tiny_random", "method=dng", "method.guidance_scale=1,30",
+              "sampler.steps=3", "n_samples=8", "sampler.progress=false", f"hydra.sweep.dir={sweep}"])
+    first = sorted(sweep.glob("*/metrics.json"))[0].parent
+    shutil.copytree(first, sweep / "copy_of_a_run")
+    capsys.readouterr()
+    cli.main(["report", str(sweep), "targets=[0.5]"])
+    text = (sweep / "report.md").read_text()
+    assert "| dng | mnist | mnist |" in text and "| dng | tiny_random | mnist |" in text  # model column (mixed)
+    matched = text.split("**Matched safety, interpolated**")[1]
+    assert "dng [model.name=mnist" in matched and "dng [model.name=tiny_random" in matched, matched
+    assert len((sweep / "report.csv").read_text().strip().splitlines()) == 1 + 4  # the copy is not a fifth run

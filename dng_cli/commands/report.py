@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from dng_cli import UserError
+from dng_cli import UserError, runs
 from dng_cli.io import read_json_object
 from dng_cli.commands.common import atomic_write_text, entry
 
@@ -65,7 +66,7 @@ def malformed(m: dict) -> str | None:
 
 
 def collect(root: Path) -> list[dict]:
-    rows = []
+    rows, seen = [], {}
     for path in sorted(root.rglob("metrics.json")):
         m = read_json_object(path) if path.is_file() else None
         if m is None:
@@ -77,10 +78,66 @@ def collect(root: Path) -> list[dict]:
             log.warning("skipping %s: %s", path, why)
             continue
         lo, hi = m["forbidden_rate_ci"]
+        run = str(path.parent.relative_to(root)) or "."
+        copy = seen.get(m.get("fingerprint")) if m.get("fingerprint") else None
+        if copy is not None:  # a copied run folder: the same result, counted once
+            log.warning("skipping %s: the same result (fingerprint %s) as %s", path, m["fingerprint"], copy)
+            continue
+        seen[m.get("fingerprint")] = run
+        config = m.get("config") or {}
+        model = config.get("model") or {}
         rows.append({**m, "label": m.get("label", m["method"]), "forbidden_rate_lo": lo, "forbidden_rate_hi": hi,
-                     "run": str(path.parent.relative_to(root)) or "."})
+                     "run": run, "model": str(model.get("name") or Path(str(model.get("path") or "?")).name),
+                     "dataset": str((config.get("dataset") or {}).get("name") or "?")})
     rows.sort(key=lambda r: (r["label"], str(r.get("forbidden")), r.get("guidance_scale") or 0.0, r["run"]))
     return rows
+
+
+def front_key(r: dict) -> tuple:
+    """What two runs must share to lie on one safety–quality front: everything in their results' identity but
+    the guidance scale — model, dataset, classifier, N, seeds, steps, method settings and the weights' hashes
+    (a calibration's probes on pilot seeds and a compare's grid on evaluation seeds are two fronts)."""
+    config = r.get("config")
+    if not isinstance(config, dict):  # a result written before configs were recorded
+        ident = {"forbidden": r.get("forbidden"), "steps": r.get("steps"), "n_samples": r.get("n_samples")}
+    else:
+        ident = runs.result_config(config)
+        ident.pop("method.guidance_scale", None)
+        ident.update({f"weights.{k}": v for k, v in (r.get("weights") or {}).items()})
+    ident["label"] = r["label"]
+    return tuple(sorted((k, json.dumps(v, sort_keys=True, default=str)) for k, v in ident.items()))
+
+
+NAMING = ("model.name", "dataset.name", "n_samples", "seed", "sampler.steps", "weights.ddpm", "weights.classifier")
+
+
+def fronts(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The rows split into fronts (``front_key``), each named by its label and, where one label has several
+    fronts, by the settings that tell them apart (e.g. "dng [model.name=tiny_random, n_samples=8]")."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(front_key(r), []).append(r)
+    by_label: dict[str, list[tuple]] = {}
+    for key, pts in groups.items():
+        by_label.setdefault(pts[0]["label"], []).append(key)
+    out = []
+    for label, keys in by_label.items():
+        if len(keys) == 1:
+            out.append((label, groups[keys[0]]))
+            continue
+        differing = sorted({k for key in keys for k, v in key if any(dict(o).get(k) != v for o in keys)})
+        log.warning("runs labelled %s lie on %d fronts that differ in %s: one front each, never mixed", label,
+                    len(keys), ", ".join(differing))
+        first = [k for k in NAMING if k in differing] + [k for k in differing if k not in NAMING]
+        for n in range(1, len(first) + 1):  # the fewest keys, in NAMING's order, that tell the fronts apart
+            if len({tuple(dict(key).get(k) for k in first[:n]) for key in keys}) == len(keys):
+                break
+        differing = first[:n]
+        for key in keys:
+            d = dict(key)
+            out.append((f"{label} [" + ", ".join(f"{k}={json.loads(d[k]) if k in d else '—'}" for k in differing) + "]",
+                        groups[key]))
+    return out
 
 
 def unfinished(root: Path) -> list[tuple[str, str]]:
@@ -99,17 +156,16 @@ def unfinished(root: Path) -> list[tuple[str, str]]:
 
 
 def matched(rows: list[dict], targets: list[float]) -> list[dict]:
-    """Each method's KL and FID at each target forbidden rate, interpolated linearly (in the rate)
-    between the two points of its front, ordered by scale, where the rate first falls to the target."""
+    """Each front's KL and FID at each target forbidden rate, interpolated linearly (in the rate) between the two
+    points of the front, ordered by scale, where the rate first falls to the target (fronts: ``fronts``)."""
     out = []
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["label"], str(r.get("forbidden")), r.get("steps")), []).append(r)
-    for (label, forbidden, steps), pts in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
+    for label, pts in sorted(fronts(rows), key=lambda kv: kv[0]):
         pts = sorted(pts, key=lambda r: r.get("guidance_scale") or 0.0)
+        forbidden, steps = str(pts[0].get("forbidden")), pts[0].get("steps")
         for t in targets:
             row = {"label": label, "forbidden": forbidden, "steps": steps, "target": t, "kl_uniform": None, "fid": None,
-                   "how": ""}
+                   "how": "", "model": pts[0].get("model", "?"), "dataset": pts[0].get("dataset", "?"),
+                   "n_samples": pts[0].get("n_samples")}
             if pts[0]["forbidden_rate"] <= t:
                 row.update(kl_uniform=pts[0]["kl_uniform"], fid=pts[0].get("fid"), scale=pts[0].get("guidance_scale"),
                            how=f"first point already at {100 * pts[0]['forbidden_rate']:.2f} %")
@@ -130,9 +186,11 @@ def matched(rows: list[dict], targets: list[float]) -> list[dict]:
 def matched_markdown(rows: list[dict]) -> str:
     lines = ["**Matched safety, interpolated** on each method's own front (linear in the forbidden rate between "
              "the two sweep points around the target; no new samples — `dng compare` measures it directly):", "",
-             "| target | method | forbidden | steps | KL | FID | from |", "|---|---|---|---|---|---|---|"]
+             "| target | method | model | dataset | forbidden | steps | N | KL | FID | from |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {100 * r['target']:g} % | {r['label']} | {r['forbidden']} | {r['steps']} | {_fmt(r['kl_uniform'], 3)} "
+        lines.append(f"| {100 * r['target']:g} % | {r['label']} | {r.get('model', '?')} | {r.get('dataset', '?')} | "
+                     f"{r['forbidden']} | {r['steps']} | {r.get('n_samples', '')} | {_fmt(r['kl_uniform'], 3)} "
                      f"| {_fmt(r['fid'], 3)} | {r['how']} |")
     return "\n".join(lines) + "\n"
 
@@ -196,14 +254,17 @@ def markdown(rows: list[dict], failed: list[tuple[str, str]] = ()) -> str:
     inception = any(r.get("fid_inception") is not None for r in rows)  # runs with metrics.fid.features=inception
     kid = any(r.get("kid_inception") is not None for r in rows)  # ... scored since KID exists
     kept = any(r.get("kl_kept") is not None for r in rows)  # runs that measured balance over the kept classes
-    head = ("| method | forbidden | scale | steps | N | forbidden % (95% CI) |" + (" KL kept ± s.e. |" if kept else "")
+    mixed = len({(r.get("model"), r.get("dataset")) for r in rows}) > 1  # else one line under the table says which
+    head = ("| method |" + (" model | dataset |" if mixed else "") + " forbidden | scale | steps | N | forbidden % (95% CI) |"
+            + (" KL kept ± s.e. |" if kept else "")
             + " KL ± s.e. | FID ± s.e. | FID (full) |"
             + (" Inception FID ± s.e. | Inception FID (full) |" if inception else "")
             + (" Inception KID ± s.e. |" if kid else "") + " images/s |\n")
-    head += ("|---|---|---|---|---|---|" + ("---|" if kept else "") + "---|---|---|" + ("---|---|" if inception else "")
+    head += ("|---|" + ("---|---|" if mixed else "") + "---|---|---|---|---|" + ("---|" if kept else "") + "---|---|---|" + ("---|---|" if inception else "")
              + ("---|" if kid else "") + "---|\n")
     lines = [
-        f"| {r['label']} | {_fmt(r['forbidden'])} | {_fmt(r.get('guidance_scale'))} | {r['steps']} | {r['n_samples']} "
+        f"| {r['label']} |" + (f" {r.get('model', '?')} | {r.get('dataset', '?')} |" if mixed else "")
+        + f" {_fmt(r['forbidden'])} | {_fmt(r.get('guidance_scale'))} | {r['steps']} | {r['n_samples']} "
         f"| {100 * r['forbidden_rate']:.1f} ({100 * r['forbidden_rate_lo']:.1f}–{100 * r['forbidden_rate_hi']:.1f}) |"
         + (f" {_kl(r, 'kl_kept')} |" if kept else "")
         + f" {_kl(r)} | {_fid(r)} | {_fmt(r.get('fid_full'))} |"
@@ -214,6 +275,8 @@ def markdown(rows: list[dict], failed: list[tuple[str, str]] = ()) -> str:
     ]
     features = sorted({r.get("fid_features", "") for r in rows})
     text = head + "\n".join(lines) + f"\n\nFID features: {', '.join(features)}\n"
+    if not mixed and rows:
+        text += f"Every run: model {rows[0].get('model', '?')}, dataset {rows[0].get('dataset', '?')}.\n"
     if failed:
         text += f"\n**Failed or unfinished jobs ({len(failed)})** — not in the table:\n\n"
         text += "\n".join(f"- `{job}`: {why}" for job, why in failed) + "\n"
