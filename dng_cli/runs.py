@@ -237,15 +237,17 @@ class PartialBatches:
     the same samples fingerprint draws only the missing seeds — samples depend on their seeds alone, so the
     batch size may differ between attempts — and the result equals an uninterrupted run's."""
 
-    def __init__(self, folder: Path, samples_fp: str):
+    def __init__(self, folder: Path, samples_fp: str, shape: tuple[int, ...] | None = None):
         self.dir = Path(folder) / f"{PARTIAL_PREFIX}{samples_fp}"
+        self.fingerprint, self.shape = samples_fp, tuple(shape) if shape is not None else None
 
     def save(self, seeds: list[int], images, posterior, scale, seconds: float) -> None:
         import numpy as np
 
         self.dir.mkdir(parents=True, exist_ok=True)
         io.atomic_savez(self.dir / f"batch-{seeds[0]}-{len(seeds)}.npz", seeds=np.asarray(seeds), images=images,
-                        posterior=posterior, scale=scale, seconds=np.asarray(float(seconds)))
+                        posterior=posterior, scale=scale, seconds=np.asarray(float(seconds)),
+                        fingerprint=np.asarray(self.fingerprint))
         io.pause_for_tests("evaluate_batch")
 
     def load(self, seeds: list[int]) -> dict[int, tuple]:
@@ -258,8 +260,19 @@ class PartialBatches:
                 with np.load(path, allow_pickle=False) as f:
                     b_seeds, images, post, scale, secs = (f["seeds"].tolist(), f["images"], f["posterior"], f["scale"],
                                                           float(f["seconds"]))
+                    fp = str(f["fingerprint"]) if "fingerprint" in f.files else None
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
                 log.warning("ignoring unreadable partial batch %s", path)
+                continue
+            if fp != self.fingerprint:  # a batch of another run (or of a version that did not record it)
+                log.warning("ignoring partial batch %s: drawn by another config (samples fingerprint %s, this run's "
+                            "is %s); its seeds are drawn again", path, fp, self.fingerprint)
+                continue
+            n = len(b_seeds)
+            if (images.ndim < 2 or len(images) != n or post.shape[1:2] != (n,) or scale.shape[1:2] != (n,)
+                    or (self.shape is not None and tuple(images.shape[1:]) != self.shape)):
+                log.warning("ignoring partial batch %s: its arrays do not fit (images %s for %d seeds, expected %s)",
+                            path, tuple(images.shape), n, self.shape)
                 continue
             for j, seed in enumerate(b_seeds):
                 if seed in wanted and seed not in found:

@@ -222,3 +222,30 @@ def test_another_users_stale_lock_says_whose_it_is_and_what_to_do(tmp_path, monk
     text = str(err.value)
     assert "stale lock of user" in text and "that run is gone" in text and f"delete '{lock}'" in text, text
     assert "pid 999999999" in text and "2026-12-01 10:00:00" in text
+
+
+def test_partial_batches_of_another_run_or_shape_are_skipped_not_used(tmp_path, caplog):
+    """A batch file of another run that lands in this run's partial folder (same image shape) used to be taken
+    silently, and one of another shape ended in an np.stack traceback: each batch now records its samples
+    fingerprint, and foreign or ill-fitting batches are skipped with a warning (their seeds are drawn again)."""
+    import shutil
+
+    import numpy as np
+
+    from dng_cli import runs
+
+    def batch(n, first, shape=(1, 4, 4)):
+        return ([first + i for i in range(n)], np.full((n, *shape), first, np.uint8), np.zeros((3, n), np.float32),
+                np.zeros((3, n), np.float32), 1.0)
+
+    mine, other = runs.PartialBatches(tmp_path, "aaaa", (1, 4, 4)), runs.PartialBatches(tmp_path, "bbbb", (1, 4, 4))
+    mine.save(*batch(2, 0))
+    other.save(*batch(2, 2))
+    shutil.copy(other.dir / "batch-2-2.npz", mine.dir / "batch-2-2.npz")  # same shape, another run's samples
+    odd = runs.PartialBatches(tmp_path / "x", "aaaa", (1, 8, 8))
+    odd.save(*batch(2, 4, shape=(1, 8, 8)))
+    shutil.copy(odd.dir / "batch-4-2.npz", mine.dir / "batch-4-2.npz")  # this run's fingerprint, wrong shape
+    with caplog.at_level("WARNING"):
+        found = mine.load(list(range(6)))
+    assert sorted(found) == [0, 1]
+    assert "drawn by another config" in caplog.text and "do not fit" in caplog.text

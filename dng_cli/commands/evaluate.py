@@ -128,7 +128,7 @@ def _run(run: spec.RunSpec, output_dir: Path, network) -> dict:
     gen = pipeline.build(run, device, network)
     n, seeds = run.n_samples, run.seeds
     samples_fp = runs.samples_fingerprint(identity)
-    partial = runs.PartialBatches(output_dir, samples_fp)  # finished batches survive a kill
+    partial = runs.PartialBatches(output_dir, samples_fp, run.dataset.shape)  # finished batches survive a kill
     if run.overwrite:
         partial.clear()
     done = partial.load(seeds)
