@@ -37,6 +37,8 @@ COMMANDS: dict[str, Command] = {
                          "the smallest guidance scale meeting a target forbidden rate (pilot set, cached probes)"),
     "compare": Command("compare", "dng_cli.commands.compare", "main",
                        "methods at matched safety: calibrate each, evaluate at its scale, differences with CIs"),
+    "plan": Command("plan", "dng_cli.commands.plan", "main",
+                    "the power of a finished compare: N for 80 % power, the MDE at N, and its cost in hours"),
     "report": Command("report", "dng_cli.commands.report", "main",
                       "collect every metrics.json below a folder: report.csv/.md and Pareto plots"),
     "train": Command("", "dng_cli.commands.train", "", "train a model: `dng train ddpm` or `dng train classifier`"),
@@ -65,6 +67,7 @@ examples:
   dng calibrate method=np target_forbidden=0.01
   dng compare "methods=[np,sld,dng]" "targets=[0.01,0.003]" n_samples=2000
   dng report outputs/multirun/evaluate/<sweep>
+  dng plan docs/results/matched_safety/fashion "effects={{kl_kept:0.05}}"
   dng train ddpm steps=6000   # an MNIST model; the shipped one's commands: its card.json
   dng data mnist
 """
@@ -98,7 +101,7 @@ def command_line(argv: list[str]) -> tuple[Command, list[str]]:
     elif name == "data":
         if args and "=" not in args[0] and not args[0].startswith("-"):
             args = [f"dataset={args[0]}"] + args[1:]
-    elif name == "report":
+    elif name in ("report", "plan"):
         if args and "=" not in args[0] and not args[0].startswith("-"):
             args = [f"dir={args[0]}"] + args[1:]
     return cmd, rewrite(args)

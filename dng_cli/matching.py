@@ -298,6 +298,24 @@ def mde(se: float, claims: int, alpha: float = ALPHA, power: float = POWER) -> f
     return float((nd.inv_cdf(1 - alpha / (2 * max(claims, 1))) + nd.inv_cdf(power)) * se)
 
 
+def _z(claims: int, alpha: float, power: float) -> float:
+    nd = NormalDist()
+    return nd.inv_cdf(1 - alpha / (2 * max(claims, 1))) + nd.inv_cdf(power)
+
+
+def required_n(sigma1: float, effect: float, claims: int, alpha: float = ALPHA, power: float = POWER) -> int:
+    """Samples per grid point for ``power`` to resolve ``effect`` when one sample's contribution to the claim has
+    standard deviation ``sigma1`` (s.e. = σ₁/√N, as the paired bootstrap's s.e. scales)."""
+    return int(math.ceil((_z(claims, alpha, power) * sigma1 / abs(effect)) ** 2))
+
+
+def power_at(sigma1: float, effect: float, n: int, claims: int, alpha: float = ALPHA) -> float:
+    """The chance that a claim of true size ``effect`` is resolved at N = ``n`` (normal approximation)."""
+    nd = NormalDist()
+    z = nd.inv_cdf(1 - alpha / (2 * max(claims, 1)))
+    return float(nd.cdf(abs(effect) * math.sqrt(n) / sigma1 - z))
+
+
 # --------------------------------------------------------------------------------------- analysis
 class _Replicate:
     """One bootstrap replicate: seed indices (shared by every method; ``independent`` gives each method its

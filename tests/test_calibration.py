@@ -139,6 +139,9 @@ def test_compare_end_to_end_on_the_tiny_model(tmp_path, capsys):
     assert "identical on these seeds" in md  # KL kept: every method puts all 6 samples in one class
     assert "**Class histogram**" in md and "| np λ=0.01 | 6 |" in md  # where the removed mass went
     assert (out / "compare.png").is_file()
+    log = (out / "compare.log").read_text()  # the plan before the first sample, progress against it
+    assert "plan: 3 method(s) × 1 target(s) at N = 6" in log and "network evals/s measured here" in log
+    assert log.index("plan:") < log.index("probe ") and "compare progress: " in log
     # a second run reuses every probe and evaluation (fingerprints match)
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
     cli.main(args)

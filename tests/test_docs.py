@@ -41,7 +41,7 @@ COMMANDS = shown_commands()
 
 def test_the_docs_show_commands():
     assert len(COMMANDS) >= 40 and {c.split()[1] for _, c in COMMANDS} >= {
-        "evaluate", "sample", "calibrate", "compare", "report", "train", "data", "sd"}
+        "evaluate", "sample", "calibrate", "compare", "plan", "report", "train", "data", "sd"}
 
 
 @pytest.mark.parametrize("page, line", COMMANDS, ids=[f"{p}:{c[:60]}" for p, c in COMMANDS])
@@ -56,8 +56,8 @@ def test_every_shown_command_composes(page, line, tmp_path, monkeypatch):
             validate.check(cmd.config, args, getattr(importlib.import_module(cmd.module), cmd.check, None))
         return
     cmd, args = cli.command_line(argv)
-    if cmd.config in ("report", "data"):
-        return  # they take a folder / download: their arguments are their own (tested in test_report/test_data)
+    if cmd.config in ("report", "data", "plan"):
+        return  # they take a folder / download: their arguments are their own (test_report, test_data, test_plan)
     validate.check_choices(args)
     overrides = [a for a in args if not a.startswith("-")]
     jobs = validate.sweep_jobs(cmd.config, overrides) if any(a in ("-m", "--multirun") for a in args) else [overrides]

@@ -236,3 +236,28 @@ def test_two_hundred_simulated_compares_resolve_no_a_a_difference_and_cover_a_pl
 def _wilson_upper(k: int, n: int) -> float:
     p, z = k / n, 1.959963984540054
     return (p + z * z / (2 * n) + z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+
+
+@pytest.mark.slow
+def test_the_planner_predicts_how_often_a_planted_difference_is_found():
+    """σ₁ from five small pilot compares (N = 300) predicts, through ``power_at``, how often 120 compares at
+    N = 600 resolve a planted shift; the observed rate lies within the simulation's own error of the prediction."""
+    def compare(n, seed):
+        rng = np.random.default_rng(seed)
+        world = Plateau(n, rng)
+        methods = []
+        for name, rates, shift in (("a", (0.8, 1.0, 1.25), 0.0), ("c", (0.6, 1.0, 1.6), SHIFT)):
+            grid = matching.choose_grid(None, world.pilots(rng), [0.01], rates, 0.01, 1000, max_ratio=1.5,
+                                        evaluate_many=lambda ss, shift=shift: [world.point(s, shift) for s in ss])
+            methods.append(matching.Method(name, [grid[s] for s in sorted(grid)]))
+        return matching.analyse(methods, [0.01], QUALITY, "a", n_boot=100, seed=seed)["claims"][0]
+
+    sigma1 = float(np.mean([compare(300, 50_000 + r)["se"] * math.sqrt(300) for r in range(5)]))
+    predicted = matching.power_at(sigma1, SHIFT, 600, claims=1)
+    repeats = 120
+    found = sum(compare(600, 60_000 + r)["resolved"] for r in range(repeats)) / repeats
+    tolerance = 2 * math.sqrt(predicted * (1 - predicted) / repeats) + 0.05  # binomial error + σ₁'s own
+    print(f"planner: predicted power {predicted:.3f}, found {found:.3f} over {repeats} (tolerance {tolerance:.3f})")
+    assert abs(found - predicted) <= tolerance, (found, predicted, tolerance)
+    assert matching.power_at(sigma1, SHIFT, matching.required_n(sigma1, SHIFT, 1), 1) >= 0.8
+    assert matching.power_at(sigma1, SHIFT, matching.required_n(sigma1, SHIFT, 1) - 1, 1) < 0.8

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -329,6 +330,40 @@ def evaluate_point(cfg: DictConfig, name: str, scale: float, output_dir: Path, n
                         folder, network)
 
 
+def evals_per_second(network, cfg: DictConfig) -> float | None:
+    """The denoiser's throughput here, from two timed forwards of one sampler batch (after a warm-up)."""
+    unet = network[0] if isinstance(network, tuple) else network
+    try:
+        b, c, size = int(cfg.sampler.batch_size), int(cfg.dataset.channels), int(cfg.dataset.image_size)
+        device = next(unet.parameters()).device
+        x, t = torch.randn(b, c, size, size, device=device), torch.full((b,), 500, device=device, dtype=torch.long)
+        labels = torch.zeros(b, dtype=torch.long, device=device) if unet.config.get("num_class_embeds") else None
+        with torch.inference_mode():
+            unet(x, t, class_labels=labels)
+            start = time.perf_counter()
+            for _ in range(2):
+                unet(x, t, class_labels=labels)
+        return 2 * b / (time.perf_counter() - start)
+    except Exception:  # a network this estimate does not know how to call: no hours, the plan still prints
+        return None
+
+
+def plan_line(cfg: DictConfig, names: list[str], targets: list[float], rate: float | None) -> tuple[str, int]:
+    """What the compare will cost, printed before its first sample: (the line, grid points expected)."""
+    m, k = len(names), len(targets)
+    n, pilot, steps = int(cfg.n_samples), int(cfg.pilot_n), int(cfg.sampler.steps)
+    probes = m * int(cfg.max_probes)
+    first = m * k * len(cfg.grid_rates)
+    points = first + 2 * m * k  # bracketing and gap filling: about two more per method and target
+    samples = probes * pilot + points * n
+    evals = samples * steps * 2  # ε_u and ε_c per sample and step
+    hours = f", ≈ {evals / rate / 3600:.1f} h at the {rate:.0f} network evals/s measured here" if rate else ""
+    return (f"plan: {m} method(s) × {k} target(s) at N = {n}: pilot ≤ {probes} probes × {pilot} samples, grid ≈ "
+            f"{points} points × {n} (first wave {first}, then bracketing and gap filling) = ≈ {samples} samples, "
+            f"{evals / 1e6:.1f} M network evaluations{hours} (finished units in the folder are reused; "
+            f"`dng plan <folder>` afterwards says what N the claims need)", points)
+
+
 def finished_scales(cfg: DictConfig, name: str, output_dir: Path) -> list[float]:
     """``grid=existing``: the scales of ``eval/<name>/scale=<λ>/`` folders holding a finished result of this config
     (others are skipped with a warning; nothing is sampled)."""
@@ -376,6 +411,10 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     names = [str(m) for m in cfg.methods]
     targets = [float(t) for t in cfg.targets]
     reference = "dng" if "dng" in names else names[-1]
+    started = time.time()
+    line, planned = plan_line(cfg, names, targets, evals_per_second(network, cfg) if network is not None else None)
+    if not existing:
+        log.info("%s", line)
     lo, hi = float(cfg.scale_min), float(cfg.scale_max)
     n, seed = int(cfg.n_samples), int(cfg.seed)
     seeds = [seed + i for i in range(n)]
@@ -417,6 +456,9 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
             rec = load_point(output_dir / "eval" / name / f"scale={scale:g}", result, cfg, seeds)
             evaluated[(name, scale)] = result
             points.append(matching.Point(scale, np.isin(rec["classes"], forbidden), rec))
+        if not existing:
+            log.info("compare progress: %d grid point(s) finished of ≈ %d planned, %.2f h since the start",
+                     len(evaluated), planned, (time.time() - started) / 3600)
         return points
 
     def grid_of(name: str, cals: dict) -> matching.Method | None:
