@@ -306,10 +306,12 @@ class ResultStage:
         self.removed.append(name)
 
     def commit(self, result: dict) -> None:
-        """All or nothing: the old result's marker goes aside first (from then on the folder holds no finished
-        result), every old file the new ones replace or ``remove`` names goes aside, the new ones move in, then the
-        config and the new marker. If any step fails, the new files are taken out and the old ones put back, so the
-        folder never holds files of two runs."""
+        """All or nothing: every old file the new ones replace or ``remove`` names goes aside into the stage, the new
+        ones move in, then the config, then the new marker (``metrics.json``, atomically over the old one: until then
+        the old result stays the folder's finished result). If any step fails, the new files are taken out and the
+        old ones put back, so a failed commit never leaves files of two runs. (A SIGKILL inside these few
+        milliseconds can: the old marker then sits beside new samples, whose samples fingerprint every reader
+        checks — a rescore or compare refuses them — and a re-run recomputes.)"""
         backup = self.stage / ".replaced"
         backup.mkdir()
         entries = sorted(p for p in self.stage.iterdir() if p != backup)
@@ -321,7 +323,6 @@ class ResultStage:
                 saved.append(name)
 
         try:
-            aside(self.result_name)
             for entry in entries:
                 aside(entry.name)
                 os.replace(entry, self.folder / entry.name)
