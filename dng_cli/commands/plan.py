@@ -18,11 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from dng_cli import UserError, matching
 from dng_cli.commands.common import entry
+from dng_cli.commands.compare import LABELS
 from dng_cli.io import read_json_object
 
 log = logging.getLogger(__name__)
-LABELS = {"kl_kept": "KL kept", "kl_uniform": "KL uniform", "fid": "FID", "fid_inception": "Inception FID",
-          "kid_inception": "Inception KID"}
 
 
 def check_cfg(cfg: DictConfig) -> None:
