@@ -36,7 +36,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-Z95 = 1.959963984540054
 MIN_IDENTIFIED = 0.95  # diagnostic: λ_m(t) inside the grid in at least this share of replicates
 BAND_RATES = 9
 ALPHA, POWER = 0.05, 0.8
@@ -244,19 +243,6 @@ def choose_grid(evaluate: Callable[[float], Point], pilots: list[tuple[float, in
 
 
 # ------------------------------------------------------------------------------------- statistics
-def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm's step-down adjusted p-values (family-wise error control, any dependence)."""
-    p = np.asarray(pvalues, dtype=float)
-    order = np.argsort(p)
-    m = len(p)
-    adjusted = np.empty(m)
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, (m - rank) * p[i])
-        adjusted[i] = min(1.0, running)
-    return adjusted.tolist()
-
-
 def _normal_tail(z: float) -> float:
     return 2.0 * (1.0 - NormalDist().cdf(z))
 
