@@ -74,8 +74,10 @@ examples:
 
 
 def usage() -> str:
+    from dng_cli.backends import describe
+
     lines = "\n".join(f"  {name:<10} {cmd.help}" for name, cmd in COMMANDS.items())
-    return USAGE.format(commands=lines)
+    return USAGE.format(commands=lines) + "\n" + describe() + "\n"
 
 
 def rewrite(args: list[str]) -> list[str]:

@@ -397,17 +397,22 @@ class Network:
     """
 
     def __init__(self, unet, channels_last: bool = False, compile: bool = False, max_batch: int | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", backend: str = "torch"):
         if precision not in ("fp32", "bf16"):
             raise UserError(f"precision={precision!r} is invalid here: fp32 or bf16 (resolve auto first)")
         self.precision = precision
         if max_batch is not None and int(max_batch) <= 0:
             raise UserError(f"max_batch={max_batch} is invalid: it must be a positive integer or null")
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if backend != "torch" and (compile or precision != "fp32"):
+            raise UserError(f"backend={backend} runs fp32 without compile (resolve it with backends.resolve first)")
+        from dng_cli import backends
+
+        graph, self.backend = backends.network(unet, backend)  # the graph backends take NCHW arrays
+        self.memory_format = torch.channels_last if channels_last and self.backend == "torch" else torch.contiguous_format
         self.unet = unet.to(memory_format=self.memory_format)
         self.max_batch = int(max_batch) if max_batch else None
         self.compiled = bool(compile)
-        self.forward = torch.compile(self.unet, dynamic=False) if compile else self.unet
+        self.forward = torch.compile(self.unet, dynamic=False) if compile else graph if graph is not unet else self.unet
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         n, m = x.shape[0], self.max_batch
@@ -446,13 +451,14 @@ class ClassConditionalEps:
     """
 
     def __init__(self, unet, forbidden: Sequence[int] = (), label: int | None = None, channels_last: bool = False,
-                 compile: bool = False, max_batch: int | None = None, null_label="last", precision: str = "fp32"):
+                 compile: bool = False, max_batch: int | None = None, null_label="last", precision: str = "fp32",
+                 backend: str = "torch"):
         num_embeds = getattr(unet.config, "num_class_embeds", None)
         if not num_embeds:
             raise UserError("model has no class embedding (num_class_embeds is empty): use model kind 'pair' "
                             "for unconditional checkpoints")
-        self.net = Network(unet, channels_last, compile, max_batch, precision)
-        self.unet = self.net.unet
+        self.net = Network(unet, channels_last, compile, max_batch, precision, backend)
+        self.unet, self.backend = self.net.unet, self.net.backend
         self.num_classes = int(num_embeds) - 1
         self.null_label = null_label_index(int(num_embeds), null_label)  # embedding index of the null label
         self.class_index = [i for i in range(int(num_embeds)) if i != self.null_label]  # class c -> its embedding
@@ -483,9 +489,12 @@ class PairEps:
     one model trained on each forbidden class only for ε_c."""
 
     def __init__(self, unconditional, forbidden_models: Sequence = (), channels_last: bool = False,
-                 compile: bool = False, max_batch: int | None = None, precision: str = "fp32"):
-        self.unconditional = Network(unconditional, channels_last, compile, max_batch, precision)
-        self.forbidden_models = [Network(m, channels_last, compile, max_batch, precision) for m in forbidden_models]
+                 compile: bool = False, max_batch: int | None = None, precision: str = "fp32", backend: str = "torch"):
+        self.unconditional = Network(unconditional, channels_last, compile, max_batch, precision, backend)
+        self.forbidden_models = [Network(m, channels_last, compile, max_batch, precision, backend)
+                                 for m in forbidden_models]
+        used = {n.backend for n in [self.unconditional, *self.forbidden_models]}
+        self.backend = used.pop() if len(used) == 1 else "mixed:" + "+".join(sorted(used))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor):
         eps_u = self.unconditional(x, t)

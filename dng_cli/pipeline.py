@@ -50,6 +50,7 @@ class SamplingSetup:
     shape: tuple[int, ...]
     device: torch.device
     variance: str
+    backend: str = "torch"  # the inference backend the network actually runs on (backends.network may fall back)
 
 
 def load_model(model, device: torch.device):
@@ -66,8 +67,9 @@ def load_model(model, device: torch.device):
 
 def make_eps_fn(network, model: spec.ModelSpec, forbidden: list[int], guidance, label: int | None = None,
                 channels_last: bool = False, compile: bool = False, max_batch: int | None = None,
-                precision: str = "fp32"):
-    speed = dict(channels_last=channels_last, compile=compile, max_batch=max_batch, precision=precision)
+                precision: str = "fp32", backend: str = "torch"):
+    speed = dict(channels_last=channels_last, compile=compile, max_batch=max_batch, precision=precision,
+                 backend=backend)
     classes = list(forbidden) if guidance.needs_conditional else []
     if model.kind == "pair":
         uncond, per_class = network
@@ -86,9 +88,10 @@ def build(run, device: torch.device, network=None, label: int | None = None) -> 
     network = network if network is not None else load_model(run.model, device)
     s = run.sampler
     eps_fn = make_eps_fn(network, run.model, run.forbidden, guidance, label, s.channels_last, s.compile, s.max_batch,
-                         s.precision)
+                         s.precision, s.backend)
+    backend = eps_fn.backend
     eps_fn = as_epsilon(eps_fn, run.schedule, run.model.prediction_type)
-    return SamplingSetup(eps_fn, run.schedule, guidance, run.dataset.shape, device, s.variance)
+    return SamplingSetup(eps_fn, run.schedule, guidance, run.dataset.shape, device, s.variance, backend)
 
 
 def generate(gen: SamplingSetup, seeds: list[int], progress: bool = False) -> SampleOutput:
@@ -134,6 +137,12 @@ auto_device = spec.auto_device
 
 
 def setup_torch(device: str = "cpu", num_threads: int | None = None) -> torch.device:
+    """The device, with the thread count every backend uses: ``num_threads`` (sampler.num_threads), else
+    ``OMP_NUM_THREADS`` (torch reads it itself), else SLURM's ``--cpus-per-task`` for a job that SLURM started
+    (no more threads than the job's cores when several share a node), else torch's default."""
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK")
+    if not num_threads and not os.environ.get("OMP_NUM_THREADS") and slurm and slurm.isdigit() and int(slurm) > 0:
+        num_threads = int(slurm)
     if num_threads:
         torch.set_num_threads(int(num_threads))
     device = auto_device(device)

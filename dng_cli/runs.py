@@ -44,7 +44,7 @@ log = logging.getLogger("dng")
 # ------------------------------------------------------------------------------------------ identity
 # Keys that change how fast a result is made or where files live, never the numbers in it.
 NOT_RESULT_KEYS = ("skip_existing", "overwrite", "save_samples", "label", "grids", "grid_index", "sampler.batch_size",
-                   "sampler.max_batch", "sampler.channels_last", "sampler.compile", "sampler.progress",
+                   "sampler.max_batch", "sampler.channels_last", "sampler.compile", "sampler.backend", "sampler.progress",
                    "sampler.num_threads", "sampler.device", "dataset.root", "metrics.fid.cache_dir", "model.path",
                    "model.classifier", "model.unconditional", "model.forbidden_models",
                    "metrics.fid.inception_weights")

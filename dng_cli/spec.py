@@ -127,6 +127,7 @@ class SamplerSpec:
     compile: bool
     max_batch: int | None
     precision: str                                # fp32 | bf16 (auto decided)
+    backend: str = "torch"                        # torch | onnxruntime | openvino (auto decided, backends.resolve)
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class MetricsSpec:
     cache_dir: str
     inception_weights: str | None
     kl_smoothing: float
+    backend: str = "torch"                        # where the Inception network runs (sampler.backend's rule on fp32)
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,8 @@ class RunSpec:
         config = thawed(self.config)
         if isinstance(config.get("sampler"), dict):
             config["sampler"]["precision"] = self.sampler.precision
+            if "backend" in config["sampler"]:  # not part of the identity (runs.NOT_RESULT_KEYS): as decided
+                config["sampler"]["backend"] = self.sampler.backend
         return config
 
     @cached_property
@@ -220,7 +224,7 @@ def resolve_run(cfg: DictConfig, scored: bool = True) -> RunSpec:
 
     check_prediction_type(model.prediction_type)
     schedule = respaced(model.base_schedule(), cfg.sampler)
-    metrics = metrics_spec(cfg.metrics, dataset) if scored else None
+    metrics = metrics_spec(cfg.metrics, dataset, cfg.sampler.get("backend", "auto")) if scored else None
     return RunSpec(config=frozen(plain(cfg)), method=frozen(plain(cfg.method)), label=method_label(cfg),
                    forbidden=tuple(forbidden), dataset=dataset, model=model, sampler=sampler, schedule=schedule,
                    metrics=metrics, n_samples=int(cfg.get("n_samples", 0)), skip_existing=bool(cfg.get("skip_existing", True)),
@@ -285,10 +289,14 @@ def sampler_spec(sampler_cfg: DictConfig, method: str) -> SamplerSpec:
     s = sampler_cfg
     device = auto_device(str(s.get("device", "cpu")))
     precision = precision_for(s, method, device)
+    from dng_cli import backends
+
+    compile = bool(s.get("compile", False))
+    backend = backends.resolve(s.get("backend", "auto"), precision, device, compile)
     return SamplerSpec(steps=s.steps, variance=str(s.variance), seed=int(s.seed), batch_size=int(s.batch_size),
                        device=device, num_threads=s.get("num_threads"), progress=bool(s.get("progress", True)),
                        channels_last=channels_last_for(s.get("channels_last", False), precision, device),
-                       compile=bool(s.get("compile", False)), max_batch=s.get("max_batch"), precision=precision)
+                       compile=compile, max_batch=s.get("max_batch"), precision=precision, backend=backend)
 
 
 def channels_last_for(value, precision: str, device: str | torch.device) -> bool:
@@ -307,8 +315,10 @@ def precision_for(sampler_cfg, method: str | None, device: str | torch.device | 
     return resolve_precision(str(sampler_cfg.get("precision", "fp32")), torch.device(device_type(str(device))), method)
 
 
-def metrics_spec(metrics_cfg: DictConfig, dataset: DatasetSpec) -> MetricsSpec:
-    from dng_cli import data, metrics
+def metrics_spec(metrics_cfg: DictConfig, dataset: DatasetSpec, backend: str = "torch") -> MetricsSpec:
+    """``backend``: ``sampler.backend`` as configured; the Inception network runs fp32 on the CPU, so it resolves
+    as there (auto: the machine's choice) — only when Inception features are asked for."""
+    from dng_cli import backends, data, metrics
 
     fid = metrics_cfg.fid
     if fid.features not in metrics.FEATURES:
@@ -320,7 +330,8 @@ def metrics_spec(metrics_cfg: DictConfig, dataset: DatasetSpec) -> MetricsSpec:
     weights = fid.get("inception_weights")
     return MetricsSpec(features=str(fid.features), split=str(fid.split), cache_dir=str(fid.cache_dir),
                        inception_weights=None if weights is None else str(weights),
-                       kl_smoothing=float(metrics_cfg.kl_smoothing))
+                       kl_smoothing=float(metrics_cfg.kl_smoothing),
+                       backend=backends.resolve(backend, "fp32", "cpu", False) if fid.features == "inception" else "torch")
 
 
 def auto_device(device: str) -> str:

@@ -8,6 +8,7 @@ keep_heap + channels_last (the fastest case here); `--evaluate` measures it insi
     python scripts/bench_inception.py                 # 256 images, batches 16/32/64, 2 interleaved repeats
     python scripts/bench_inception.py --n 64 --repeats 1
     python scripts/bench_inception.py --evaluate      # + inside `dng evaluate`: its recorded fid_inception_images_per_s
+    python scripts/bench_inception.py --batches 32 --repeats 2 --backends onnxruntime   # torch cases vs ONNX Runtime
 
 Each case runs in a fresh subprocess (the allocator setting cannot be undone inside a process). Prints a table,
 then as its LAST line one JSON object {case: images/s (best of the repeats)}.
@@ -23,14 +24,17 @@ import sys
 import time
 
 
-def one(n: int, batch: int, keep: bool, optimize: bool, threads: int | None, channels_last: bool = False) -> float:
+def one(n: int, batch: int, keep: bool, optimize: bool, threads: int | None, channels_last: bool = False,
+        backend: str = "torch") -> float:
     import torch
 
     from dng_cli import metrics
 
     if threads:
         torch.set_num_threads(threads)
-    net = metrics.InceptionTorchScript(metrics.torchscript_inception_path(), channels_last=channels_last, keep=keep).eval()
+    net = metrics.InceptionTorchScript(metrics.torchscript_inception_path(), channels_last=channels_last, keep=keep,
+                                       backend=backend).eval()
+    assert net.backend == backend, f"{backend} unavailable (see the warning)"
     if optimize:
         net.net = torch.jit.optimize_for_inference(torch.jit.freeze(net.net.eval()))
     images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -73,21 +77,25 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--evaluate", action="store_true", help="also measure inside dng evaluate (one run of --n images)")
-    ap.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # batch keep_heap optimize channels_last: one case here
+    ap.add_argument("--backends", nargs="*", default=["onnxruntime"],
+                    help="graph backends (sampler.backend's) measured too, at batch 32 with keep_heap")
+    ap.add_argument("--one", nargs=5, help=argparse.SUPPRESS)  # batch keep_heap optimize channels_last backend
     args = ap.parse_args()
     if args.one:
-        batch, keep, opt, cl = args.one
-        print(json.dumps(one(args.n, int(batch), keep == "1", opt == "1", args.threads, cl == "1")))
+        batch, keep, opt, cl, backend = args.one
+        print(json.dumps(one(args.n, int(batch), keep == "1", opt == "1", args.threads, cl == "1", backend)))
         return
-    cases = [(b, k, 0, c) for b in args.batches for k in (0, 1) for c in (0, 1)] + [(32, 1, 1, 0)]
+    cases = ([(b, k, 0, c, "torch") for b in args.batches for k in (0, 1) for c in (0, 1)] + [(32, 1, 1, 0, "torch")]
+             + [(32, 1, 0, 0, b) for b in args.backends])
     best: dict[str, float] = {}
     for _ in range(args.repeats):  # interleaved: every case once per round
-        for b, k, o, c in cases:
-            cmd = [sys.executable, __file__, "--n", str(args.n), "--one", str(b), str(k), str(o), str(c)]
+        for b, k, o, c, backend in cases:
+            cmd = [sys.executable, __file__, "--n", str(args.n), "--one", str(b), str(k), str(o), str(c), backend]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
-            name = f"batch {b}" + (" +keep_heap" if k else "") + (" +optimize" if o else "") + (" +channels_last" if c else "")
+            name = (f"batch {b}" + (" +keep_heap" if k else "") + (" +optimize" if o else "") + (" +channels_last" if c else "")
+                    + ("" if backend == "torch" else f" {backend}"))
             best[name] = max(best.get(name, 0.0), float(res.stdout.strip().splitlines()[-1]))
     if args.evaluate:
         best["inside dng evaluate"] = in_evaluate(args.n)

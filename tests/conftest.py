@@ -16,13 +16,17 @@ torch.set_num_threads(THREADS)
 # sampler.precision=auto resolves as on a CPU without native bf16, here and in every subprocess: the suite's results
 # do not depend on the machine (tests of auto itself patch models.native_bf16 or set the variable).
 os.environ["DNG_NATIVE_BF16"] = "0"
+# sampler.backend=auto resolves to torch, here and in every subprocess, without the once-per-machine benchmark:
+# tests of the graph backends name them (tests/test_backends.py), tests of auto set the variable themselves.
+os.environ["DNG_AUTO_BACKEND"] = "torch"
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW_MODULES = {"test_faults", "test_sweep", "test_benchmarks", "test_real_models", "test_posterior_exact", "test_slurm",
                 "test_own_models", "test_fanout", "test_docs"}
 SLOW_TESTS = {"test_compare_end_to_end_on_the_tiny_model", "test_turning_inception_on_rescores_the_saved_samples_without_sampling",
               "test_evaluate_reports_inception_fid_next_to_the_classifier_fid", "test_real_inception_weights_when_installed",
-              "test_cli_refusal_keeps_the_folder_consistent", "test_an_a_a_comparison_comes_out_unresolved"}
+              "test_cli_refusal_keeps_the_folder_consistent", "test_an_a_a_comparison_comes_out_unresolved",
+              "test_the_inception_graph_equals_the_torchscript_inception"}
 
 
 def pytest_xdist_auto_num_workers(config):

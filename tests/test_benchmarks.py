@@ -132,3 +132,17 @@ def test_same_seeds_counts_the_samples_two_methods_share(tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "scripts" / "same_seeds.py"), str(tmp_path / "cmp"), "a", "c"],
                          capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode != 0 and res.stderr.count("\n") == 1 and "no scale evaluated for both" in res.stderr
+
+
+def test_bench_backends_tiny(tmp_path):
+    """scripts/bench_backends.py: every available backend per batch, its ratio to eager torch at that batch."""
+    _tiny_unet(tmp_path)
+    out = _last_json([str(REPO / "scripts" / "bench_backends.py"), "--model", str(tmp_path / "tiny"), "--batches", "2",
+                      "4", "--seconds", "0.01", "--rounds", "1", "--threads", "1", "--backends", "torch", "onnxruntime"],
+                     tmp_path)
+    res = out["results"]
+    assert set(res) == {"torch", "onnxruntime"} and set(res["torch"]) == {"2", "4"}
+    for b in res:
+        for batch, r in res[b].items():
+            assert r["evals_per_s"] > 0 and r["ratio"] == pytest.approx(r["evals_per_s"] / res["torch"][batch]["evals_per_s"], rel=1e-2)
+    assert out["gflop_per_eval"] > 0 and out["versions"]["onnxruntime"]

@@ -155,3 +155,11 @@ def test_sd_refuses_a_precision_it_does_not_apply(capsys, tmp_path):
                   f"hydra.run.dir={tmp_path / 'x'}"])
     assert exit_info.value.code == 2
     assert "sampler.precision=bf16 is not supported by dng sd" in capsys.readouterr().err
+
+
+def test_sd_refuses_a_backend_it_does_not_apply(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["sd", "sd_model=tiny_random", "prompt=a cat", "negative_prompt=a dog", "sampler.backend=onnxruntime",
+                  f"hydra.run.dir={tmp_path / 'x'}"])
+    assert exit_info.value.code == 2 and not (tmp_path / "x").exists()
+    assert "sampler.backend=onnxruntime is not supported by dng sd" in capsys.readouterr().err

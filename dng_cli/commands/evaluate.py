@@ -168,6 +168,7 @@ def _run(run: spec.RunSpec, output_dir: Path, network) -> dict:
         "images_per_s": n / wall,
         "sampled_on": sampled_on,
         "precision": run.sampler.precision,
+        "backend": gen.backend,
         "noise": runs.NOISE,
         "samples": {"fingerprint": samples_fp, "saved": run.save_samples},
         "config": run.plain_config(),
@@ -182,7 +183,8 @@ def _run(run: spec.RunSpec, output_dir: Path, network) -> dict:
         io.pause_for_tests("evaluate_write")
         save_records(stage, scorer, seeds, samples_fp)
         if run.save_samples:  # every image scored, so a metric added later needs no resampling
-            runs.save_samples(stage.path(runs.SAMPLES_NAME), images.numpy(), seeds, samples_fp, sampled_on, "evaluate")
+            runs.save_samples(stage.path(runs.SAMPLES_NAME), images.numpy(), seeds, samples_fp, sampled_on, "evaluate",
+                              backend=np.asarray(gen.backend))
         else:  # an earlier run's samples (overwrite=true) must not be rescored as this run's
             stage.remove(runs.SAMPLES_NAME)
         finished = finish(run, output_dir, result, stage)
@@ -208,7 +210,7 @@ class Scorer:
         self.stats = fid_reference(run, clf_net, self.fid_key)
         self.inception = None
         if run.metrics.features == "inception":
-            inc_net = metrics.feature_network("inception", None, run.metrics.inception_weights)
+            inc_net = metrics.feature_network("inception", None, run.metrics.inception_weights, run.metrics.backend)
             inc_key = metrics.features_key("inception", net=inc_net)
             inc_stats = fid_reference(run, inc_net, inc_key, kid=True)
             self.inception = (inc_net, inc_key, inc_stats)
@@ -228,6 +230,7 @@ class Scorer:
             self.records["inception"] = inc_feats.float().numpy()
             inception_scores = {**fid_scores(inc_feats, inc_stats, forbidden, "fid_inception"),
                                 "fid_inception_features": inc_key, "fid_inception_images_per_s": speed,
+                                "fid_inception_backend": getattr(inc_net, "backend", "torch"),
                                 # KID beside FID: unbiased, no Gaussian assumption (N may be below 2048)
                                 "kid_inception": metrics.kid(inc_feats, self.kid_reference) if n > 1 else None,
                                 "kid_inception_se": metrics.kid_se(inc_feats, self.kid_reference)}

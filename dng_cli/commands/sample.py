@@ -10,6 +10,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -47,7 +48,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
 
     save_grid(images, output_dir / "samples.png")
     runs.save_samples(output_dir / runs.SAMPLES_NAME, images.numpy(), seeds, runs.samples_fingerprint(dict(run_spec.identity)),
-                      pipeline.device_name(gen.device), "sample")
+                      pipeline.device_name(gen.device), "sample", backend=np.asarray(gen.backend))
     atomic_write_text(output_dir / "trajectory.csv", trajectory_csv(out.timesteps, out.posterior, out.scale))
     guidance_plot(out.timesteps, out.scale, out.posterior, output_dir / "guidance.png",
                   title=f"{run_spec.method_name}, forbidden {pipeline.forbidden_names(run_spec, list(run_spec.forbidden))}, {len(gen.schedule)} steps",

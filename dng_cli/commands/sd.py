@@ -172,6 +172,9 @@ def check_cfg(cfg: DictConfig) -> None:
     if str(cfg.sampler.get("precision", "fp32")) not in ("fp32", "auto"):  # auto: fp32, the only precision here
         raise UserError(f"sampler.precision={cfg.sampler.precision} is not supported by dng sd (it runs the SD UNet in "
                         f"fp32): use sampler.precision=fp32 or auto")
+    if str(cfg.sampler.get("backend", "auto")) not in ("torch", "auto"):  # auto: torch, the only backend here
+        raise UserError(f"sampler.backend={cfg.sampler.backend} is not supported by dng sd (it runs the SD UNet on "
+                        f"torch): use sampler.backend=torch or auto")
     if not str(cfg.prompt).strip():
         raise UserError("prompt is empty: pass prompt=\"...\"")
     pipeline.respaced(NoiseSchedule.from_scheduler(SD_SCHEDULER), cfg.sampler)  # steps, variance
