@@ -336,14 +336,17 @@ def per_class_stats(net: nn.Module, images_uint8: torch.Tensor, labels: torch.Te
     """Float64 accumulators per class: sum [K, D], cov_sum [K, D, D], n [K]. (2048-d Inception features:
     33.6 MB of Σffᵀ per class, 336 MB for MNIST's ten — the price of any excluded-class set being exact.)
     ``features``: a list that receives every batch's features too (the KID reference)."""
-    from tqdm.auto import tqdm
+    from dng_cli.progress import Progress
 
     d = int(net.num_features)
     s = torch.zeros(num_classes, d, dtype=torch.float64)
     cs = torch.zeros(num_classes, d, d, dtype=torch.float64)
     n = torch.zeros(num_classes, dtype=torch.float64)
-    for i in tqdm(range(0, len(images_uint8), batch_size), disable=not progress, desc="reference features"):
+    bar = Progress(math.ceil(len(images_uint8) / batch_size), "reference features", unit="batch", items="images",
+                   enabled=progress)
+    for i in range(0, len(images_uint8), batch_size):
         f = net(images_uint8[i:i + batch_size]).double()
+        bar.update(1, len(f))
         if features is not None:
             features.append(f.float())
         y = labels[i:i + batch_size]
@@ -352,6 +355,7 @@ def per_class_stats(net: nn.Module, images_uint8: torch.Tensor, labels: torch.Te
             s[c] += fc.sum(0)
             cs[c] += fc.t() @ fc
             n[c] += len(fc)
+    bar.close()
     return {"sum": s.numpy(), "cov_sum": cs.numpy(), "n": n.numpy()}
 
 

@@ -94,31 +94,36 @@ def build(run, device: torch.device, network=None, label: int | None = None) -> 
     return SamplingSetup(eps_fn, run.schedule, guidance, run.dataset.shape, device, s.variance, backend)
 
 
-def generate(gen: SamplingSetup, seeds: list[int], progress: bool = False) -> SampleOutput:
+def generate(gen: SamplingSetup, seeds: list[int], progress: bool = False, on_step=None) -> SampleOutput:
     """Draw one batch: sample j from ``torch.Generator().manual_seed(seeds[j])`` alone — a CPU generator
     whatever the sampling device, so a seed gives the same sample on CPU and GPU up to float error."""
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     x_T = randn((len(seeds), *gen.shape), gens, device=gen.device)
     with torch.inference_mode():
         return sample(gen.eps_fn, gen.schedule, gen.guidance, x_T, generator=gens, progress=progress,
-                      variance=gen.variance)
+                      variance=gen.variance, on_step=on_step)
 
 
 def generate_all(gen: SamplingSetup, seeds: list[int], batch_size: int, progress: bool = True, on_batch=None):
     """Batched ``generate`` over all seeds, concatenated (images, posterior, scale on the CPU).
-    ``on_batch(seeds, output, seconds)`` is called after each batch (``dng evaluate`` saves it there)."""
+    ``on_batch(seeds, output, seconds)`` is called after each batch (``dng evaluate`` saves it there).
+    ``progress``: one bar (or, off a terminal, a line every 30 s) over sampling steps × batches with samples/s and
+    an ETA (``dng_cli.progress``)."""
     import time
 
-    from tqdm.auto import tqdm
+    from dng_cli.progress import Progress
 
     outs = []
-    for i in tqdm(range(0, len(seeds), batch_size), total=math.ceil(len(seeds) / batch_size),
-                  disable=not progress, desc="batches"):
-        t0 = time.time()
-        out = generate(gen, seeds[i:i + batch_size], progress=False)
-        outs.append(SampleOutput(out.images.cpu(), out.posterior.cpu(), out.scale.cpu(), out.timesteps))
-        if on_batch is not None:
-            on_batch(seeds[i:i + batch_size], outs[-1], time.time() - t0)
+    steps = len(gen.schedule)
+    with Progress(math.ceil(len(seeds) / batch_size) * steps, f"sampling {len(seeds)} images", unit="step",
+                  enabled=progress) as bar:
+        for i in range(0, len(seeds), batch_size):
+            t0 = time.time()
+            chunk = seeds[i:i + batch_size]
+            out = generate(gen, chunk, on_step=lambda k: bar.update(1, len(chunk) if k == steps - 1 else 0))
+            outs.append(SampleOutput(out.images.cpu(), out.posterior.cpu(), out.scale.cpu(), out.timesteps))
+            if on_batch is not None:
+                on_batch(chunk, outs[-1], time.time() - t0)
     return SampleOutput(torch.cat([o.images for o in outs]), torch.cat([o.posterior for o in outs], 1),
                         torch.cat([o.scale for o in outs], 1), outs[0].timesteps)
 

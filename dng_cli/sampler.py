@@ -77,13 +77,14 @@ def as_epsilon(eps_fn: EpsFn, schedule: NoiseSchedule, prediction_type: str = "e
 
 def sample(eps_fn: EpsFn, schedule: NoiseSchedule, guidance: Guidance | None = None, x_T: torch.Tensor | None = None,
            generator: Generators = None, progress: bool = True, variance: str = "small",
-           shape: Sequence[int] | None = None) -> SampleOutput:
+           shape: Sequence[int] | None = None, on_step: Callable[[int], None] | None = None) -> SampleOutput:
     """Run the reverse chain of ``schedule`` from ``x_T`` with ``guidance`` (default: none).
 
     ``eps_fn(x, t)``: ``t`` is a LongTensor[B] of ORIGINAL timesteps; returns ``eps_u`` [B, ...] and
     ``eps_c`` [B, ...] or [K, B, ...] for K forbidden classes (None is fine for ``NoGuidance``).
     ``generator``: one ``torch.Generator``, or one per sample so results do not depend on batching.
     ``variance``: "small" (σ² = β̃, the default: better at few steps) or "large" (σ² = β', the official code's).
+    ``on_step(i)`` is called after step i (a caller's progress over several batches).
     """
     guidance = guidance if guidance is not None else NoGuidance()
     if x_T is None:
@@ -131,6 +132,8 @@ def sample(eps_fn: EpsFn, schedule: NoiseSchedule, guidance: Guidance | None = N
         finite[i] = torch.isfinite(eps).all() & torch.isfinite(x_next).all() & (
             torch.isfinite(p).all() if p is not None else True)
         x = x_next
+        if on_step is not None:
+            on_step(i)
     if not bool(finite.all()):
         i = int((~finite).nonzero()[0])
         raise NonFinite(f"the sampler produced NaN/inf at step {i + 1} of {steps} (timestep {int(ts[i])}): the "

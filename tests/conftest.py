@@ -21,7 +21,7 @@ os.environ["DNG_NATIVE_BF16"] = "0"
 os.environ["DNG_AUTO_BACKEND"] = "torch"
 
 REPO = Path(__file__).resolve().parents[1]
-SLOW_MODULES = {"test_faults", "test_sweep", "test_benchmarks", "test_real_models", "test_posterior_exact", "test_slurm",
+SLOW_MODULES = {"test_report_html", "test_faults", "test_sweep", "test_benchmarks", "test_real_models", "test_posterior_exact", "test_slurm",
                 "test_own_models", "test_fanout", "test_docs"}
 SLOW_TESTS = {"test_compare_end_to_end_on_the_tiny_model", "test_turning_inception_on_rescores_the_saved_samples_without_sampling",
               "test_evaluate_reports_inception_fid_next_to_the_classifier_fid", "test_real_inception_weights_when_installed",
@@ -84,6 +84,38 @@ def make_idx_dataset(root: Path, folder: str = "MNIST", n_train: int = 64, n_tes
 @pytest.fixture
 def tiny_mnist(tmp_path):
     return make_idx_dataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless Chromium (Debian's ``chromium`` package, no browser download) driven by Python playwright. In CI
+    (CI=true) and with DNG_TEST_BROWSER=1, chromium is installed with apt-get when missing (root; tests/apt.py
+    serialises it with every other apt-get of the tests); elsewhere the test skips, saying what is missing."""
+    import shutil
+
+    ci = os.environ.get("CI") == "true" or os.environ.get("DNG_TEST_BROWSER") == "1"
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if ci:
+            pytest.fail('the report-page test needs playwright: pip install -e ".[test]"')
+        pytest.skip('the report-page test needs playwright (pip install -e ".[test]")')
+    if shutil.which("chromium") is None:
+        if not ci:
+            pytest.skip("the report-page test needs Debian's chromium: apt-get install chromium, or set DNG_TEST_BROWSER=1 "
+                        "(as root) to install it")
+        if os.geteuid() != 0:
+            pytest.fail("the report-page test needs chromium: run as root (it is installed with apt-get)")
+        import apt
+
+        apt.install(["chromium"], ["chromium"])
+    with sync_playwright() as p:
+        # --no-sandbox: Chromium refuses to start its sandbox as root (CI runs as root)
+        b = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            b.close()
 
 
 @pytest.fixture(scope="session")

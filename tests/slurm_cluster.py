@@ -11,7 +11,6 @@ squeue/scontrol (it logs a "Bypassing sacct error" warning at each poll)."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import signal
@@ -33,21 +32,10 @@ def machine_lock(timeout: float = 3600.0):
     """Hold this machine's test-cluster lock (an flock: the kernel drops it when the holder dies, however it dies).
     Install, start, use and stop happen under it, so at most one process at a time installs packages or runs a
     cluster; a second one waits for the first to stop its cluster."""
-    LOCK.touch(exist_ok=True)
-    with open(LOCK, "r+") as fh:
-        deadline = time.time() + timeout
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.time() > deadline:
-                    raise RuntimeError(f"another process has held {LOCK} (the test SLURM cluster) for {timeout:.0f} s")
-                time.sleep(1)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    from apt import flock
+
+    with flock(LOCK, timeout, "the test SLURM cluster"):
+        yield
 
 
 def installed() -> bool:
@@ -55,11 +43,10 @@ def installed() -> bool:
 
 
 def install() -> None:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True, timeout=600)
-    # DPkg::Lock::Timeout: wait for a dpkg run of somebody else's (unattended upgrades) instead of failing at once
-    subprocess.run(["apt-get", "install", "-y", "-qq", "-o", "DPkg::Lock::Timeout=600", *PACKAGES], check=True,
-                   env=env, capture_output=True, timeout=900)
+    """slurm-wlm and munge, under the tests' apt lock (tests/apt.py: never beside another apt-get of the tests)."""
+    import apt
+
+    apt.install(PACKAGES, ["slurmctld", "slurmd", "sbatch", "sinfo", "munged"])
 
 
 def _leftover_daemons() -> list[int]:

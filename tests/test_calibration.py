@@ -142,6 +142,7 @@ def test_compare_end_to_end_on_the_tiny_model(tmp_path, capsys):
     log = (out / "compare.log").read_text()  # the plan before the first sample, progress against it
     assert "plan: 3 method(s) × 1 target(s) at N = 6" in log and "network evals/s measured here" in log
     assert log.index("plan:") < log.index("probe ") and "compare progress: " in log
+    assert "images/s its points recorded" in log and "ETA ≈ " in log  # the time left, from the points' own speed
     # a second run reuses every probe and evaluation (fingerprints match)
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
     cli.main(args)

@@ -31,6 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dng_cli import UserError, calibration, matching, metrics, pipeline, runs
+from dng_cli.progress import duration
 from dng_cli.commands import evaluate, report
 from dng_cli.commands.calibrate import calibrate_method, check_search, run_cfg
 from dng_cli.commands.common import atomic_write_text, entry, setup_torch, write_json
@@ -457,8 +458,12 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
             evaluated[(name, scale)] = result
             points.append(matching.Point(scale, np.isin(rec["classes"], forbidden), rec))
         if not existing:
-            log.info("compare progress: %d grid point(s) finished of ≈ %d planned, %.2f h since the start",
-                     len(evaluated), planned, (time.time() - started) / 3600)
+            speeds = [float(r["images_per_s"]) for r in evaluated.values() if r.get("images_per_s")]
+            left = max(planned - len(evaluated), 0)
+            eta = (f", ETA ≈ {duration(left * int(cfg.n_samples) / float(np.median(speeds)))} for the ≈ {left} left "
+                   f"at the {float(np.median(speeds)):.2f} images/s its points recorded" if speeds and left else "")
+            log.info("compare progress: %d grid point(s) finished of ≈ %d planned, %.2f h since the start%s",
+                     len(evaluated), planned, (time.time() - started) / 3600, eta)
         return points
 
     def grid_of(name: str, cals: dict) -> matching.Method | None:

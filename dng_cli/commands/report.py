@@ -1,4 +1,5 @@
-"""``dng report <dir>``: every metrics.json below dir -> report.csv, report.md, pareto_kl.png, pareto_fid.png."""
+"""``dng report <dir>``: every metrics.json below dir -> report.csv, report.md, report.html (one self-contained
+page: dng_cli/html_report.py), pareto_kl.png, pareto_fid.png."""
 
 from __future__ import annotations
 
@@ -306,9 +307,12 @@ def run(cfg: DictConfig, output_dir: Path) -> list[dict]:
 
     pareto_plot(rows, "kl_uniform", "class balance KL(uniform ‖ generated)", root / "pareto_kl.png")
     pareto_plot(rows, "fid", "FID vs data without forbidden classes", root / "pareto_fid.png")
-    # the tables last, once everything they describe was made: never a partial report.csv/md
+    from dng_cli.html_report import page
+
+    # the tables last, once everything they describe was made: never a partial report.csv/md/html
     atomic_write_text(root / "report.csv", buf.getvalue())
     atomic_write_text(root / "report.md", text)
+    atomic_write_text(root / "report.html", page(root, rows, failed))
     print(text)
     if failed:
         log.warning("%d job(s) below %s failed or did not finish: listed in report.md", len(failed), root)

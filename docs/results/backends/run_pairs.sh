@@ -2,13 +2,14 @@
 # Issue 43's paired table: torch (eager, NHWC) against each graph backend at every row of the precision table
 # (docs/results/precision: the same method, dataset and calibrated scale), fp32, N = 1000, 50 steps, seeds 0..999
 # for both backends; then scripts/precision_pairs.py per row (pairs.json; 200 paired bootstrap replicates).
-# Resumable (finished evaluations are reused). Usage: run_pairs.sh [backend ...]   (default: onnxruntime)
+# Resumable (finished evaluations are reused). Usage: ROWS="mnist_dng ..." run_pairs.sh [backend ...]
+# (default: onnxruntime, every row; the rows of the published table ran in the default order, first to last).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 export DNG_NATIVE_BF16=0  # fp32 on every machine: the graph backends run fp32 only
 out=outputs/issue43
 backends=("${@:-onnxruntime}")
-for row in mnist_dng mnist_np mnist_sld mnist_ccfg fashion_dng fashion_np fashion_sld; do
+for row in ${ROWS:-mnist_dng fashion_dng mnist_np mnist_sld mnist_ccfg fashion_np fashion_sld}; do
   ref=docs/results/precision/$row/fp32/metrics.json
   read -r method scale <<<"$(python -c "import json; m=json.load(open('$ref')); print(m['method'], m['guidance_scale'])")"
   extra=()
