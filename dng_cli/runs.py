@@ -47,7 +47,7 @@ NOT_RESULT_KEYS = ("skip_existing", "overwrite", "save_samples", "label", "grids
                    "sampler.max_batch", "sampler.channels_last", "sampler.compile", "sampler.backend", "sampler.progress",
                    "sampler.num_threads", "sampler.device", "dataset.root", "metrics.fid.cache_dir", "model.path",
                    "model.classifier", "model.unconditional", "model.forbidden_models",
-                   "metrics.fid.inception_weights")
+                   "metrics.fid.inception_weights", "logger")
 RESCORE_PREFIX = "metrics."  # settings that change how saved samples are scored, never the samples
 NOT_SAMPLING_KEYS = ("weights.classifier", "weights.dataset")  # identity keys that score samples but do not draw them
 

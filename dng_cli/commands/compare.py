@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dng_cli import UserError, calibration, matching, metrics, pipeline, runs
+from dng_cli import UserError, calibration, matching, metrics, pipeline, runs, trackers
 from dng_cli.progress import duration
 from dng_cli.commands import evaluate, report
 from dng_cli.commands.calibrate import calibrate_method, check_search, run_cfg
@@ -398,6 +398,22 @@ def one_precision(cfg: DictConfig, launcher: bool = False) -> DictConfig:
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict:
+    """The compare (``compared_run``) as the parent run of logger=… trackers: its grid points evaluated in this
+    process are its child runs, its claims its metrics, compare.md/png its artifacts."""
+    logger = trackers.config_of(cfg)
+    with trackers.parent_run(logger, "compare", Path(output_dir), trackers.flatten(pipeline.plain(cfg)),
+                             {"command": "compare", "folder": str(Path(output_dir).resolve())}) as parent:
+        summary = compared_run(cfg, output_dir)
+        if parent is not None:
+            parent.metrics({f"{c['metric']}.{c['method']}-{c['reference']}.t{c['target']:g}.{k}": float(c[k])
+                            for c in summary.get("claims", []) for k in ("diff", "se", "lo", "hi", "p", "p_adj", "mde")
+                            if c.get(k) is not None})
+            parent.image("compare", Path(output_dir) / "compare.png")
+            parent.artifact(Path(output_dir) / "compare.md")
+    return summary
+
+
+def compared_run(cfg: DictConfig, output_dir: Path) -> dict:
     check_cfg(cfg)
     from dng_cli import fanout
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from dng_cli import io, metrics, pipeline, runs, spec
+from dng_cli import io, metrics, pipeline, runs, spec, trackers
 from dng_cli.commands.common import entry, setup_torch
 from dng_cli.models import SHIPPED, classify
 
@@ -187,7 +187,9 @@ def _run(run: spec.RunSpec, output_dir: Path, network) -> dict:
                               backend=np.asarray(gen.backend))
         else:  # an earlier run's samples (overwrite=true) must not be rescored as this run's
             stage.remove(runs.SAMPLES_NAME)
-        finished = finish(run, output_dir, result, stage)
+        post = out.posterior.sum(-1) if out.posterior.dim() == 3 else out.posterior  # [steps, N]
+        finished = finish(run, output_dir, result, stage, {"guidance_scale_mean": out.scale.mean(1).tolist(),
+                                                           "posterior_mean": post.mean(1).tolist()})
         partial.clear()
         return finished
     finally:
@@ -282,7 +284,8 @@ def save_records(stage: runs.ResultStage, scorer: "Scorer", seeds: list[int], sa
     io.atomic_savez(stage.path(RECORDS_NAME), seeds=np.asarray(seeds), fingerprint=np.asarray(samples_fp), **scorer.records)
 
 
-def finish(run: spec.RunSpec, output_dir: Path, result: dict, stage: runs.ResultStage) -> dict:
+def finish(run: spec.RunSpec, output_dir: Path, result: dict, stage: runs.ResultStage,
+           series: dict[str, list[float]] | None = None) -> dict:
     """The histogram plot into ``stage``, then the commit: files renamed in, metrics.json last."""
     from dng_cli.plots import histogram_plot
 
@@ -291,6 +294,9 @@ def finish(run: spec.RunSpec, output_dir: Path, result: dict, stage: runs.Result
                          f"{pipeline.forbidden_names(run, result['forbidden'])}",
                    class_names=list(run.dataset.class_names) or None)
     stage.commit(result)
+    # the trackers of logger=… see the committed result (a tracker's failure is a warning, never the run's)
+    trackers.log_result(trackers.config_of(run.config), "evaluate", output_dir, result, series=series,
+                        images={"samples": output_dir / "samples.png", "histogram": output_dir / "histogram.png"})
     log.info("forbidden %.2f%% [%.2f, %.2f], KL %.4f, FID %.3f (full %.3f), %.1f images/s -> %s",
              100 * result["forbidden_rate"], *(100 * v for v in result["forbidden_rate_ci"]), result["kl_uniform"],
              result["fid"] or float("nan"), result["fid_full"] or float("nan"), result["images_per_s"], output_dir)

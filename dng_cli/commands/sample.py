@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from dng_cli import metrics, pipeline, runs, spec
+from dng_cli import metrics, pipeline, runs, spec, trackers
 from dng_cli.models import classify
 from dng_cli.commands.common import atomic_write_text, entry, setup_torch
 
@@ -54,6 +54,13 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
                   title=f"{run_spec.method_name}, forbidden {pipeline.forbidden_names(run_spec, list(run_spec.forbidden))}, {len(gen.schedule)} steps",
                   is_forbidden=final_verdict(run_spec, images))
     log.info("%d samples in %.1fs (%.1f images/s) -> %s", len(seeds), wall, len(seeds) / wall, output_dir)
+    post = out.posterior.sum(-1) if out.posterior.dim() == 3 else out.posterior
+    trackers.log_result(trackers.config_of(run_spec.config), "sample", output_dir,
+                        {"config": run_spec.plain_config(), "fingerprint": runs.samples_fingerprint(dict(run_spec.identity)),
+                         "label": run_spec.label, "n_samples": len(seeds), "wall_time_s": wall,
+                         "images_per_s": len(seeds) / wall, "mean_guidance_scale": float(out.scale.mean())},
+                        images={"samples": output_dir / "samples.png", "guidance": output_dir / "guidance.png"},
+                        series={"guidance_scale_mean": out.scale.mean(1).tolist(), "posterior_mean": post.mean(1).tolist()})
     return {"images": images, "output": out, "wall_time_s": wall}
 
 
