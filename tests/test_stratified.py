@@ -62,3 +62,32 @@ def test_neyman_allocation_and_the_gain_over_plain_sampling():
     assert stratified.neyman(100, 0.5, 0.2, 0.2) == (50, 50)
     with pytest.raises(ValueError, match="at least one guided chain"):
         stratified.rate([], [True], 0.2)
+
+
+def test_the_before_after_script_on_records(tmp_path):
+    """scripts/stratified_rate.py: strata from an unguided run's records, stratum counts per grid point, the pooled
+    share of forbidden outcomes from seeds not at risk."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def run(folder, classes, scale=None):
+        folder.mkdir(parents=True)
+        np.savez(folder / "records.npz", seeds=np.arange(len(classes)), classes=np.array(classes, np.int16))
+        (folder / "metrics.json").write_text(json.dumps({"forbidden": [0], "guidance_scale": scale}))
+
+    unguided = [0] * 10 + [1] * 90  # seeds 0-9 at risk
+    run(tmp_path / "unguided", unguided)
+    guided = [0] * 2 + [1] * 8 + [0] + [1] * 89  # 2 at-risk seeds and 1 other seed forbidden: 3 %
+    run(tmp_path / "cmp" / "eval" / "dng" / "scale=4", guided, 4.0)
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "stratified_rate.py"), str(tmp_path / "unguided"),
+                          str(tmp_path / "cmp"), "--target", "0.02", "--pool", "1000"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    (point,) = out["points"]
+    assert out["w"] == 0.1 and point["at_risk"] == [2, 10] and point["rest"] == [1, 90] and point["rate"] == 0.03
+    assert point["se_plain"] == pytest.approx(math.sqrt(0.03 * 0.97 / 100))
+    assert out["pooled"]["dng"]["q"] == pytest.approx(1 / 3)
+    assert "| dng | 4 | 3.0 % | 2/10 | 1/90 |" in res.stdout
