@@ -8,7 +8,8 @@ in the same layout as the torch module (``Network`` in models.py calls it like t
 
 ``auto`` runs a short paired micro-benchmark once per machine (``machine_choice``; cached beside the graphs) and
 uses the fastest backend in ``CLEARED`` — those whose paired table (docs/performance.md) showed results unchanged
-— on a CPU in fp32 without ``torch.compile``; everywhere else torch. ``DNG_AUTO_BACKEND`` overrides that choice
+— on a CPU in fp32 without ``torch.compile``; everywhere else torch. A backend other than torch is part of a
+result's identity (``runs.TORCH_IDENTICAL_BACKENDS``): ONNX Runtime flipped one class in 7000 paired samples. ``DNG_AUTO_BACKEND`` overrides that choice
 (the test suite sets ``torch``). Threads: every backend uses ``torch.get_num_threads()`` (``sampler.num_threads``,
 ``OMP_NUM_THREADS`` or SLURM's ``--cpus-per-task``, see ``pipeline.setup_torch``).
 """

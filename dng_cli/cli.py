@@ -114,6 +114,17 @@ def _error(message: str) -> None:
     sys.exit(2)
 
 
+def _absl_spares_our_streams() -> None:
+    """absl (imported by OpenVINO, ONNX Runtime, TensorBoard, MLflow, W&B) makes a logging handler on the
+    ``sys.stderr`` of that moment. Hydra's logging setup closes every handler, and absl's ``close`` closes its
+    stream unless it is still ``sys.stderr`` — so a process whose stderr was swapped in between (pytest's capture,
+    a caller's redirect) lost that stream at the next command. Point it at the process's own stderr, which absl
+    never closes."""
+    absl = sys.modules.get("absl.logging")
+    if absl is not None:
+        absl.get_absl_handler().python_handler.stream = sys.__stderr__
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -138,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         _error(str(err))
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # errors reach this front, which prints them as one line
+    _absl_spares_our_streams()
     sys.argv = [f"dng {name}"] + args
     previous = signal.signal(signal.SIGTERM, _terminated)  # kill/scancel: clean up as for Ctrl-C, then exit
     try:

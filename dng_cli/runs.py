@@ -44,10 +44,13 @@ log = logging.getLogger("dng")
 # ------------------------------------------------------------------------------------------ identity
 # Keys that change how fast a result is made or where files live, never the numbers in it.
 NOT_RESULT_KEYS = ("skip_existing", "overwrite", "save_samples", "label", "grids", "grid_index", "sampler.batch_size",
-                   "sampler.max_batch", "sampler.channels_last", "sampler.compile", "sampler.backend", "sampler.progress",
+                   "sampler.max_batch", "sampler.channels_last", "sampler.compile", "sampler.progress",
                    "sampler.num_threads", "sampler.device", "dataset.root", "metrics.fid.cache_dir", "model.path",
                    "model.classifier", "model.unconditional", "model.forbidden_models",
                    "metrics.fid.inception_weights", "logger")
+# Inference backends whose samples are torch's up to float error that never flipped a class in the paired table
+# (docs/results/backends): they share torch's identity; any other backend is part of a result's identity.
+TORCH_IDENTICAL_BACKENDS = ("torch",)
 RESCORE_PREFIX = "metrics."  # settings that change how saved samples are scored, never the samples
 NOT_SAMPLING_KEYS = ("weights.classifier", "weights.dataset")  # identity keys that score samples but do not draw them
 
@@ -79,6 +82,8 @@ def identity_config(config: dict, schedule_of: Callable[[dict], dict]) -> dict:
         del identity["model.null_label"]
     if identity.get("sampler.precision") == "fp32":  # likewise: every result before the key ran in fp32
         del identity["sampler.precision"]
+    if identity.get("sampler.backend", "torch") in TORCH_IDENTICAL_BACKENDS:  # as every result before the key
+        identity.pop("sampler.backend", None)
     if isinstance(config.get("model"), dict):
         identity.update(schedule_of(config["model"]))
     return identity

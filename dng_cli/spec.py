@@ -176,7 +176,7 @@ class RunSpec:
         config = thawed(self.config)
         if isinstance(config.get("sampler"), dict):
             config["sampler"]["precision"] = self.sampler.precision
-            if "backend" in config["sampler"]:  # not part of the identity (runs.NOT_RESULT_KEYS): as decided
+            if "backend" in config["sampler"]:  # as decided; in the identity unless torch-identical (runs)
                 config["sampler"]["backend"] = self.sampler.backend
         return config
 

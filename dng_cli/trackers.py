@@ -229,9 +229,11 @@ class Run:
         folder = Path(cfg.get("dir") or self.dir)
         folder.mkdir(parents=True, exist_ok=True)
         parent = _parent.get()
+        # console="off": W&B leaves sys.stdout/stderr alone (no terminal capture into the run; our log is on disk)
         run = wandb.init(mode=str(cfg.get("mode") or "offline"), dir=str(folder), project=str(cfg.get("project") or "dng"),
                          group=self.experiment, name=self.name, config=params, tags=None,
-                         job_type=parent["name"] if parent else None, reinit="create_new")
+                         job_type=parent["name"] if parent else None, reinit="create_new",
+                         settings=wandb.Settings(console="off"))
         run.summary.update({f"tag.{k}": str(v) for k, v in tags.items()})
         return run
 

@@ -44,11 +44,11 @@ def unchanged(pair: dict) -> bool:
                                              for m in ("kl_kept", "fid"))
 
 
-def cleared(folder: Path) -> set[str]:
+def cleared(folder: Path, pairs: str = "pairs.json") -> set[str]:
     """The methods with a row for every dataset of ``folder`` (``<dataset>_<method>/pairs.json``; the dataset is
     the folder name's prefix) and every row unchanged: a method not measured on a dataset is not cleared."""
     verdicts: dict[str, dict[str, bool]] = {}
-    for f in sorted(folder.glob("*/pairs.json")):
+    for f in sorted(folder.glob(f"*/{pairs}")):
         pair = json.loads(f.read_text())
         dataset = f.parent.name[: -len(pair["method"]) - 1]
         verdicts.setdefault(pair["method"], {})[dataset] = unchanged(pair)
@@ -56,14 +56,15 @@ def cleared(folder: Path) -> set[str]:
     return {m for m, v in verdicts.items() if set(v) == datasets and all(v.values())}
 
 
-def table(folder: Path) -> str:
-    """One markdown row per ``<dataset>_<method>/pairs.json`` under ``folder``, the scale from its fp32 run."""
-    head = ("| dataset | method | λ | N | class changed | forbidden fp32 → bf16 (McNemar p) | KL kept bf16 − fp32 "
-            "| FID bf16 − fp32 | DNG AUROC fp32 / bf16 | images/s fp32 / bf16 | unchanged |")
+def table(folder: Path, a: str = "fp32", b: str = "bf16", pairs: str = "pairs.json") -> str:
+    """One markdown row per ``<dataset>_<method>/<pairs>`` under ``folder``, the scale from its ``a`` run (the
+    precision table: fp32 against bf16; the backend table: ``--names torch onnxruntime --pairs pairs-onnxruntime.json``)."""
+    head = (f"| dataset | method | λ | N | class changed | forbidden {a} → {b} (McNemar p) | KL kept {b} − {a} "
+            f"| FID {b} − {a} | DNG AUROC {a} / {b} | images/s {a} / {b} | unchanged |")
     rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
-    for f in sorted(folder.glob("*/pairs.json")):
+    for f in sorted(folder.glob(f"*/{pairs}")):
         pair = json.loads(f.read_text())
-        cfg = json.loads((f.parent / "fp32" / "metrics.json").read_text())["config"]
+        cfg = json.loads((f.parent / a / "metrics.json").read_text())["config"]
         auroc = pair["posterior_auroc"]
         k, fid = pair["kl_kept_diff"], pair["fid_diff"]
         rows.append(
@@ -82,10 +83,12 @@ def main() -> None:
     ap.add_argument("b", type=Path, nargs="?", help="the other run (bf16)")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--table", type=Path, help="print the markdown table of every <dataset>_<method>/pairs.json here")
+    ap.add_argument("--names", nargs=2, default=["fp32", "bf16"], help="--table: the two runs' folder names")
+    ap.add_argument("--pairs", default="pairs.json", help="--table: the pair files' name")
     args = ap.parse_args()
     if args.table is not None:
-        print(table(args.table))
-        print(json.dumps({"cleared": sorted(cleared(args.table))}))
+        print(table(args.table, *args.names, args.pairs))
+        print(json.dumps({"cleared": sorted(cleared(args.table, args.pairs))}))
         return
     if args.a is None or args.b is None:
         raise SystemExit("error: give two run folders (fp32, bf16) or --table FOLDER")
@@ -93,7 +96,6 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from dng_cli import metrics
-    from dng_cli.commands.evaluate import fid_scores
 
     (ma, ra), (mb, rb) = load(args.a), load(args.b)
     if not np.array_equal(ra["seeds"], rb["seeds"]):
@@ -106,10 +108,12 @@ def main() -> None:
     ca, cb = ra["classes"].astype(int), rb["classes"].astype(int)
     fa, fb = np.isin(ca, forbidden), np.isin(cb, forbidden)
 
+    without = metrics.reference_stats(stats, forbidden)  # fid_scores' "fid", without its bootstrap s.e.s
+
     def scores(classes: np.ndarray, feats: np.ndarray) -> np.ndarray:
         counts = np.bincount(classes, minlength=k)
         return np.array([metrics.kl_kept(counts, forbidden, smoothing), metrics.kl_uniform(counts, forbidden, smoothing),
-                         fid_scores(torch.from_numpy(feats), stats, forbidden)["fid"]])
+                         metrics.fid_from_features(torch.from_numpy(feats), without)])
 
     point = scores(cb, rb["features"]) - scores(ca, ra["features"])
     rng = np.random.default_rng(0)

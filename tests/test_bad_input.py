@@ -251,6 +251,24 @@ def test_report_skips_malformed_metrics_with_one_warning_each(tmp_path, capsys):
     assert len(skipped) == 5 and "Traceback" not in out.err, skipped
 
 
+def test_a_library_logging_handler_never_closes_our_streams(tmp_path):
+    """absl (imported by OpenVINO, ONNX Runtime, TensorBoard, …) keeps a handler on the stderr of its import; Hydra's
+    logging setup closes every handler, and absl's close() closes a stream that is no longer sys.stderr — under
+    pytest's capture that was the capture file, and every later test of the worker errored."""
+    import io
+    import json
+
+    absl = pytest.importorskip("absl.logging")
+    stream = io.StringIO()
+    absl.get_absl_handler().python_handler.stream = stream  # as if absl had been imported while this was stderr
+    (tmp_path / "good").mkdir()
+    (tmp_path / "good" / "metrics.json").write_text(json.dumps({
+        "method": "np", "forbidden": [0], "forbidden_rate": 0.0, "forbidden_rate_ci": [0.0, 0.1], "kl_uniform": 0.1,
+        "kl_uniform_se": 0.01, "steps": 2, "n_samples": 4, "fid": 1.0, "fid_full": 1.0, "images_per_s": 1.0}))
+    cli.main(["report", str(tmp_path)])
+    assert not stream.closed
+
+
 @pytest.mark.e2e
 def test_ctrl_c_is_one_line_and_leaves_no_lock(tmp_path):
     import signal

@@ -428,9 +428,9 @@ def test_a_run_killed_after_some_batches_resumes_with_only_the_missing_seeds(tmp
     drawn = []
     real = pipeline.generate
 
-    def counting(gen, seeds, progress=False):
+    def counting(gen, seeds, progress=False, **kwargs):
         drawn.extend(seeds)
-        return real(gen, seeds, progress)
+        return real(gen, seeds, progress, **kwargs)
 
     monkeypatch.setattr(pipeline, "generate", counting)
     cli.main(["evaluate", *args, "sampler.batch_size=3", f"hydra.run.dir={run_dir}"])

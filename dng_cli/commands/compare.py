@@ -397,6 +397,25 @@ def one_precision(cfg: DictConfig, launcher: bool = False) -> DictConfig:
     return cfg
 
 
+def one_backend(cfg: DictConfig, launcher: bool = False) -> DictConfig:
+    """``sampler.backend=auto`` decided once for the whole compare, as the precision is: the backend is part of a
+    result's identity unless torch-identical (docs/performance.md), so every grid point of every method uses the
+    same one. Decided here (``backends.resolve``: this machine's cached benchmark); with a launcher torch, as the
+    submitting host cannot measure the nodes — pass ``sampler.backend=onnxruntime`` explicitly there."""
+    if str(cfg.sampler.get("backend", "torch")) != "auto":
+        return cfg
+    from dng_cli import backends
+    from dng_cli.spec import auto_device
+
+    cfg = cfg.copy()
+    cfg.sampler.backend = "torch" if launcher else backends.resolve(
+        "auto", str(cfg.sampler.precision), auto_device(str(cfg.sampler.get("device", "cpu"))),
+        bool(cfg.sampler.get("compile", False)))
+    log.info("sampler.backend=auto -> %s for every method of this compare%s", cfg.sampler.backend,
+             " (its units run as launcher jobs: auto is torch)" if launcher else "")
+    return cfg
+
+
 def run(cfg: DictConfig, output_dir: Path) -> dict:
     """The compare (``compared_run``) as the parent run of logger=… trackers: its grid points evaluated in this
     process are its child runs, its claims its metrics, compare.md/png its artifacts."""
@@ -418,7 +437,7 @@ def compared_run(cfg: DictConfig, output_dir: Path) -> dict:
     from dng_cli import fanout
 
     jobs = fanout.runner(output_dir)  # launcher=local|slurm: the units below run as its jobs
-    cfg = one_precision(cfg, launcher=jobs is not None)
+    cfg = one_backend(one_precision(cfg, launcher=jobs is not None), launcher=jobs is not None)
     network = None
     existing = str(cfg.grid) == "existing"
     if jobs is None and not existing:
