@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from dng_cli import UserError
-from dng_cli.io import atomic_save
+from dng_cli.io import atomic_save, sha256_file
+from dng_cli.spec import DatasetSpec, images_under, split_source
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,6 @@ def _check_name(name: str) -> str:
     return DATASETS[name]
 
 
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -74,7 +69,7 @@ def mnist_from_pickle(pkl_gz: str | Path, raw_dir: Path, sha256: str | None = MN
     The hash is verified before anything is unpickled: a tampered file is rejected unread.
     """
     if sha256 is not None:
-        digest = sha256_of(pkl_gz)
+        digest = sha256_file(Path(pkl_gz), 64)
         if digest != sha256:
             raise UserError(f"{pkl_gz}: sha256 {digest} does not match the expected {sha256}; refusing to unpickle it")
     with gzip.open(pkl_gz, "rb") as f:
@@ -254,14 +249,7 @@ def _as_float(data: torch.Tensor, labels: torch.Tensor, classes: list[int] | Non
     return data.float().div(127.5).sub(1.0).contiguous(), labels
 
 
-# ------------------------------------------------------------------------- datasets of your own
-FORMATS = ("builtin", "image_folder", "tensors", "torchvision")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 PIL_MODES = {1: "L", 3: "RGB"}
-
-
-def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _chw(image) -> np.ndarray:
@@ -270,58 +258,19 @@ def _chw(image) -> np.ndarray:
     return arr.reshape(arr.shape[0], arr.shape[1], -1).transpose(2, 0, 1)
 
 
-def dataset_format(dataset_cfg) -> str:
-    fmt = dataset_cfg.get("format") or "builtin"
-    if fmt not in FORMATS:
-        raise UserError(f"dataset.format={fmt!r} is invalid: allowed are {', '.join(FORMATS)}")
-    return fmt
-
-
-def split_source(dataset_cfg, split: str) -> Path:
-    """The folder (image_folder: ``<root>/<split>/<class>/*.png``) or file (tensors: ``<root>/<split>.npz``
-    or ``.pt``) that holds a split of a dataset of your own."""
-    root = Path(str(dataset_cfg.root)).expanduser()
-    if dataset_format(dataset_cfg) == "image_folder":
-        folder = root / split
-        if not folder.is_dir():
-            raise UserError(f"dataset {dataset_cfg.name}: split folder {str(folder)!r} not found (layout: "
-                            f"<dataset.root>/{{train,test}}/<class name>/<image>)")
-        return folder
-    for suffix in (".npz", ".pt"):
-        if (root / f"{split}{suffix}").is_file():
-            return root / f"{split}{suffix}"
-    raise UserError(f"dataset {dataset_cfg.name}: {str(root / split)!r}.npz or .pt not found (arrays images "
-                    f"uint8 [N, C, H, W] and labels [N])")
-
-
-def content_hash(dataset_cfg, split: str) -> str | None:
-    """What identifies a split's data in a result: the sha256 of its file (tensors) or of every image with its
-    class folder (image_folder); None for the built-in and torchvision datasets, named by their config."""
-    fmt = dataset_format(dataset_cfg)
-    if fmt == "tensors":
-        return sha256_of(split_source(dataset_cfg, split))
-    if fmt != "image_folder":
-        return None
-    folder = split_source(dataset_cfg, split)
-    h = hashlib.sha256()
-    for path in _images_under(folder):
-        h.update(f"{path.relative_to(folder).as_posix()}\0{sha256_of(path)}\0".encode())
-    return h.hexdigest()
-
-
-def _class_folders(dataset_cfg, folder: Path) -> list[Path]:
-    """Class c's folder: named ``class_names[c]`` when the config lists names, else the c-th in sorted order."""
+def _class_folders(dataset: DatasetSpec, folder: Path) -> list[Path]:
+    """Class c's folder: named ``class_names[c]`` when the dataset lists names, else the c-th in sorted order."""
     found = sorted(p for p in folder.iterdir() if p.is_dir())
-    k = int(dataset_cfg.num_classes)
-    names = list(dataset_cfg.get("class_names") or [])
+    k = int(dataset.num_classes)
+    names = list(dataset.class_names)
     if names:
         missing = [n for n in names if not (folder / str(n)).is_dir()]
         if missing:
-            raise UserError(f"dataset {dataset_cfg.name}: class folder {str(folder / str(missing[0]))!r} not found "
+            raise UserError(f"dataset {dataset.name}: class folder {str(folder / str(missing[0]))!r} not found "
                             f"(dataset.class_names names one folder per class)")
         return [folder / str(n) for n in names]
     if len(found) != k:
-        raise UserError(f"dataset {dataset_cfg.name}: {folder} has {len(found)} class folders, "
+        raise UserError(f"dataset {dataset.name}: {folder} has {len(found)} class folders, "
                         f"dataset.num_classes is {k}")
     return found
 
@@ -329,41 +278,41 @@ def _class_folders(dataset_cfg, folder: Path) -> list[Path]:
 WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # PIL modes of 16-bit and float images
 
 
-def _image_folder(dataset_cfg, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _image_folder(dataset: DatasetSpec, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     from PIL import Image
 
-    folder = split_source(dataset_cfg, split)
-    mode = PIL_MODES.get(int(dataset_cfg.channels))
+    folder = split_source(dataset, split)
+    mode = PIL_MODES.get(int(dataset.channels))
     if mode is None:
-        raise UserError(f"dataset {dataset_cfg.name}: channels={dataset_cfg.channels} is invalid for images: 1 or 3")
-    size = int(dataset_cfg.image_size)
+        raise UserError(f"dataset {dataset.name}: channels={dataset.channels} is invalid for images: 1 or 3")
+    size = int(dataset.image_size)
     xs, ys = [], []
-    for c, sub in enumerate(_class_folders(dataset_cfg, folder)):
-        paths = _images_under(sub)
+    for c, sub in enumerate(_class_folders(dataset, folder)):
+        paths = images_under(sub)
         if not paths:  # its FID reference would be empty: a NaN FID for every run that keeps this class
-            raise UserError(f"dataset {dataset_cfg.name}: class folder {str(sub)!r} (class {c}) holds no images in the "
+            raise UserError(f"dataset {dataset.name}: class folder {str(sub)!r} (class {c}) holds no images in the "
                             f"{split} split: every class needs at least one")
         for path in paths:
             try:
                 with Image.open(path) as im:
                     if im.mode in WIDE_MODES:  # convert() would clip 16-bit/float values at 255, not scale them
-                        raise UserError(f"dataset {dataset_cfg.name}: {str(path)!r} is a {im.mode} image (16-bit or "
+                        raise UserError(f"dataset {dataset.name}: {str(path)!r} is a {im.mode} image (16-bit or "
                                         f"float): convert the dataset to 8-bit images")
                     arr = _chw(im.convert(mode))  # RGBA/LA drop alpha, palettes expand, RGB↔L as PIL converts
             except OSError as err:
-                raise UserError(f"dataset {dataset_cfg.name}: {str(path)!r} is not a readable image: {err}") from None
+                raise UserError(f"dataset {dataset.name}: {str(path)!r} is not a readable image: {err}") from None
             if arr.shape[1:] != (size, size):
-                raise UserError(f"dataset {dataset_cfg.name}: {str(path)!r} is {arr.shape[2]}x{arr.shape[1]}, "
+                raise UserError(f"dataset {dataset.name}: {str(path)!r} is {arr.shape[2]}x{arr.shape[1]}, "
                                 f"dataset.image_size is {size}")
             xs.append(arr)
             ys.append(c)
     if not xs:
-        raise UserError(f"dataset {dataset_cfg.name}: no images under {folder}")
+        raise UserError(f"dataset {dataset.name}: no images under {folder}")
     return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.long)
 
 
-def _tensor_file(dataset_cfg, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    path = split_source(dataset_cfg, split)
+def _tensor_file(dataset: DatasetSpec, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    path = split_source(dataset, split)
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as f:
@@ -372,32 +321,32 @@ def _tensor_file(dataset_cfg, split: str) -> tuple[torch.Tensor, torch.Tensor]:
             blob = torch.load(str(path), map_location="cpu", weights_only=True)
             images, labels = torch.as_tensor(blob["images"]), torch.as_tensor(blob["labels"])
     except (KeyError, ValueError, OSError, pickle.UnpicklingError, TypeError) as err:
-        raise UserError(f"dataset {dataset_cfg.name}: {str(path)!r} must hold arrays 'images' and 'labels': "
+        raise UserError(f"dataset {dataset.name}: {str(path)!r} must hold arrays 'images' and 'labels': "
                         f"{type(err).__name__}: {err}") from None
     if images.dim() == 3:
         images = images.unsqueeze(1)
-    want = (int(dataset_cfg.channels), int(dataset_cfg.image_size), int(dataset_cfg.image_size))
+    want = (int(dataset.channels), int(dataset.image_size), int(dataset.image_size))
     if images.dtype != torch.uint8 or tuple(images.shape[1:]) != want or labels.shape != images.shape[:1]:
-        raise UserError(f"dataset {dataset_cfg.name}: {str(path)!r} holds images {str(images.dtype).split('.')[-1]} "
+        raise UserError(f"dataset {dataset.name}: {str(path)!r} holds images {str(images.dtype).split('.')[-1]} "
                         f"{tuple(images.shape)} and labels {tuple(labels.shape)}: expected uint8 [N, {', '.join(map(str, want))}] "
                         f"and [N]")
     return images, labels.long()
 
 
-def _torchvision(dataset_cfg, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _torchvision(dataset: DatasetSpec, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Any torchvision-style dataset class (``dataset.target``) with per-split arguments (``dataset.splits``)."""
     import hydra.utils
 
-    splits = dataset_cfg.get("splits") or {}
+    splits = dataset.extra.get("splits") or {}
     kwargs = dict(splits.get(split) or {})
     try:
-        ds = hydra.utils.instantiate({"_target_": str(dataset_cfg.target), "root": str(dataset_cfg.root),
-                                      **dict(dataset_cfg.get("kwargs") or {}), **kwargs})
+        ds = hydra.utils.instantiate({"_target_": str(dataset.extra.get("target")), "root": str(dataset.root),
+                                      **dict(dataset.extra.get("kwargs") or {}), **kwargs})
     except Exception as err:
         cause = err.__cause__ or err
-        raise UserError(f"dataset.target={dataset_cfg.get('target')!r} could not be built: {type(cause).__name__}: "
+        raise UserError(f"dataset.target={dataset.extra.get('target')!r} could not be built: {type(cause).__name__}: "
                         f"{str(cause).splitlines()[0] if str(cause) else ''}") from None
-    mode = PIL_MODES[int(dataset_cfg.channels)]
+    mode = PIL_MODES[int(dataset.channels)]
     xs, ys = [], []
     for im, y in ds:
         xs.append(_chw(im.convert(mode) if hasattr(im, "convert") else im))
@@ -405,16 +354,16 @@ def _torchvision(dataset_cfg, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.long)
 
 
-def load_dataset(dataset_cfg, split: str = "train", classes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A dataset config's split as (images float32 [N,C,H,W] in [-1,1], labels int64 [N]): a built-in dataset
+def load_dataset(dataset: DatasetSpec, split: str = "train", classes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A resolved dataset's (``spec.dataset_spec``) split as (images float32 [N,C,H,W] in [-1,1], labels int64 [N]): a built-in dataset
     by name, or your own — ``format: image_folder | tensors | torchvision`` (see configs/dataset/own.yaml)."""
-    fmt = dataset_format(dataset_cfg)
+    fmt = dataset.format
     if fmt == "builtin":
-        return load_tensors(dataset_cfg.name, dataset_cfg.root, split, classes)
+        return load_tensors(dataset.name, dataset.root, split, classes)
     if split not in ("train", "test"):
         raise UserError(f"split={split!r} is invalid: allowed are train, test")
-    data, labels = {"image_folder": _image_folder, "tensors": _tensor_file, "torchvision": _torchvision}[fmt](dataset_cfg, split)
-    k = int(dataset_cfg.num_classes)
+    data, labels = {"image_folder": _image_folder, "tensors": _tensor_file, "torchvision": _torchvision}[fmt](dataset, split)
+    k = int(dataset.num_classes)
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= k):
-        raise UserError(f"dataset {dataset_cfg.name}: labels outside 0..{k - 1} in its {split} split")
+        raise UserError(f"dataset {dataset.name}: labels outside 0..{k - 1} in its {split} split")
     return _as_float(data, labels, classes)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -396,3 +397,24 @@ METHODS = {
     "negative_prompt": ReplacedNegativePrompt,  # dng sd only
     "sld_diffusers": DiffusersSafeLatentDiffusion,  # dng sd only
 }
+
+
+def _plain(value):
+    """A method config's value as plain Python (mappings -> dict, sequences -> list), whatever container holds it."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(v) for v in value]
+    return value
+
+
+def build_guidance(method: Mapping):
+    """The guidance object of a method mapping ({"name": …, its settings}): ``METHODS[name](**settings)``."""
+    name = method.get("name")
+    if name not in METHODS:
+        raise UserError(f"method={name!r} is unknown: allowed are {', '.join(METHODS)}")
+    kwargs = {k: _plain(v) for k, v in method.items() if k != "name"}
+    try:
+        return METHODS[name](**kwargs)
+    except TypeError as err:
+        raise UserError(f"method {name}: {err}") from None

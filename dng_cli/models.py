@@ -9,7 +9,6 @@ file or any ``_target_`` module (e.g. a torchvision model) with its input transf
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,9 +16,8 @@ import torch
 from torch import nn
 
 from dng_cli import UserError, one_line
-
-ASSETS = Path(__file__).resolve().parent / "assets"
-SHIPPED = {p.name: p for p in sorted(ASSETS.iterdir()) if p.is_dir()}  # assets/<name>/{ddpm,classifier,fid}
+from dng_cli.spec import (SHIPPED, UNET_WEIGHTS, ModelSpec, classifier_source, null_label_index, resolve, thawed,
+                          unet_weights_file)
 
 
 # ----------------------------------------------------------------------------------------- UNet
@@ -34,31 +32,6 @@ def build_unet(arch: dict[str, Any], seed: int | None = None):
     if seed is not None:
         torch.manual_seed(seed)
     return UNet2DModel(**arch)
-
-
-def resolve(name_or_path: str | Path, kind: str) -> Path:
-    """The folder of a shipped asset by name ("mnist") and kind ("ddpm", "classifier"), or the path itself."""
-    name = str(name_or_path)
-    if name in SHIPPED:
-        return SHIPPED[name] / kind
-    return Path(name).expanduser()
-
-
-UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # diffusers' names, in order
-
-
-def unet_weights_file(path: Path) -> Path:
-    """The weights file of a UNet folder: diffusers' safetensors, else its ``.bin``, else the folder's one
-    ``*.pt``/``*.pth``/``*.bin`` state dict."""
-    for name in UNET_WEIGHTS:
-        if (path / name).is_file():
-            return path / name
-    others = sorted(p for p in path.glob("*") if p.suffix in (".pt", ".pth", ".bin") and p.is_file())
-    if len(others) == 1:
-        return others[0]
-    found = f"found {', '.join(p.name for p in others)}" if others else "found none"
-    raise UserError(f"model path {str(path)!r} has no single weights file: expected {UNET_WEIGHTS[0]}, "
-                    f"{UNET_WEIGHTS[1]} or one *.pt/*.pth state dict next to config.json ({found})")
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -104,19 +77,6 @@ def load_ddpm(name_or_path: str | Path):
         raise UserError(f"model path {str(path)!r} could not be loaded as a UNet2DModel: {type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''}") from None
     return unet.eval().requires_grad_(False)
-
-
-def null_label_index(num_embeds: int, null_label) -> int:
-    """The class-embedding index of the null (unconditional) label: "last" (this project's and most
-    class-conditional DDPMs' convention: classes 0..K-1, null K), "first" (null 0, classes 1..K), or an index."""
-    if null_label in (None, "last"):
-        return num_embeds - 1
-    if null_label == "first":
-        return 0
-    if isinstance(null_label, bool) or not isinstance(null_label, int) or not 0 <= null_label < num_embeds:
-        raise UserError(f"model.null_label={null_label!r} is invalid: allowed are last, first or an index in "
-                        f"0..{num_embeds - 1}")
-    return int(null_label)
 
 
 # ----------------------------------------------------------------------------------- classifier
@@ -216,62 +176,6 @@ class ExternalClassifier(nn.Module):
         return self
 
 
-SOURCE_KINDS = ("folder", "torchscript", "target")
-
-
-def classifier_source(value) -> dict:
-    """What ``model.classifier`` names: {"kind": "folder", "path"} (this project's classifier; a shipped name
-    or a folder with config.json + model.safetensors), {"kind": "torchscript", "path", "transform"} (a file,
-    or a mapping with ``path``), or {"kind": "target", "target", "kwargs", "weights", "transform"}."""
-    from collections.abc import Mapping
-
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(value, DictConfig):
-        value = OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, Mapping) and value.get("kind") in SOURCE_KINDS and "_target_" not in value:
-        return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in value.items()}  # already resolved (a run spec's)
-    if isinstance(value, dict):
-        spec = dict(value)
-        transform = spec.pop("transform", None) or {}
-        if "_target_" in spec:
-            target = spec.pop("_target_")
-            weights = spec.pop("weights", None)
-            return {"kind": "target", "target": str(target), "kwargs": spec, "weights": weights, "transform": transform}
-        if "path" in spec and set(spec) <= {"path"}:
-            src = classifier_source(spec["path"])
-            return {**src, "transform": transform} if src["kind"] == "torchscript" else src
-        raise UserError(f"model.classifier={value!r} is invalid: give a path, or a mapping with _target_ "
-                        f"(plus its arguments, weights, transform) or path (a TorchScript file) and transform")
-    if value is None:
-        raise UserError("model.classifier is not set: give a shipped name, a classifier folder, a TorchScript file "
-                        "or a _target_ mapping")
-    path = resolve(value, "classifier")
-    if path.is_file():
-        return {"kind": "torchscript", "path": str(path), "transform": {}}
-    return {"kind": "folder", "path": str(path)}
-
-
-def classifier_weights_hash(value) -> str:
-    """The classifier's identity in a result: sha256 of this project's model.safetensors (as always), of a
-    TorchScript file, or of a target's description and weights file, with the input transform."""
-    from dng_cli.io import fingerprint, sha256_file
-
-    src = classifier_source(value)
-    if src["kind"] == "folder":
-        path = Path(src["path"]) / "model.safetensors"
-        if not path.is_file():
-            raise UserError(f"model.classifier: weights file {str(path)!r} not found")
-        return sha256_file(path)
-    if src["kind"] == "torchscript":
-        return fingerprint({"torchscript": sha256_file(Path(src["path"])), "transform": src["transform"]})
-    weights = src["weights"]
-    if weights is not None and not Path(str(weights)).expanduser().is_file():
-        raise UserError(f"model.classifier.weights={str(weights)!r} is not a file")
-    return fingerprint({**{k: v for k, v in src.items() if k != "weights"},
-                        "weights": sha256_file(Path(str(weights)).expanduser()) if weights else None})
-
-
 def load_classifier(name_or_path, check: tuple[int, int, int] | None = None) -> nn.Module:
     """The classifier ``model.classifier`` names (see ``classifier_source``), eval mode, no gradients.
 
@@ -349,43 +253,6 @@ def classify(classifier: nn.Module, images: torch.Tensor, batch_size: int = 500)
         feats.append(f)
         preds.append(logits.argmax(1))
     return torch.cat(preds), torch.cat(feats)
-
-
-# ------------------------------------------------------------------------------------- eps_fns
-PRECISIONS = ("fp32", "bf16", "auto")
-# Methods whose results the paired fp32-vs-bf16 table (README performance section) found unchanged under bf16;
-# ``sampler.precision=auto`` uses bf16 only for these, on hardware with native bf16: every row of theirs in
-# docs/results/precision (MNIST and Fashion-MNIST) unchanged; ccfg lacks its Fashion-MNIST row.
-BF16_CLEARED: frozenset[str] = frozenset({"dng", "np", "sld"})
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Does the device compute bf16 natively (CUDA: Ampere/Hopper; CPU: the AVX512_BF16 or AMX-BF16 flags)?
-    ``DNG_NATIVE_BF16=0`` (or ``1``) overrides the check, e.g. to keep ``auto`` at fp32 on a bf16 machine so that
-    its results equal those of CPUs without bf16 (the test suite sets it to 0 for machine-independent results)."""
-    forced = os.environ.get("DNG_NATIVE_BF16")
-    if forced is not None:
-        if forced not in ("0", "1"):
-            raise UserError(f"DNG_NATIVE_BF16={forced!r} is invalid: 0 or 1")
-        return forced == "1"
-    device = torch.device(device)
-    if device.type == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device, method: str | None = None) -> str:
-    """The network precision a run uses: fp32, bf16 (autocast on the network only, everywhere), or for
-    ``auto`` bf16 where the device has it natively and the method is in ``BF16_CLEARED``, else fp32."""
-    if precision not in PRECISIONS:
-        raise UserError(f"sampler.precision={precision!r} is invalid: allowed are {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if method in BF16_CLEARED and native_bf16(device) else "fp32"
-    return precision
 
 
 class Network:
@@ -501,3 +368,29 @@ class PairEps:
         if not self.forbidden_models:
             return eps_u, None
         return eps_u, torch.stack([m(x, t) for m in self.forbidden_models])
+def load_model(model: ModelSpec, device: torch.device):
+    """The network(s) of a resolved model: one UNet, or (unconditional, {class: UNet}) in pair mode."""
+    if model.kind == "conditional":
+        return load_ddpm(model.path).to(device)
+    if model.kind == "random":
+        return build_unet(thawed(model.unet), seed=model.seed).eval().requires_grad_(False).to(device)
+    uncond = load_ddpm(model.unconditional).to(device)
+    return uncond, {c: load_ddpm(p).to(device) for c, p in model.forbidden_models.items()}
+
+
+def make_eps_fn(network, model: ModelSpec, forbidden: list[int], guidance, label: int | None = None,
+                channels_last: bool = False, compile: bool = False, max_batch: int | None = None,
+                precision: str = "fp32", backend: str = "torch"):
+    speed = dict(channels_last=channels_last, compile=compile, max_batch=max_batch, precision=precision,
+                 backend=backend)
+    classes = list(forbidden) if guidance.needs_conditional else []
+    if model.kind == "pair":
+        uncond, per_class = network
+        missing = [c for c in classes if c not in per_class]
+        if missing:
+            raise UserError(f"pair model has no forbidden-class model for class {missing[0]}: "
+                            f"model.forbidden_models has {sorted(per_class)}")
+        return PairEps(uncond, [per_class[c] for c in classes], **speed)
+    return ClassConditionalEps(network, classes, label=label, null_label=model.null_label, **speed)
+
+

@@ -162,6 +162,44 @@ def finished_result(metrics_path: Path, identity: dict, fingerprint: str, recomp
                      f"{here!r} here): use another output folder, or overwrite=true to recompute it")
 
 
+class ResultFolder:
+    """A run folder as one result config sees it (``identity``/``fingerprint`` of ``spec.RunSpec``): its finished
+    result (``finished``: skipped, or marked ``"rescore"`` when only metric settings differ), the batches drawn so
+    far (``partial``), the saved samples of a result to rescore (``saved``) and a stage for the next commit."""
+
+    def __init__(self, folder: Path, identity: dict, fingerprint: str, recompute: bool,
+                 schedule_of: Callable[[dict], dict], shape: tuple[int, ...]):
+        self.folder, self.identity, self.fingerprint = Path(folder), dict(identity), fingerprint
+        self.recompute, self.schedule_of, self.shape = recompute, schedule_of, tuple(shape)
+        self.samples_fp = samples_fingerprint(self.identity)
+
+    def finished(self) -> dict | None:
+        """This config's finished result (``finished_result``), else None; another config's is refused."""
+        path = self.folder / RESULT_NAME
+        return finished_result(path, self.identity, self.fingerprint, self.recompute,
+                               self.schedule_of) if path.exists() else None
+
+    def finished_only(self) -> dict:
+        """Under ``only_finished``: the finished result (read only, no lock), else ``Unfinished`` (also when it
+        would be rescored: that computes)."""
+        found = self.finished()
+        if found is None or "rescore" in found:
+            raise Unfinished(str(self.folder))
+        return found
+
+    def partial(self) -> "PartialBatches":
+        """The batches drawn so far for these samples (they survive a kill)."""
+        return PartialBatches(self.folder, self.samples_fp, self.shape)
+
+    def saved(self, old: dict, seeds: list[int]):
+        """The uint8 images of ``old``'s samples.npz for ``seeds`` (``saved_samples``)."""
+        images, _ = saved_samples(self.folder, old, seeds, self.shape, self.samples_fp)
+        return images
+
+    def stage(self) -> "ResultStage":
+        return ResultStage(self.folder)
+
+
 class Unfinished(Exception):
     """A result that would have to be computed, asked for under ``only_finished``."""
 

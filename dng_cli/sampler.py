@@ -2,10 +2,14 @@
 
 A K-step run follows the respaced chain exactly (see ``NoiseSchedule.respace``). Guidance is a
 separate object (``dng_cli.guidance``); the loop only does the DDPM arithmetic and bookkeeping.
+``generate``/``generate_all`` draw a run's samples from a ``SamplingSetup`` (network, schedule, guidance) with one
+CPU generator per seed, batch by batch (as EDM's ``StackedRandomGenerator``, but device-independent).
 """
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -14,7 +18,7 @@ from tqdm.auto import tqdm
 
 from dng_cli import UserError
 from dng_cli.guidance import Guidance, NoGuidance, StepInfo
-from dng_cli.schedule import NoiseSchedule
+from dng_cli.schedule import NoiseSchedule, check_prediction_type
 
 class NonFinite(UserError):
     """A chain left the finite numbers: its images would be black and its metrics meaningless."""
@@ -42,15 +46,6 @@ def randn(shape: Sequence[int], generator: Generators, device=None, dtype=torch.
         return torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=dtype).to(device)
     return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype)
                         for g in generator]).to(device)
-
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-def check_prediction_type(prediction_type: str) -> None:
-    if prediction_type not in PREDICTION_TYPES:
-        raise UserError(f"scheduler prediction_type={prediction_type!r} is not supported: allowed are "
-                        f"{', '.join(PREDICTION_TYPES)}")
 
 
 def as_epsilon(eps_fn: EpsFn, schedule: NoiseSchedule, prediction_type: str = "epsilon") -> EpsFn:
@@ -142,3 +137,53 @@ def sample(eps_fn: EpsFn, schedule: NoiseSchedule, guidance: Guidance | None = N
     if num_classes == 1:
         posterior = posterior.squeeze(-1)
     return SampleOutput(x, posterior, scale, ts)
+@dataclass
+class SamplingSetup:
+    """A loaded model with its eps_fn for one method, ready to draw samples."""
+
+    eps_fn: object
+    schedule: NoiseSchedule
+    guidance: object
+    shape: tuple[int, ...]
+    device: torch.device
+    variance: str
+    backend: str = "torch"  # the inference backend the network actually runs on (backends.network may fall back)
+
+
+def generate(gen: SamplingSetup, seeds: list[int], progress: bool = False, on_step=None) -> SampleOutput:
+    """Draw one batch: sample j from ``torch.Generator().manual_seed(seeds[j])`` alone — a CPU generator
+    whatever the sampling device, so a seed gives the same sample on CPU and GPU up to float error."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    x_T = randn((len(seeds), *gen.shape), gens, device=gen.device)
+    with torch.inference_mode():
+        return sample(gen.eps_fn, gen.schedule, gen.guidance, x_T, generator=gens, progress=progress,
+                      variance=gen.variance, on_step=on_step)
+
+
+def generate_all(gen: SamplingSetup, seeds: list[int], batch_size: int, progress: bool = True, on_batch=None):
+    """Batched ``generate`` over all seeds, concatenated (images, posterior, scale on the CPU).
+    ``on_batch(seeds, output, seconds)`` is called after each batch (``dng evaluate`` saves it there).
+    ``progress``: one bar (or, off a terminal, a line every 30 s) over sampling steps × batches with samples/s and
+    an ETA (``dng_cli.progress``)."""
+    from dng_cli.progress import Progress
+
+    outs = []
+    steps = len(gen.schedule)
+    with Progress(math.ceil(len(seeds) / batch_size) * steps, f"sampling {len(seeds)} images", unit="step",
+                  enabled=progress) as bar:
+        for i in range(0, len(seeds), batch_size):
+            t0 = time.time()
+            chunk = seeds[i:i + batch_size]
+            out = generate(gen, chunk, on_step=lambda k: bar.update(1, len(chunk) if k == steps - 1 else 0))
+            outs.append(SampleOutput(out.images.cpu(), out.posterior.cpu(), out.scale.cpu(), out.timesteps))
+            if on_batch is not None:
+                on_batch(chunk, outs[-1], time.time() - t0)
+    return SampleOutput(torch.cat([o.images for o in outs]), torch.cat([o.posterior for o in outs], 1),
+                        torch.cat([o.scale for o in outs], 1), outs[0].timesteps)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 [0, 255] (the format every metric and file uses)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+

@@ -139,3 +139,12 @@ class NoiseSchedule:
         """Forward process q(x_t | x_0) at original timesteps t (used in training)."""
         abar = self.alphas_cumprod.to(x0.device)[t].to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"scheduler prediction_type={prediction_type!r} is not supported: allowed are "
+                        f"{', '.join(PREDICTION_TYPES)}")

@@ -4,18 +4,20 @@ The front of ``dng sample`` and ``dng evaluate`` (and of ``dng calibrate``/``com
 calls ``resolve(cfg)`` once. It makes every check that needs nothing heavy and resolves, in one place:
 
 - the model: its kind and checkpoint folders (shipped names -> the package), its noise schedule
-  (``scheduler_config.json``), the null label, and the classifier (``models.classifier_source``);
+  (``scheduler_config.json``), the null label, and the classifier (``classifier_source``);
 - the dataset (shape, classes, format), the forbidden classes, the method config and its label;
 - the sampler: steps, variance, device (``auto`` decided) and network precision (``auto`` decided);
 - the metric settings, and the result identity (``runs.identity``) that names the result on disk.
 
-The layers below — ``pipeline.build``, ``evaluate.Scorer``, the FID reference, the result files — take a
+The layers below — ``pipeline.build``, ``scoring.Scorer``, the FID reference, the result files — take a
 ``RunSpec`` and never look at the DictConfig again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -26,10 +28,9 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dng_cli import UserError, runs
-from dng_cli.guidance import METHODS
-from dng_cli.models import (SHIPPED, classifier_source, classifier_weights_hash, null_label_index, resolve,
-                            resolve_precision)
-from dng_cli.schedule import VARIANCES, NoiseSchedule
+from dng_cli.io import read_json_object, sha256_file
+from dng_cli.guidance import METHODS, build_guidance
+from dng_cli.schedule import VARIANCES, NoiseSchedule, check_prediction_type
 
 
 def frozen(value):
@@ -54,6 +55,195 @@ def plain(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
+# ----------------------------------------------------------------------------- what names point to
+ASSETS = Path(__file__).resolve().parent / "assets"
+SHIPPED = {p.name: p for p in sorted(ASSETS.iterdir()) if p.is_dir()}  # assets/<name>/{ddpm,classifier,fid}
+
+
+def resolve(name_or_path: str | Path, kind: str) -> Path:
+    """The folder of a shipped asset by name ("mnist") and kind ("ddpm", "classifier"), or the path itself."""
+    name = str(name_or_path)
+    if name in SHIPPED:
+        return SHIPPED[name] / kind
+    return Path(name).expanduser()
+
+
+UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # diffusers' names, in order
+
+
+def unet_weights_file(path: Path) -> Path:
+    """The weights file of a UNet folder: diffusers' safetensors, else its ``.bin``, else the folder's one
+    ``*.pt``/``*.pth``/``*.bin`` state dict."""
+    for name in UNET_WEIGHTS:
+        if (path / name).is_file():
+            return path / name
+    others = sorted(p for p in path.glob("*") if p.suffix in (".pt", ".pth", ".bin") and p.is_file())
+    if len(others) == 1:
+        return others[0]
+    found = f"found {', '.join(p.name for p in others)}" if others else "found none"
+    raise UserError(f"model path {str(path)!r} has no single weights file: expected {UNET_WEIGHTS[0]}, "
+                    f"{UNET_WEIGHTS[1]} or one *.pt/*.pth state dict next to config.json ({found})")
+
+
+def null_label_index(num_embeds: int, null_label) -> int:
+    """The class-embedding index of the null (unconditional) label: "last" (this project's and most
+    class-conditional DDPMs' convention: classes 0..K-1, null K), "first" (null 0, classes 1..K), or an index."""
+    if null_label in (None, "last"):
+        return num_embeds - 1
+    if null_label == "first":
+        return 0
+    if isinstance(null_label, bool) or not isinstance(null_label, int) or not 0 <= null_label < num_embeds:
+        raise UserError(f"model.null_label={null_label!r} is invalid: allowed are last, first or an index in "
+                        f"0..{num_embeds - 1}")
+    return int(null_label)
+
+
+SOURCE_KINDS = ("folder", "torchscript", "target")
+
+
+def classifier_source(value) -> dict:
+    """What ``model.classifier`` names: {"kind": "folder", "path"} (this project's classifier; a shipped name
+    or a folder with config.json + model.safetensors), {"kind": "torchscript", "path", "transform"} (a file,
+    or a mapping with ``path``), or {"kind": "target", "target", "kwargs", "weights", "transform"}."""
+    from collections.abc import Mapping
+
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping) and value.get("kind") in SOURCE_KINDS and "_target_" not in value:
+        return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in value.items()}  # already resolved (a run spec's)
+    if isinstance(value, dict):
+        spec = dict(value)
+        transform = spec.pop("transform", None) or {}
+        if "_target_" in spec:
+            target = spec.pop("_target_")
+            weights = spec.pop("weights", None)
+            return {"kind": "target", "target": str(target), "kwargs": spec, "weights": weights, "transform": transform}
+        if "path" in spec and set(spec) <= {"path"}:
+            src = classifier_source(spec["path"])
+            return {**src, "transform": transform} if src["kind"] == "torchscript" else src
+        raise UserError(f"model.classifier={value!r} is invalid: give a path, or a mapping with _target_ "
+                        f"(plus its arguments, weights, transform) or path (a TorchScript file) and transform")
+    if value is None:
+        raise UserError("model.classifier is not set: give a shipped name, a classifier folder, a TorchScript file "
+                        "or a _target_ mapping")
+    path = resolve(value, "classifier")
+    if path.is_file():
+        return {"kind": "torchscript", "path": str(path), "transform": {}}
+    return {"kind": "folder", "path": str(path)}
+
+
+def classifier_weights_hash(value) -> str:
+    """The classifier's identity in a result: sha256 of this project's model.safetensors (as always), of a
+    TorchScript file, or of a target's description and weights file, with the input transform."""
+    from dng_cli.io import fingerprint
+
+    src = classifier_source(value)
+    if src["kind"] == "folder":
+        path = Path(src["path"]) / "model.safetensors"
+        if not path.is_file():
+            raise UserError(f"model.classifier: weights file {str(path)!r} not found")
+        return sha256_file(path)
+    if src["kind"] == "torchscript":
+        return fingerprint({"torchscript": sha256_file(Path(src["path"])), "transform": src["transform"]})
+    weights = src["weights"]
+    if weights is not None and not Path(str(weights)).expanduser().is_file():
+        raise UserError(f"model.classifier.weights={str(weights)!r} is not a file")
+    return fingerprint({**{k: v for k, v in src.items() if k != "weights"},
+                        "weights": sha256_file(Path(str(weights)).expanduser()) if weights else None})
+
+
+# ------------------------------------------------------------------------------------- eps_fns
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+# Methods whose results the paired fp32-vs-bf16 table (README performance section) found unchanged under bf16;
+# ``sampler.precision=auto`` uses bf16 only for these, on hardware with native bf16: every row of theirs in
+# docs/results/precision (MNIST and Fashion-MNIST) unchanged; ccfg lacks its Fashion-MNIST row.
+BF16_CLEARED: frozenset[str] = frozenset({"dng", "np", "sld"})
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Does the device compute bf16 natively (CUDA: Ampere/Hopper; CPU: the AVX512_BF16 or AMX-BF16 flags)?
+    ``DNG_NATIVE_BF16=0`` (or ``1``) overrides the check, e.g. to keep ``auto`` at fp32 on a bf16 machine so that
+    its results equal those of CPUs without bf16 (the test suite sets it to 0 for machine-independent results)."""
+    forced = os.environ.get("DNG_NATIVE_BF16")
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise UserError(f"DNG_NATIVE_BF16={forced!r} is invalid: 0 or 1")
+        return forced == "1"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device, method: str | None = None) -> str:
+    """The network precision a run uses: fp32, bf16 (autocast on the network only, everywhere), or for
+    ``auto`` bf16 where the device has it natively and the method is in ``BF16_CLEARED``, else fp32."""
+    if precision not in PRECISIONS:
+        raise UserError(f"sampler.precision={precision!r} is invalid: allowed are {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if method in BF16_CLEARED and native_bf16(device) else "fp32"
+    return precision
+
+
+# ------------------------------------------------------------------------- datasets of your own
+FORMATS = ("builtin", "image_folder", "tensors", "torchvision")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def dataset_format(value) -> str:
+    """``dataset.format`` checked (unset: builtin)."""
+    fmt = value or "builtin"
+    if fmt not in FORMATS:
+        raise UserError(f"dataset.format={fmt!r} is invalid: allowed are {', '.join(FORMATS)}")
+    return fmt
+
+
+def split_source(dataset: "DatasetSpec", split: str) -> Path:
+    """The folder (image_folder: ``<root>/<split>/<class>/*.png``) or file (tensors: ``<root>/<split>.npz``
+    or ``.pt``) that holds a split of a dataset of your own."""
+    root = Path(str(dataset.root)).expanduser()
+    if dataset.format == "image_folder":
+        folder = root / split
+        if not folder.is_dir():
+            raise UserError(f"dataset {dataset.name}: split folder {str(folder)!r} not found (layout: "
+                            f"<dataset.root>/{{train,test}}/<class name>/<image>)")
+        return folder
+    for suffix in (".npz", ".pt"):
+        if (root / f"{split}{suffix}").is_file():
+            return root / f"{split}{suffix}"
+    raise UserError(f"dataset {dataset.name}: {str(root / split)!r}.npz or .pt not found (arrays images "
+                    f"uint8 [N, C, H, W] and labels [N])")
+
+
+def content_hash(dataset: "DatasetSpec", split: str) -> str | None:
+    """What identifies a split's data in a result: the sha256 of its file (tensors) or of every image with its
+    class folder (image_folder); None for the built-in and torchvision datasets, named by their config."""
+    fmt = dataset.format
+    if fmt == "tensors":
+        return sha256_file(split_source(dataset, split), 64)
+    if fmt != "image_folder":
+        return None
+    folder = split_source(dataset, split)
+    h = hashlib.sha256()
+    for path in images_under(folder):
+        h.update(f"{path.relative_to(folder).as_posix()}\0{sha256_file(path, 64)}\0".encode())
+    return h.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------- specs
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -72,16 +262,11 @@ class DatasetSpec:
     def shape(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
 
-    def get(self, key: str, default=None):
-        """Config-style access for ``data``'s loaders, which also take a dataset DictConfig."""
-        value = getattr(self, key) if key in self.__dataclass_fields__ else self.extra.get(key)
-        return default if value is None else value
-
-    def __getattr__(self, key: str):  # the format-specific keys (target, kwargs, splits) as attributes
-        extra = self.__dict__.get("extra") or {}
-        if key in extra:
-            return extra[key]
-        raise AttributeError(key)
+    def names_of(self, classes) -> str:
+        """"[6 Shirt]" from the class names ("[0]" when the names are the indices themselves)."""
+        names = self.class_names
+        return "[" + ", ".join(f"{c}" if len(names) <= c or str(names[c]) == str(c) else f"{c} {names[c]}"
+                               for c in classes) + "]"
 
 
 @dataclass(frozen=True)
@@ -96,7 +281,7 @@ class ModelSpec:
     seed: int | None                              # random: the weights' seed
     null_label: Any                               # last | first | an embedding index
     scheduler_config: Mapping[str, Any]           # the chain the model was trained with
-    classifier: Mapping[str, Any] | None          # ``models.classifier_source`` of model.classifier (None: not set)
+    classifier: Mapping[str, Any] | None          # ``classifier_source`` of model.classifier (None: not set)
 
     @property
     def path(self) -> Path:
@@ -187,8 +372,6 @@ class RunSpec:
         model, weights = self.model, {}
         if self.metrics is not None:
             weights["classifier"] = classifier_weights_hash(thawed(model.classifier))
-            from dng_cli.data import content_hash
-
             data_hash = content_hash(self.dataset, self.metrics.split)
             if data_hash is not None:
                 weights["dataset"] = data_hash
@@ -208,7 +391,7 @@ def resolve_run(cfg: DictConfig, scored: bool = True) -> RunSpec:
     """The spec of a ``dng sample`` (``scored=False``) or ``dng evaluate`` config, after every cheap check."""
     from dng_cli.validate import check_types
 
-    method = build_guidance(cfg.method)
+    method = build_guidance(plain(cfg.method))
     if method.prompt_branches:
         allowed = ", ".join(k for k, v in METHODS.items() if not v.prompt_branches)
         raise UserError(f"method {cfg.method.name} is for dng sd only (it guides with a text prompt's branches): "
@@ -220,8 +403,6 @@ def resolve_run(cfg: DictConfig, scored: bool = True) -> RunSpec:
     check_types(cfg)  # n_samples, batch sizes, speed flags: the declared type/range table
     sampler = sampler_spec(cfg.sampler, str(cfg.method.get("name")))
     model = model_spec(cfg.model, dataset, classifier=scored)
-    from dng_cli.sampler import check_prediction_type
-
     check_prediction_type(model.prediction_type)
     schedule = respaced(model.base_schedule(), cfg.sampler)
     metrics = metrics_spec(cfg.metrics, dataset, cfg.sampler.get("backend", "auto")) if scored else None
@@ -245,17 +426,6 @@ def method_label(cfg: DictConfig) -> str:
     return str(cfg.method.name)
 
 
-def build_guidance(method_cfg: Mapping):
-    name = method_cfg.get("name")
-    if name not in METHODS:
-        raise UserError(f"method={name!r} is unknown: allowed are {', '.join(METHODS)}")
-    kwargs = {k: thawed(v) for k, v in method_cfg.items() if k != "name"}
-    try:
-        return METHODS[name](**kwargs)
-    except TypeError as err:
-        raise UserError(f"method {name}: {err}") from None
-
-
 def forbidden_classes(cfg: DictConfig, num_classes: int) -> list[int]:
     """The top-level ``forbidden`` list, checked against the dataset's classes."""
     raw = cfg.get("forbidden", [])
@@ -275,13 +445,11 @@ def forbidden_classes(cfg: DictConfig, num_classes: int) -> list[int]:
 
 
 def dataset_spec(dataset_cfg: DictConfig) -> DatasetSpec:
-    from dng_cli.data import dataset_format
-
     d = dataset_cfg  # attribute access: a missing mandatory value (???) fails here, in one line
     core = ("name", "channels", "image_size", "num_classes", "class_names", "format", "root")
     return DatasetSpec(name=str(d.name), channels=int(d.channels), image_size=int(d.image_size),
                        num_classes=int(d.num_classes), class_names=tuple(str(c) for c in d.get("class_names") or ()),
-                       format=dataset_format(d), root=None if d.get("root") is None else str(d.root),
+                       format=dataset_format(d.get("format")), root=None if d.get("root") is None else str(d.root),
                        extra=frozen({k: v for k, v in plain(d).items() if k not in core}))
 
 
@@ -310,7 +478,7 @@ def channels_last_for(value, precision: str, device: str | torch.device) -> bool
 
 def precision_for(sampler_cfg, method: str | None, device: str | torch.device | None = None) -> str:
     """The network precision a sampler config uses on ``device`` (default: its own, auto decided):
-    ``sampler.precision`` with auto resolved (``models.resolve_precision``)."""
+    ``sampler.precision`` with auto resolved (``resolve_precision``)."""
     device = device if device is not None else auto_device(str(sampler_cfg.get("device", "cpu")))
     return resolve_precision(str(sampler_cfg.get("precision", "fp32")), torch.device(device_type(str(device))), method)
 
@@ -318,7 +486,7 @@ def precision_for(sampler_cfg, method: str | None, device: str | torch.device | 
 def metrics_spec(metrics_cfg: DictConfig, dataset: DatasetSpec, backend: str = "torch") -> MetricsSpec:
     """``backend``: ``sampler.backend`` as configured; the Inception network runs fp32 on the CPU, so it resolves
     as there (auto: the machine's choice) — only when Inception features are asked for."""
-    from dng_cli import backends, data, metrics
+    from dng_cli import backends, metrics
 
     fid = metrics_cfg.fid
     if fid.features not in metrics.FEATURES:
@@ -326,7 +494,7 @@ def metrics_spec(metrics_cfg: DictConfig, dataset: DatasetSpec, backend: str = "
     if fid.split not in ("train", "test"):
         raise UserError(f"metrics.fid.split={fid.split!r} is invalid: allowed are train, test")
     if dataset.format in ("image_folder", "tensors"):
-        data.split_source(dataset, str(fid.split))  # the FID reference's data exists
+        split_source(dataset, str(fid.split))  # the FID reference's data exists
     weights = fid.get("inception_weights")
     return MetricsSpec(features=str(fid.features), split=str(fid.split), cache_dir=str(fid.cache_dir),
                        inception_weights=None if weights is None else str(weights),
@@ -377,8 +545,6 @@ def scheduler_config(model_cfg, folders: Mapping[str, Path]) -> dict:
     (``dng train`` writes it; a pair's models must agree), ``model.scheduler`` for a random model. Without
     one: {} — diffusers' DDPMScheduler defaults, the linear 1e-4…0.02 chain over T = 1000 that every
     model trained here before the file existed used."""
-    from dng_cli.io import read_json_object
-
     if model_cfg.get("kind") == "random":
         conf = model_cfg.get("scheduler") or {}
         return dict(plain(conf) if isinstance(conf, DictConfig) else conf)
@@ -445,7 +611,7 @@ def _check_fits(model_cfg, kind: str, configs: dict, dataset: DatasetSpec, null_
 
 
 def classifier_spec(value, dataset: DatasetSpec | None) -> dict:
-    """``model.classifier`` resolved (``models.classifier_source``) and checked against the dataset."""
+    """``model.classifier`` resolved (``classifier_source``) and checked against the dataset."""
     src = classifier_source(value)
     if src["kind"] == "folder":
         clf = Path(src["path"]) / "config.json"
@@ -493,10 +659,7 @@ def schedule_of(model: dict) -> dict:
 
 
 def weights_hash(folder: Path, key: str) -> str:
-    """sha256 of a UNet folder's weights file (safetensors, .bin or .pt: ``models.unet_weights_file``)."""
-    from dng_cli.io import sha256_file
-    from dng_cli.models import unet_weights_file
-
+    """sha256 of a UNet folder's weights file (safetensors, .bin or .pt: ``unet_weights_file``)."""
     if not folder.is_dir():
         raise UserError(f"{key}: checkpoint folder {str(folder)!r} not found")
     try:

@@ -54,16 +54,17 @@ def in_evaluate(n: int) -> float:
 
     import numpy as np
 
-    from dng_cli import pipeline
     from dng_cli.commands import evaluate
     from dng_cli.data import load_dataset
+    from dng_cli.sampler import to_uint8
+    from dng_cli.spec import dataset_spec
     from dng_cli.validate import compose
 
-    images, labels = load_dataset(compose("evaluate", []).dataset, "test")
+    images, labels = load_dataset(dataset_spec(compose("evaluate", []).dataset), "test")
     keep = np.concatenate([np.flatnonzero(labels.numpy() == c)[:20] for c in range(10)])
     with tempfile.TemporaryDirectory() as tmp:
         for split in ("train", "test"):
-            np.savez(f"{tmp}/{split}.npz", images=pipeline.to_uint8(images[keep]).numpy(), labels=labels[keep].numpy())
+            np.savez(f"{tmp}/{split}.npz", images=to_uint8(images[keep]).numpy(), labels=labels[keep].numpy())
         cfg = compose("evaluate", ["dataset=own", "dataset.name=mnist", "dataset.format=tensors", f"dataset.root={tmp}",
                                    "dataset.num_classes=10", f"metrics.fid.cache_dir={tmp}/fid", f"n_samples={n}",
                                    "metrics.fid.features=inception", "sampler.steps=1", "sampler.progress=false"])

@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from dng_cli.models import Network, load_ddpm, native_bf16
+from dng_cli.models import Network, load_ddpm
+from dng_cli.spec import native_bf16
 
 
 def rate(net: Network, batch: int, seconds: float) -> float:

@@ -41,20 +41,23 @@ def main() -> None:
 
     import torch
 
-    from dng_cli import pipeline
+    from dng_cli import pipeline, spec
+    from dng_cli.models import load_model
     from dng_cli.pipeline import setup_torch
+    from dng_cli.sampler import generate
 
     out = Path(args.out)
     steps = [int(s) for s in args.steps.split(",")]
     common = [f"n_samples={args.n}", f"sampler.batch_size={args.batch}", "sampler.progress=false",
               f"sampler.compile={str(args.compile).lower()}", *args.set]
     base = compose("evaluate", common)
-    network = pipeline.load_model(base.model, setup_torch(base.sampler.device, base.sampler.get("num_threads")))
+    network = load_model(spec.model_spec(base.model), setup_torch(base.sampler.device, base.sampler.get("num_threads")))
     compile_s = None
     if args.compile:  # compile before any timed run: every point then reuses the compiled graph
         t0 = time.time()
-        gen = pipeline.build(compose("evaluate", common + ["method=np", "sampler.steps=1"]), torch.device("cpu"), network)
-        pipeline.generate(gen, list(range(min(args.n, args.batch))))
+        gen = pipeline.build(spec.resolve_run(compose("evaluate", common + ["method=np", "sampler.steps=1"]), scored=False),
+                             torch.device("cpu"), network)
+        generate(gen, list(range(min(args.n, args.batch))))
         compile_s = time.time() - t0
         print(f"compiled in {compile_s:.0f} s", flush=True)
     rows = []

@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 
 from dng_cli import metrics
 from dng_cli.data import load_tensors
-from dng_cli.models import SHIPPED, ClassConditionalEps, classify, load_classifier, load_ddpm, resolve
+from dng_cli.models import ClassConditionalEps, classify, load_classifier, load_ddpm
+from dng_cli.spec import SHIPPED, resolve
 from dng_cli.pipeline import to_uint8
 from dng_cli.sampler import randn, sample
 from dng_cli.schedule import NoiseSchedule

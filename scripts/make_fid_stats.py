@@ -16,7 +16,8 @@ import torch
 
 from dng_cli import metrics
 from dng_cli.data import load_tensors
-from dng_cli.models import SHIPPED, load_classifier, resolve
+from dng_cli.models import load_classifier
+from dng_cli.spec import SHIPPED, resolve
 from dng_cli.pipeline import to_uint8
 
 

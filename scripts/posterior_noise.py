@@ -9,7 +9,8 @@ import sys
 
 import torch
 from hydra import compose, initialize_config_module
-from dng_cli import pipeline, metrics
+from dng_cli import metrics, pipeline, spec
+from dng_cli.sampler import generate_all, to_uint8
 from dng_cli.models import load_classifier, classify
 
 torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
@@ -18,7 +19,7 @@ with initialize_config_module("dng_cli.configs", version_base="1.3"):
     cfg = compose("evaluate", ["method=dng", "method.guidance_scale=0", "sampler.progress=false"])
 clf = load_classifier("mnist")
 for rel in (0.0, 1e-3, 1e-2):
-    gen = pipeline.build(cfg, torch.device("cpu"))
+    gen = pipeline.build(spec.resolve_run(cfg, scored=False), torch.device("cpu"))
     base = gen.eps_fn
     g = torch.Generator().manual_seed(123)
     def noisy(x, t, base=base, rel=rel):
@@ -28,8 +29,8 @@ for rel in (0.0, 1e-3, 1e-2):
             c = c * (1 + rel * torch.randn(c.shape, generator=g))
         return u, c
     gen = dataclasses.replace(gen, eps_fn=noisy)
-    out = pipeline.generate_all(gen, list(range(n)), 100, progress=False)
-    preds, _ = classify(clf, pipeline.to_uint8(out.images))
+    out = generate_all(gen, list(range(n)), 100, progress=False)
+    preds, _ = classify(clf, to_uint8(out.images))
     lp = out.posterior[-1].clamp_min(1e-12).log()
     det = metrics.posterior_detection(out.posterior, metrics.is_forbidden(preds, [0]))
     print(f"rel {rel:g}: zeros {int((preds == 0).sum())}/{n}, auroc {det.get('posterior_auroc')}, "

@@ -14,7 +14,7 @@ THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIS
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
 torch.set_num_threads(THREADS)
 # sampler.precision=auto resolves as on a CPU without native bf16, here and in every subprocess: the suite's results
-# do not depend on the machine (tests of auto itself patch models.native_bf16 or set the variable).
+# do not depend on the machine (tests of auto itself patch spec.native_bf16 or set the variable).
 os.environ["DNG_NATIVE_BF16"] = "0"
 # sampler.backend=auto resolves to torch, here and in every subprocess, without the once-per-machine benchmark:
 # tests of the graph backends name them (tests/test_backends.py), tests of auto set the variable themselves.

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dng_cli import cli
-from dng_cli.models import SHIPPED, load_classifier, load_ddpm
+from dng_cli.models import load_classifier, load_ddpm
+from dng_cli.spec import SHIPPED
 
 
 @pytest.mark.parametrize("name, accuracy", [("mnist", 0.99), ("fashion_mnist", 0.92)])

@@ -40,7 +40,7 @@ def test_bench_sampler_tiny(tmp_path):
 
 def test_bench_precision_tiny(tmp_path):
     """scripts/bench_precision.py: every precision x memory format case, and the native-bf16 check `auto` uses."""
-    from dng_cli.models import native_bf16
+    from dng_cli.spec import native_bf16
 
     _tiny_unet(tmp_path)
     out = _last_json([str(REPO / "scripts" / "bench_precision.py"), "--model", str(tmp_path / "tiny"), "--batch", "4",

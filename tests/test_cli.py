@@ -126,11 +126,11 @@ def test_lower_modules_never_import_commands_or_scripts():
 
 
 def test_class_names_come_from_the_dataset_config(compose):
-    from dng_cli.pipeline import forbidden_names
+    from dng_cli.spec import dataset_spec
 
-    fashion = compose("evaluate", ["dataset=fashion_mnist", "model=tiny_random", "forbidden=[6,0]"])
-    assert forbidden_names(fashion, [6, 0]) == "[6 Shirt, 0 T-shirt/top]"
-    assert forbidden_names(compose("evaluate", ["model=tiny_random"]), [0]) == "[0]"
+    fashion = dataset_spec(compose("evaluate", ["dataset=fashion_mnist", "model=tiny_random", "forbidden=[6,0]"]).dataset)
+    assert fashion.names_of([6, 0]) == "[6 Shirt, 0 T-shirt/top]"
+    assert dataset_spec(compose("evaluate", ["model=tiny_random"]).dataset).names_of([0]) == "[0]"
 
 
 def test_a_model_that_is_not_shipped_names_the_shipped_ones(tmp_path, capsys):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dng_cli import UserError, cli, validate
-from dng_cli.models import SHIPPED
+from dng_cli.spec import SHIPPED
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "dng_cli" / "assets").glob("*/README.md"))]
@@ -199,14 +199,14 @@ def test_the_precision_table_and_the_cleared_set_come_from_their_files():
     every row there is unchanged."""
     import importlib.util
 
-    from dng_cli import models
+    from dng_cli import spec
 
-    spec = importlib.util.spec_from_file_location("precision_pairs", REPO / "scripts" / "precision_pairs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    loader = importlib.util.spec_from_file_location("precision_pairs", REPO / "scripts" / "precision_pairs.py")
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
     folder = REPO / "docs" / "results" / "precision"
     for pair in folder.glob("*/pairs.json"):
         assert all((pair.parent / p / "metrics.json").is_file() for p in ("fp32", "bf16")), pair.parent.name
     table = module.table(folder)
     assert table.count("\n") >= 2 and table in (REPO / "docs" / "performance.md").read_text()
-    assert models.BF16_CLEARED == frozenset(module.cleared(folder))
+    assert spec.BF16_CLEARED == frozenset(module.cleared(folder))

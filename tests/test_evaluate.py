@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from dng_cli import cli, pipeline
+from dng_cli.sampler import generate_all
+from dng_cli.spec import resolve_run
 from dng_cli.commands import evaluate
 
 TINY = ["model=tiny_random", "n_samples=6", "sampler.steps=2", "sampler.batch_size=4", "sampler.progress=false"]
@@ -41,10 +43,10 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def test_samples_do_not_depend_on_batch_size(compose):
     cfg = compose("evaluate", TINY + ["method=np", "method.guidance_scale=2"])
-    gen = pipeline.build(cfg, torch.device("cpu"))
-    a = pipeline.generate_all(gen, list(range(5)), batch_size=5, progress=False)
-    b = pipeline.generate_all(gen, list(range(5)), batch_size=2, progress=False)
-    c = pipeline.generate_all(gen, [3, 4], batch_size=2, progress=False)
+    gen = pipeline.build(resolve_run(cfg, scored=False), torch.device("cpu"))
+    a = generate_all(gen, list(range(5)), batch_size=5, progress=False)
+    b = generate_all(gen, list(range(5)), batch_size=2, progress=False)
+    c = generate_all(gen, [3, 4], batch_size=2, progress=False)
     assert _same(a.images, b.images)
     assert _same(a.images[3:], c.images)
 
@@ -54,9 +56,9 @@ def test_methods_share_x_T(compose):
     # two methods give the same images, which holds only if both started from the same x_T
     cfg = compose("evaluate", TINY + ["method=dng", "sampler.steps=1", "method.temperature=0", "method.offset=0",
                                       "method.prior=0.5", "method.guidance_scale=2"])
-    dng = pipeline.generate_all(pipeline.build(cfg, torch.device("cpu")), [0, 1], batch_size=2, progress=False)
+    dng = generate_all(pipeline.build(resolve_run(cfg, scored=False), torch.device("cpu")), [0, 1], batch_size=2, progress=False)
     cfg = compose("evaluate", TINY + ["method=np", "sampler.steps=1", "method.guidance_scale=2"])
-    np_ = pipeline.generate_all(pipeline.build(cfg, torch.device("cpu")), [1, 0], batch_size=1, progress=False)
+    np_ = generate_all(pipeline.build(resolve_run(cfg, scored=False), torch.device("cpu")), [1, 0], batch_size=1, progress=False)
     assert _same(dng.images, np_.images.flip(0))
 
 
@@ -79,6 +81,6 @@ def test_channels_last_matches_default(compose):
     outs = []
     for fmt in ("false", "true"):
         cfg = compose("evaluate", TINY + ["method=dng", f"sampler.channels_last={fmt}"])
-        outs.append(pipeline.generate_all(pipeline.build(cfg, torch.device("cpu")), [0, 1, 2], 3, progress=False))
+        outs.append(generate_all(pipeline.build(resolve_run(cfg, scored=False), torch.device("cpu")), [0, 1, 2], 3, progress=False))
     assert _same(outs[0].images, outs[1].images)
     assert torch.allclose(outs[0].posterior, outs[1].posterior, rtol=1e-3, atol=1e-6)

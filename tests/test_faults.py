@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dng_cli import RunRefused, cli, io, runs
+from dng_cli import RunRefused, cli, io, runs, scoring
 
 T = ["model=tiny_random", "n_samples=4", "sampler.steps=2", "sampler.batch_size=4", "sampler.progress=false"]
 DNG = [sys.executable, "-m", "dng_cli.cli"]
@@ -389,15 +389,13 @@ def test_a_legacy_samples_file_is_rescored_only_when_not_newer_than_its_result(t
 
 
 def test_a_crashed_rescore_leaves_the_folder_as_it_was(tmp_path, capsys, monkeypatch):
-    from dng_cli.commands import evaluate
-
     run_dir = _finished(tmp_path, capsys)
     before = _snapshot(run_dir, logs=False)
 
     def broken(*args, **kwargs):
         raise RuntimeError("scoring crashed")
 
-    monkeypatch.setattr(evaluate.Scorer, "__call__", broken)
+    monkeypatch.setattr(scoring.Scorer, "__call__", broken)
     with pytest.raises(RuntimeError):
         cli.main(["evaluate", *T, "method=np", "metrics.kl_smoothing=2", f"hydra.run.dir={run_dir}"])
     capsys.readouterr()
@@ -417,7 +415,7 @@ def test_runs_sits_below_the_domain_modules():
 def test_a_run_killed_after_some_batches_resumes_with_only_the_missing_seeds(tmp_path, capsys, monkeypatch):
     """SIGKILL after the first batch of 2: the re-run (another batch size) draws only the 4 missing seeds,
     and its metrics equal an uninterrupted run's exactly."""
-    from dng_cli import pipeline
+    from dng_cli import sampler
 
     args = ["model=tiny_random", "n_samples=6", "sampler.steps=2", "sampler.progress=false", "method=dng"]
     run_dir = tmp_path / "killed"
@@ -426,13 +424,13 @@ def test_a_run_killed_after_some_batches_resumes_with_only_the_missing_seeds(tmp
     proc.communicate(timeout=60)
     assert not (run_dir / "metrics.json").exists() and len(list(run_dir.glob(".partial-*/batch-*.npz"))) == 1
     drawn = []
-    real = pipeline.generate
+    real = sampler.generate
 
     def counting(gen, seeds, progress=False, **kwargs):
         drawn.extend(seeds)
         return real(gen, seeds, progress, **kwargs)
 
-    monkeypatch.setattr(pipeline, "generate", counting)
+    monkeypatch.setattr(sampler, "generate", counting)
     cli.main(["evaluate", *args, "sampler.batch_size=3", f"hydra.run.dir={run_dir}"])
     assert sorted(drawn) == [2, 3, 4, 5]
     monkeypatch.undo()

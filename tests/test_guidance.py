@@ -144,7 +144,7 @@ def test_dng_guidance_scale_zero_is_a_detector(gmm):
 
 
 def test_official_presets_compose(compose):
-    from dng_cli.pipeline import build_guidance
+    from dng_cli.guidance import build_guidance
 
     expected = {"dng": (10.0, 0.1, 1.0, 0.0, 0.99), "dng_official_readme": (5.0, 0.01, 0.2, 2e-4, 0.8),
                 "dng_official_cli": (1.0, 0.2, 1.0, 0.0, 0.99), "dng_fewstep": (10.0, 0.5, 1.0, 0.0, 0.99)}
@@ -159,7 +159,7 @@ def test_a_new_method_is_one_class_and_its_config(gmm, monkeypatch):
     from omegaconf import OmegaConf
 
     from dng_cli import guidance as G
-    from dng_cli.pipeline import build_guidance
+    from dng_cli.guidance import build_guidance
     from dng_cli.guidance import Guidance, StepInfo
 
     class HalfNP(Guidance):

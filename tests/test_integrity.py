@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dng_cli import UserError, cli, io, runs, short_dirname
+from dng_cli import UserError, cli, io, runs, short_dirname, spec
 from dng_cli.commands import evaluate
 
 TINY = ["model=tiny_random", "n_samples=3", "sampler.steps=1", "sampler.batch_size=4", "sampler.progress=false"]
@@ -157,9 +157,9 @@ def test_result_identity_is_stable_across_the_config_layout_change(compose):
     del legacy["forbidden"]
     del legacy["sampler"]["precision"]  # a key added later (fp32: what every earlier result ran in)
     del legacy["sampler"]["backend"]  # in the identity since the paired table (torch: every earlier result)
-    assert evaluate.identity_config(new) == evaluate.result_config(legacy)
+    assert runs.identity_config(new, spec.schedule_of) == runs.result_config(legacy)
     other = resolve_run(compose("evaluate", TINY + ["method=np", "forbidden=[0]"])).plain_config()
-    assert evaluate.identity_config(other) != evaluate.identity_config(new)
+    assert runs.identity_config(other, spec.schedule_of) != runs.identity_config(new, spec.schedule_of)
 
 
 def test_json_results_are_strict_json_and_a_nan_is_refused_before_writing(tmp_path):

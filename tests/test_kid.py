@@ -77,7 +77,7 @@ def test_compare_bootstraps_kid_from_the_saved_inception_features(compose, tiny_
     from test_metrics import standin_inception
 
     cfg = compose("compare", standin_inception(tmp_path, monkeypatch, tiny_mnist) + ["methods=[np]"])
-    fns = compare.metric_functions(cfg, ["kid_inception"], [0])
+    fns = compare.metric_functions(compare.scoring_spec(cfg), ["kid_inception"], [0])
     feats = torch.randn(12, 2048, generator=torch.Generator().manual_seed(0)).abs()
     point = matching.Point(1.0, np.zeros(12, bool), {"inception": feats.numpy()})
     ref = metrics.KidReference(metrics.load_kid_reference(next((tmp_path / "fid").glob("*-kid.npz"))), [0])

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dng_cli import RunRefused, pipeline
+from dng_cli import RunRefused, sampler
 from dng_cli.sampler import randn
 
 
@@ -18,7 +18,7 @@ def test_noise_rows_come_from_their_own_seed_whatever_the_batch():
 
 
 def test_generators_are_on_the_cpu_whatever_the_sampling_device(monkeypatch):
-    """pipeline.generate hands the sampler CPU generators even for another device (here 'meta'), and draws
+    """sampler.generate hands the sampler CPU generators even for another device (here 'meta'), and draws
     x_T on them: the noise of a CUDA run is the CPU run's noise, moved."""
     seen = {}
 
@@ -26,9 +26,9 @@ def test_generators_are_on_the_cpu_whatever_the_sampling_device(monkeypatch):
         seen["gens"], seen["x_T"] = generator, x_T
         return None
 
-    monkeypatch.setattr(pipeline, "sample", fake_sample)
-    setup = pipeline.SamplingSetup(None, None, None, (1, 4, 4), torch.device("meta"), "small")
-    pipeline.generate(setup, [5, 6])
+    monkeypatch.setattr(sampler, "sample", fake_sample)
+    setup = sampler.SamplingSetup(None, None, None, (1, 4, 4), torch.device("meta"), "small")
+    sampler.generate(setup, [5, 6])
     assert all(g.device.type == "cpu" for g in seen["gens"]) and seen["x_T"].device.type == "meta"
     first = torch.randn(1, 4, 4, generator=torch.Generator().manual_seed(5))
     assert torch.equal(randn((2, 1, 4, 4), [torch.Generator().manual_seed(s) for s in (5, 6)], device="cpu")[0], first)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dng_cli import UserError, pipeline
+from dng_cli import UserError, scoring, spec
 from dng_cli.commands import evaluate
 from dng_cli.models import ClassConditionalEps, build_unet
 
@@ -67,9 +67,9 @@ def test_own_unet_torchscript_classifier_and_image_folder(compose, own):
     from dng_cli.data import load_dataset
 
     cfg = compose("evaluate", _base(own))
-    x, y = load_dataset(cfg.dataset, "test")
+    x, y = load_dataset(spec.dataset_spec(cfg.dataset), "test")
     assert x.shape == (20, 1, 28, 28) and y.tolist() == [0] * 10 + [1] * 10
-    assert pipeline.run_classifier(cfg)(x).argmax(1).tolist() == y.tolist()
+    assert scoring.classifier_of(spec.resolve_run(cfg))(x).argmax(1).tolist() == y.tolist()
 
 
 def test_bin_checkpoint_draws_the_same_samples_as_safetensors(compose, own):
@@ -114,7 +114,7 @@ def test_target_classifier_with_transform_on_a_tensor_dataset(compose, own):
     # other weights in the same file: another classifier identity, so the result is not reused
     first = m["weights"]["classifier"]
     torch.save(__import__("torchvision").models.resnet18(num_classes=2).state_dict(), own / "resnet.pt")
-    assert pipeline.result_identity(compose("evaluate", base))["weights.classifier"] != first
+    assert dict(spec.resolve_run(compose("evaluate", base)).identity)["weights.classifier"] != first
 
 
 def test_null_label_first_puts_the_null_label_at_embedding_zero(compose, own):
@@ -131,18 +131,18 @@ def test_null_label_first_puts_the_null_label_at_embedding_zero(compose, own):
     assert not np.array_equal(_samples(own / "last"), _samples(own / "first"))
     assert a["fingerprint"] != b["fingerprint"]
     # "last" is the convention of every result before the key existed: it does not enter the identity
-    assert "model.null_label" not in pipeline.result_identity(compose("evaluate", _base(own)))
+    assert "model.null_label" not in dict(spec.resolve_run(compose("evaluate", _base(own))).identity)
     with pytest.raises(UserError, match=r"model.null_label=5 is invalid: allowed are last, first or an index in 0..2"):
         evaluate.check_cfg(compose("evaluate", _base(own) + ["model.null_label=5"]))
 
 
 def test_the_dataset_content_is_part_of_the_identity(compose, own):
     cfg = compose("evaluate", _base(own))
-    before = pipeline.result_identity(cfg)
+    before = dict(spec.resolve_run(cfg).identity)
     from PIL import Image
 
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(own / "data" / "test" / "dark" / "0.png")
-    after = pipeline.result_identity(cfg)
+    after = dict(spec.resolve_run(cfg).identity)
     assert before["weights.dataset"] != after["weights.dataset"]
     from dng_cli import runs
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from dng_cli import UserError, models, pipeline
+from dng_cli import UserError, models, spec
 from dng_cli.commands import evaluate
 
 BASE = ["model=tiny_random", "n_samples=8", "sampler.steps=3", "sampler.batch_size=4", "sampler.progress=false",
@@ -22,7 +22,7 @@ def test_fp32_is_bit_for_bit_the_run_without_the_key(compose, tmp_path):
     a, ia = _run(compose, tmp_path / "fp32", ["sampler.precision=fp32"])
     b, ib = _run(compose, tmp_path / "none", ["~sampler.precision"])
     assert np.array_equal(ia, ib) and a["fingerprint"] == b["fingerprint"] and a["precision"] == "fp32"
-    assert "sampler.precision" not in pipeline.result_identity(compose("evaluate", BASE))
+    assert "sampler.precision" not in dict(spec.resolve_run(compose("evaluate", BASE)).identity)
     # the shipped default, auto, is that same result where it resolves to fp32 (no native bf16: the suite's setting)
     assert compose("evaluate", BASE).sampler.precision == "auto"
     c, ic = _run(compose, tmp_path / "default", [])
@@ -52,15 +52,15 @@ def test_the_network_output_stays_float32(compose):
 
 def test_auto_falls_back_to_fp32(compose, monkeypatch):
     cfg = compose("evaluate", BASE + ["sampler.precision=auto"])
-    monkeypatch.setattr(models, "native_bf16", lambda device: False)
-    assert pipeline.precision_of(cfg) == "fp32"
-    monkeypatch.setattr(models, "BF16_CLEARED", frozenset({"np"}))
-    assert pipeline.precision_of(cfg) == "fp32"  # no native bf16: fp32 even for a cleared method
-    monkeypatch.setattr(models, "native_bf16", lambda device: True)
-    assert pipeline.precision_of(cfg) == "bf16"
-    assert pipeline.result_identity(cfg)["sampler.precision"] == "bf16"
-    monkeypatch.setattr(models, "BF16_CLEARED", frozenset())
-    assert pipeline.precision_of(cfg) == "fp32"  # native bf16, but the method is not cleared
+    monkeypatch.setattr(spec, "native_bf16", lambda device: False)
+    assert spec.precision_for(cfg.sampler, cfg.method.name) == "fp32"
+    monkeypatch.setattr(spec, "BF16_CLEARED", frozenset({"np"}))
+    assert spec.precision_for(cfg.sampler, cfg.method.name) == "fp32"  # no native bf16: fp32 even for a cleared method
+    monkeypatch.setattr(spec, "native_bf16", lambda device: True)
+    assert spec.precision_for(cfg.sampler, cfg.method.name) == "bf16"
+    assert dict(spec.resolve_run(cfg).identity)["sampler.precision"] == "bf16"
+    monkeypatch.setattr(spec, "BF16_CLEARED", frozenset())
+    assert spec.precision_for(cfg.sampler, cfg.method.name) == "fp32"  # native bf16, but the method is not cleared
 
 
 def test_an_unknown_precision_is_one_line(compose):
@@ -88,8 +88,8 @@ def test_a_compare_decides_auto_once_for_all_its_methods(compose, monkeypatch):
     from dng_cli.commands import compare
 
     tiny = ["model=tiny_random", "sampler.precision=auto"]
-    monkeypatch.setattr(models, "native_bf16", lambda device: True)
-    monkeypatch.setattr(models, "BF16_CLEARED", frozenset({"np", "dng"}))
+    monkeypatch.setattr(spec, "native_bf16", lambda device: True)
+    monkeypatch.setattr(spec, "BF16_CLEARED", frozenset({"np", "dng"}))
     assert compare.one_precision(compose("compare", tiny + ["methods=[np,dng]"])).sampler.precision == "bf16"
     assert compare.one_precision(compose("compare", tiny + ["methods=[np,sld,dng]"])).sampler.precision == "fp32"
     fixed = compose("compare", tiny[:1] + ["methods=[np,sld]", "sampler.precision=bf16"])
@@ -97,18 +97,18 @@ def test_a_compare_decides_auto_once_for_all_its_methods(compose, monkeypatch):
     # with a launcher the nodes' hardware is unknown here: auto is fp32, an explicit bf16 is kept
     assert compare.one_precision(compose("compare", tiny + ["methods=[np,dng]"]), launcher=True).sampler.precision == "fp32"
     assert compare.one_precision(fixed, launcher=True).sampler.precision == "bf16"
-    monkeypatch.setattr(models, "native_bf16", lambda device: False)
+    monkeypatch.setattr(spec, "native_bf16", lambda device: False)
     assert compare.one_precision(compose("compare", tiny + ["methods=[np,dng]"])).sampler.precision == "fp32"
 
 
 def test_dng_native_bf16_overrides_the_cpu_check(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setenv("DNG_NATIVE_BF16", "1")
-    assert models.native_bf16(cpu) is True
-    monkeypatch.setattr(models, "BF16_CLEARED", frozenset({"np"}))
-    assert models.resolve_precision("auto", cpu, "np") == "bf16"
+    assert spec.native_bf16(cpu) is True
+    monkeypatch.setattr(spec, "BF16_CLEARED", frozenset({"np"}))
+    assert spec.resolve_precision("auto", cpu, "np") == "bf16"
     monkeypatch.setenv("DNG_NATIVE_BF16", "0")
-    assert models.native_bf16(cpu) is False and models.resolve_precision("auto", cpu, "np") == "fp32"
+    assert spec.native_bf16(cpu) is False and spec.resolve_precision("auto", cpu, "np") == "fp32"
     monkeypatch.setenv("DNG_NATIVE_BF16", "yes")
     with pytest.raises(UserError, match="DNG_NATIVE_BF16='yes' is invalid: 0 or 1"):
-        models.native_bf16(cpu)
+        spec.native_bf16(cpu)

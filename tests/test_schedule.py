@@ -122,18 +122,24 @@ def test_the_model_folder_carries_the_schedule(tmp_path):
 
     from omegaconf import OmegaConf
 
-    from dng_cli import pipeline
+    from dng_cli import spec
 
-    shipped = pipeline.model_scheduler_config(OmegaConf.create({"kind": "conditional", "path": "mnist"}))
+    def scheduler_config(model_cfg):
+        return spec.scheduler_config(model_cfg, spec.model_folders(model_cfg))
+
+    def build_schedule(sampler_cfg, model_cfg):
+        return spec.respaced(NoiseSchedule.from_scheduler(scheduler_config(model_cfg)), sampler_cfg)
+
+    shipped = scheduler_config(OmegaConf.create({"kind": "conditional", "path": "mnist"}))
     assert torch.equal(NoiseSchedule.from_scheduler(shipped).betas, NoiseSchedule.linear().betas)
     sampler = OmegaConf.create({"steps": 10, "variance": "small"})
     for name, conf in (("u", {}), ("c", {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})):
         (tmp_path / name).mkdir()
         (tmp_path / name / "scheduler_config.json").write_text(json.dumps(conf))
     pair = OmegaConf.create({"kind": "pair", "unconditional": str(tmp_path / "u"), "forbidden_models": {0: str(tmp_path / "u")}})
-    assert len(pipeline.build_schedule(sampler, pair)) == 10
+    assert len(build_schedule(sampler, pair)) == 10
     pair.forbidden_models[0] = str(tmp_path / "c")
     with pytest.raises(UserError, match="forbidden_models.0 was trained with another noise schedule"):
-        pipeline.build_schedule(sampler, pair)
+        build_schedule(sampler, pair)
     random = OmegaConf.create({"kind": "random", "scheduler": {"num_train_timesteps": 100}})
-    assert pipeline.build_schedule(OmegaConf.create({"steps": 100, "variance": "small"}), random).timesteps[-1] == 99
+    assert build_schedule(OmegaConf.create({"steps": 100, "variance": "small"}), random).timesteps[-1] == 99

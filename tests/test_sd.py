@@ -6,7 +6,8 @@ import warnings
 import pytest
 import torch
 
-from dng_cli import cli, pipeline
+from dng_cli import cli
+from dng_cli.sampler import generate_all
 from dng_cli.commands import sd
 
 STEPS, SEEDS, W = 4, [0, 1], 3.0
@@ -34,7 +35,7 @@ def _ours(compose, comps, method, variance="small", *extra):
     cfg = compose("sd", ["sd_model=tiny_random", "prompt=a cat", "negative_prompt=a dog", f"method={method}",
                          f"sampler.steps={STEPS}", f"sampler.variance={variance}", f"cfg_scale={W}", *extra])
     gen = sd.setup(comps, cfg, torch.device("cpu"))
-    return pipeline.generate_all(gen, SEEDS, len(SEEDS), progress=False).images
+    return generate_all(gen, SEEDS, len(SEEDS), progress=False).images
 
 
 def _scheduler(comps, variance_type="fixed_small"):

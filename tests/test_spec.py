@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from dng_cli import pipeline, spec
+from dng_cli import pipeline, scoring, spec
 from dng_cli.commands import evaluate, sample
 
 TINY = ["model=tiny_random", "n_samples=4", "sampler.steps=2", "sampler.batch_size=4", "sampler.progress=false"]
@@ -24,15 +24,27 @@ def _spy(monkeypatch, module, name, seen):
 def test_a_run_resolves_its_config_once_and_passes_the_spec_down(compose, tmp_path, monkeypatch, command):
     seen = []
     _spy(monkeypatch, spec, "resolve_run", seen)
-    for name in ("build", "load_model", "run_classifier"):
+    for name in ("build", "load_model", "draw"):
         _spy(monkeypatch, pipeline, name, seen)
-    _spy(monkeypatch, evaluate, "fid_reference", seen)
+    for name in ("classifier_of", "fid_reference"):
+        _spy(monkeypatch, scoring, name, seen)
     cfg = compose(command, TINY + (["model.classifier=mnist"] if command == "sample" else []))
     (evaluate if command == "evaluate" else sample).run(cfg, tmp_path / command)
     assert [s for s in seen if s[0] == "resolve_run"] == [("resolve_run", "DictConfig")]
     below = [s for s in seen if s[0] != "resolve_run"]
-    assert ("build", "RunSpec") in below and ("run_classifier", "RunSpec") in below
+    assert ("build", "RunSpec") in below and ("classifier_of", "RunSpec") in below
     assert all(kind in ("RunSpec", "ModelSpec") for _, kind in below), below
+
+
+def test_below_the_spec_no_module_reads_a_config():
+    """Issue 45's invariant: spec.py is the only reader of a composed config; the layers below take specs."""
+    import importlib
+    import inspect
+
+    for name in ("models", "pipeline", "scoring", "sampler", "guidance", "schedule", "metrics", "matching"):
+        source = inspect.getsource(importlib.import_module(f"dng_cli.{name}"))
+        assert "omegaconf" not in source.lower() and "DictConfig" not in source, name
+    assert "dng_cli.models" not in inspect.getsource(spec) and "dng_cli.data " not in inspect.getsource(spec)
 
 
 def test_the_spec_is_frozen_and_resolved(compose):
@@ -45,7 +57,7 @@ def test_the_spec_is_frozen_and_resolved(compose):
     assert run.model.classifier["kind"] == "folder" and run.dataset.shape == (1, 28, 28)
     assert run.sampler.device == ("cuda" if torch.cuda.is_available() else "cpu")  # auto decided
     assert run.sampler.precision in ("fp32", "bf16") and len(run.schedule) == 50 and run.forbidden == (0,)
-    again = pipeline.result_identity(compose("evaluate", ["method=np", "sampler.device=auto", "sampler.precision=auto"]))
+    again = dict(spec.resolve_run(compose("evaluate", ["method=np", "sampler.device=auto", "sampler.precision=auto"])).identity)
     assert dict(run.identity) == again and run.fingerprint == spec.runs.fingerprint(again)
 
 

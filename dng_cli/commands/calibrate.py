@@ -13,9 +13,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from dng_cli import UserError, calibration, pipeline
+from dng_cli import UserError, calibration, spec
 from dng_cli.commands import evaluate
-from dng_cli.commands.common import entry, plain, setup_torch, write_json
+from dng_cli.commands.common import entry
+from dng_cli.io import write_json
+from dng_cli.models import load_model
+from dng_cli.pipeline import setup_torch
+from dng_cli.spec import plain
 from dng_cli.validate import check_types
 
 log = logging.getLogger(__name__)
@@ -104,7 +108,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
                                             Path(output_dir).resolve())], "calibrate", ready=fanout.finished)
     else:
         device = setup_torch(cfg.sampler.device, cfg.sampler.get("num_threads"))
-        network = pipeline.load_model(cfg.model, device)
+        network = load_model(spec.model_spec(cfg.model), device)
         result = calibrate_method(cfg, cfg.method, float(cfg.target_forbidden), output_dir, network)
     if not result["reached"]:
         raise UserError(f"method={cfg.method.name} cannot reach forbidden <= {cfg.target_forbidden:g}: {result['reason']} "

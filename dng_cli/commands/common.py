@@ -13,8 +13,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from dng_cli import RunRefused, UserError, one_line, runs
-from dng_cli.pipeline import hardware, plain, setup_torch  # noqa: F401  (re-exported for commands)
-from dng_cli.io import LOCK_NAME, atomic_save, atomic_write_text, clean_temporaries, write_json  # noqa: F401
+from dng_cli.io import atomic_write_text
 from dng_cli.runs import RunLock
 
 CONFIG_PATH = "pkg://dng_cli.configs"

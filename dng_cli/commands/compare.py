@@ -30,11 +30,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dng_cli import UserError, calibration, matching, metrics, pipeline, runs, trackers
+from dng_cli import UserError, calibration, matching, metrics, runs, scoring, spec, trackers
 from dng_cli.progress import duration
 from dng_cli.commands import evaluate, report
 from dng_cli.commands.calibrate import calibrate_method, check_search, run_cfg
-from dng_cli.commands.common import atomic_write_text, entry, setup_torch, write_json
+from dng_cli.commands.common import entry
+from dng_cli.io import atomic_write_text, write_json
+from dng_cli.models import classify, load_model
+from dng_cli.pipeline import setup_torch
 
 log = logging.getLogger(__name__)
 METRICS = ("kl_kept", "kl_uniform", "fid", "fid_inception", "kid_inception")  # what `compared` may name
@@ -114,30 +117,31 @@ def check_cfg(cfg: DictConfig) -> None:
 
 
 # --------------------------------------------------------------------------------- records
-def load_point(folder: Path, result: dict, cfg: DictConfig, seeds: list[int]) -> dict:
+def scoring_spec(cfg: DictConfig) -> spec.RunSpec:
+    """The run spec every grid point is scored with (the scorer does not depend on the method: any one's)."""
+    first = method_of(cfg, str(cfg.methods[0]))
+    return spec.resolve_run(run_cfg(cfg, first, float(first.guidance_scale), int(cfg.n_samples), int(cfg.seed)))
+
+
+def load_point(folder: Path, result: dict, scored: spec.RunSpec, seeds: list[int]) -> dict:
     """The per-seed records of a finished evaluation: records.npz, or (older folders) the classifier's
     verdicts recomputed from samples.npz."""
-    path = folder / evaluate.RECORDS_NAME
+    path = folder / scoring.RECORDS_NAME
     fp = (result.get("samples") or {}).get("fingerprint")
     if path.is_file():
         with np.load(path, allow_pickle=False) as f:
             rec = {k: f[k] for k in f.files}
         if rec["seeds"].tolist() == seeds and (fp is None or str(rec["fingerprint"]) == fp):
             return {k: v for k, v in rec.items() if k not in ("seeds", "fingerprint")}
-    shape = (int(cfg.dataset.channels), int(cfg.dataset.image_size), int(cfg.dataset.image_size))
-    images, _ = runs.saved_samples(folder, result, seeds, shape, fp)
-    from dng_cli.models import classify
-
-    preds, feats = classify(pipeline.run_classifier(cfg), torch.from_numpy(images))
+    images, _ = runs.saved_samples(folder, result, seeds, scored.dataset.shape, fp)
+    preds, feats = classify(scoring.classifier_of(scored), torch.from_numpy(images))
     return {"classes": preds.numpy(), "features": feats.float().numpy()}
 
 
-def metric_functions(cfg: DictConfig, compared: list[str], forbidden: list[int]) -> dict[str, matching.Metric]:
+def metric_functions(scored: spec.RunSpec, compared: list[str], forbidden: list[int]) -> dict[str, matching.Metric]:
     """Each compared metric as a function of (grid point, resampled seed indices)."""
-    k, smoothing = int(cfg.dataset.num_classes), float(cfg.metrics.kl_smoothing)
-    first = method_of(cfg, str(cfg.methods[0]))  # the scorer does not depend on the method: any one's run spec
-    scorer = evaluate.Scorer(evaluate.check_cfg(run_cfg(cfg, first, float(first.guidance_scale), int(cfg.n_samples),
-                                                        int(cfg.seed))))
+    k, smoothing = scored.dataset.num_classes, scored.metrics.kl_smoothing
+    scorer = scoring.Scorer(scored)
     fns: dict[str, matching.Metric] = {}
 
     def counts(p: matching.Point, idx: np.ndarray) -> np.ndarray:
@@ -389,7 +393,7 @@ def one_precision(cfg: DictConfig, launcher: bool = False) -> DictConfig:
     front of nodes without it would have them emulate bf16 at 6-17x the cost); set bf16 explicitly there."""
     if str(cfg.sampler.get("precision", "fp32")) != "auto":
         return cfg
-    each = {pipeline.precision_of(run_cfg(cfg, method_of(cfg, str(m)), 1.0, 1, 0)) for m in cfg.methods}
+    each = {spec.precision_for(cfg.sampler, str(method_of(cfg, str(m)).name)) for m in cfg.methods}
     cfg = cfg.copy()
     cfg.sampler.precision = "bf16" if each == {"bf16"} and not launcher else "fp32"
     log.info("sampler.precision=auto -> %s for every method of this compare%s", cfg.sampler.precision,
@@ -420,7 +424,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     """The compare (``compared_run``) as the parent run of logger=… trackers: its grid points evaluated in this
     process are its child runs, its claims its metrics, compare.md/png its artifacts."""
     logger = trackers.config_of(cfg)
-    with trackers.parent_run(logger, "compare", Path(output_dir), trackers.flatten(pipeline.plain(cfg)),
+    with trackers.parent_run(logger, "compare", Path(output_dir), trackers.flatten(spec.plain(cfg)),
                              {"command": "compare", "folder": str(Path(output_dir).resolve())}) as parent:
         summary = compared_run(cfg, output_dir)
         if parent is not None:
@@ -442,7 +446,7 @@ def compared_run(cfg: DictConfig, output_dir: Path) -> dict:
     existing = str(cfg.grid) == "existing"
     if jobs is None and not existing:
         device = setup_torch(cfg.sampler.device, cfg.sampler.get("num_threads"))
-        network = pipeline.load_model(cfg.model, device)
+        network = load_model(spec.model_spec(cfg.model), device)
     output_dir = Path(output_dir).resolve()
     names = [str(m) for m in cfg.methods]
     targets = [float(t) for t in cfg.targets]
@@ -457,8 +461,9 @@ def compared_run(cfg: DictConfig, output_dir: Path) -> dict:
     inception = cfg.metrics.fid.features == "inception"
     compared = [k for k in cfg.compared if k not in INCEPTION_METRICS or inception] + (
         [k for k in INCEPTION_METRICS if k not in cfg.compared] if inception else [])
-    forbidden = pipeline.forbidden_classes(cfg, int(cfg.dataset.num_classes))
-    data = fanout.absolute_paths(pipeline.plain(cfg))  # what a job gets: it may start in another directory
+    forbidden = spec.forbidden_classes(cfg, int(cfg.dataset.num_classes))
+    scored = scoring_spec(cfg)  # resolved once: what every grid point is scored with
+    data = fanout.absolute_paths(spec.plain(cfg))  # what a job gets: it may start in another directory
     if existing:  # nothing is sampled: every unit is read back from its finished result
         with runs.only_finished():
             try:
@@ -489,7 +494,7 @@ def compared_run(cfg: DictConfig, output_dir: Path) -> dict:
                                f"compare {name} evaluation", ready=fanout.finished)
         points = []
         for scale, result in zip(scales, results):
-            rec = load_point(output_dir / "eval" / name / f"scale={scale:g}", result, cfg, seeds)
+            rec = load_point(output_dir / "eval" / name / f"scale={scale:g}", result, scored, seeds)
             evaluated[(name, scale)] = result
             points.append(matching.Point(scale, np.isin(rec["classes"], forbidden), rec))
         if not existing:
@@ -529,7 +534,7 @@ def compared_run(cfg: DictConfig, output_dir: Path) -> dict:
     methods = [m for m in grids if m is not None]
     if methods and reference not in [m.name for m in methods]:
         reference = methods[-1].name
-    fns = metric_functions(cfg, compared, forbidden)
+    fns = metric_functions(scored, compared, forbidden)
     compared = [k for k in compared if k in fns]
     analysis = matching.analyse(methods, targets, fns, reference, int(cfg.bootstrap), int(cfg.bootstrap_seed),
                                 float(cfg.band_factor), primary=str(cfg.primary)) if methods else matching.empty(

@@ -13,7 +13,8 @@ from omegaconf import DictConfig
 
 from dng_cli import UserError, runs
 from dng_cli.io import read_json_object
-from dng_cli.commands.common import atomic_write_text, entry
+from dng_cli.commands.common import entry
+from dng_cli.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 COLUMNS = ["label", "method", "forbidden", "guidance_scale", "steps", "n_samples", "forbidden_rate", "forbidden_rate_lo",

@@ -14,9 +14,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from dng_cli import metrics, pipeline, runs, spec, trackers
+from dng_cli import metrics, pipeline, runs, scoring, spec, trackers
+from dng_cli.commands.common import entry
+from dng_cli.io import atomic_write_text
 from dng_cli.models import classify
-from dng_cli.commands.common import atomic_write_text, entry, setup_torch
+from dng_cli.sampler import generate_all, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ def final_verdict(run: spec.RunSpec, images: torch.Tensor) -> torch.Tensor | Non
     """Is each final image classified as a forbidden class? None when the model config names no classifier."""
     if run.model.classifier is None:
         return None
-    preds, _ = classify(pipeline.run_classifier(run), images)
+    preds, _ = classify(scoring.classifier_of(run), images)
     return metrics.is_forbidden(preds, list(run.forbidden))
 
 
@@ -36,13 +38,13 @@ def check_cfg(cfg: DictConfig) -> spec.RunSpec:
 
 def run(cfg: DictConfig, output_dir: Path) -> dict:
     run_spec = check_cfg(cfg)  # the config, resolved once
-    device = setup_torch(run_spec.sampler.device, run_spec.sampler.num_threads)
+    device = pipeline.setup_torch(run_spec.sampler.device, run_spec.sampler.num_threads)
     gen = pipeline.build(run_spec, device)
     seeds = run_spec.seeds
     t0 = time.time()
-    out = pipeline.generate_all(gen, seeds, run_spec.sampler.batch_size, progress=run_spec.sampler.progress)
+    out = generate_all(gen, seeds, run_spec.sampler.batch_size, progress=run_spec.sampler.progress)
     wall = time.time() - t0
-    images = pipeline.to_uint8(out.images)
+    images = to_uint8(out.images)
     output_dir.mkdir(parents=True, exist_ok=True)
     from dng_cli.plots import guidance_plot, save_grid, trajectory_csv
 
@@ -51,7 +53,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
                       pipeline.device_name(gen.device), "sample", backend=np.asarray(gen.backend))
     atomic_write_text(output_dir / "trajectory.csv", trajectory_csv(out.timesteps, out.posterior, out.scale))
     guidance_plot(out.timesteps, out.scale, out.posterior, output_dir / "guidance.png",
-                  title=f"{run_spec.method_name}, forbidden {pipeline.forbidden_names(run_spec, list(run_spec.forbidden))}, {len(gen.schedule)} steps",
+                  title=f"{run_spec.method_name}, forbidden {run_spec.dataset.names_of(run_spec.forbidden)}, {len(gen.schedule)} steps",
                   is_forbidden=final_verdict(run_spec, images))
     log.info("%d samples in %.1fs (%.1f images/s) -> %s", len(seeds), wall, len(seeds) / wall, output_dir)
     post = out.posterior.sum(-1) if out.posterior.dim() == 3 else out.posterior

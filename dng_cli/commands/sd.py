@@ -32,12 +32,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dng_cli import UserError, pipeline
-from dng_cli.commands.common import atomic_write_text, entry, setup_torch
-from dng_cli.io import atomic_savez
-from dng_cli.guidance import METHODS
-from dng_cli.sampler import as_epsilon, check_prediction_type
-from dng_cli.schedule import NoiseSchedule
+from dng_cli import UserError
+from dng_cli.commands.common import entry
+from dng_cli.guidance import METHODS, build_guidance
+from dng_cli.io import atomic_savez, atomic_write_text
+from dng_cli.pipeline import setup_torch
+from dng_cli.sampler import SamplingSetup, as_epsilon, generate_all, to_uint8
+from dng_cli.schedule import NoiseSchedule, check_prediction_type
+from dng_cli.spec import plain, respaced
 from dng_cli.validate import check_types
 
 log = logging.getLogger(__name__)
@@ -145,19 +147,19 @@ class PromptEps:
         return e0 + self.cfg_scale * (ep - e0), en
 
 
-def setup(sd: StableDiffusion, cfg: DictConfig, device: torch.device) -> pipeline.SamplingSetup:
-    """The SD model as a ``pipeline.SamplingSetup``: the same ``pipeline.generate`` path as ``dng sample``."""
+def setup(sd: StableDiffusion, cfg: DictConfig, device: torch.device) -> SamplingSetup:
+    """The SD model as a ``sampler.SamplingSetup``: the same ``sampler.generate`` path as ``dng sample``."""
     method = OmegaConf.to_container(cfg.method, resolve=True)
     guidance_cls = METHODS.get(method.get("name"))
     if guidance_cls is not None and guidance_cls.prompt_branches:
         method["cfg_scale"] = float(cfg.cfg_scale)
-    guidance = pipeline.build_guidance(OmegaConf.create(method))
+    guidance = build_guidance(method)
     emb = encode(sd, ["", str(cfg.prompt), str(cfg.negative_prompt)], device)
-    schedule = pipeline.respaced(NoiseSchedule.from_scheduler(sd.scheduler_config), cfg.sampler)
+    schedule = respaced(NoiseSchedule.from_scheduler(sd.scheduler_config), cfg.sampler)
     eps_fn = as_epsilon(PromptEps(sd.unet, emb, float(cfg.cfg_scale), branches=guidance.prompt_branches), schedule,
                         str(sd.scheduler_config.get("prediction_type", "epsilon")))
     size = int(sd.unet.config.sample_size)
-    return pipeline.SamplingSetup(eps_fn, schedule, guidance, (int(sd.unet.config.in_channels), size, size), device,
+    return SamplingSetup(eps_fn, schedule, guidance, (int(sd.unet.config.in_channels), size, size), device,
                                   str(cfg.sampler.variance))
 
 
@@ -177,8 +179,8 @@ def check_cfg(cfg: DictConfig) -> None:
                         f"torch): use sampler.backend=torch or auto")
     if not str(cfg.prompt).strip():
         raise UserError("prompt is empty: pass prompt=\"...\"")
-    pipeline.respaced(NoiseSchedule.from_scheduler(SD_SCHEDULER), cfg.sampler)  # steps, variance
-    pipeline.build_guidance(cfg.method)
+    respaced(NoiseSchedule.from_scheduler(SD_SCHEDULER), cfg.sampler)  # steps, variance
+    build_guidance(plain(cfg.method))
     if cfg.method.name == "none":
         return
     if not str(cfg.negative_prompt).strip():
@@ -197,12 +199,12 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     seeds = [int(cfg.seed) + i for i in range(int(cfg.n_samples))]
     batch = int(cfg.sampler.batch_size)
     t0 = time.time()
-    out = pipeline.generate_all(gen, seeds, batch, progress=bool(cfg.sampler.progress))
+    out = generate_all(gen, seeds, batch, progress=bool(cfg.sampler.progress))
     with torch.inference_mode():
         images = [sd.vae.decode(out.images[i:i + batch].to(device) / sd.scaling_factor, return_dict=False)[0].cpu()
                   for i in range(0, len(seeds), batch)]
     wall = time.time() - t0
-    uint8 = pipeline.to_uint8(torch.cat(images))
+    uint8 = to_uint8(torch.cat(images))
     output_dir.mkdir(parents=True, exist_ok=True)
     from dng_cli.plots import guidance_plot, save_grid, trajectory_csv
 

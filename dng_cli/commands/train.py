@@ -20,12 +20,15 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from dng_cli import UserError
-from dng_cli.commands.common import atomic_save, entry, hardware, plain, setup_torch
+from dng_cli.commands.common import entry
+from dng_cli.io import atomic_save
+from dng_cli.pipeline import hardware, setup_torch
 from dng_cli.data import load_dataset
 from dng_cli.io import recover_folder
 from dng_cli.runs import RunLock
 from dng_cli.validate import check_types
-from dng_cli.models import Classifier, build_unet, classify, load_ddpm, resolve
+from dng_cli.models import Classifier, build_unet, classify, load_ddpm
+from dng_cli.spec import dataset_spec, plain, resolve
 from dng_cli.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
@@ -112,7 +115,7 @@ def run_ddpm(cfg: DictConfig, output_dir: Path) -> dict:
 def _run_ddpm(cfg: DictConfig, out: Path) -> dict:
     device = setup_torch(cfg.device, cfg.get("num_threads"))
     classes = list(cfg.dataset.classes) if cfg.dataset.get("classes") is not None else None
-    images, labels = load_dataset(cfg.dataset, "train", classes)
+    images, labels = load_dataset(dataset_spec(cfg.dataset), "train", classes)
     images, labels = images.to(device), labels.to(device)
     arch = plain(cfg.model.unet)
     if cfg.conditional:
@@ -250,8 +253,9 @@ def run_classifier(cfg: DictConfig, output_dir: Path) -> dict:
 
 def _run_classifier(cfg: DictConfig, out: Path) -> dict:
     device = setup_torch(cfg.device, cfg.get("num_threads"))
-    x, y = load_dataset(cfg.dataset, "train")
-    xt, yt = load_dataset(cfg.dataset, "test")
+    dataset = dataset_spec(cfg.dataset)
+    x, y = load_dataset(dataset, "train")
+    xt, yt = load_dataset(dataset, "test")
     if cfg.get("max_train") and cfg.max_train < len(x):
         x, y = x[: cfg.max_train], y[: cfg.max_train]
     x, y, xt, yt = x.to(device), y.to(device), xt.to(device), yt.to(device)
