@@ -45,10 +45,12 @@ class StepInfo:
 class Guidance:
     """Base class and protocol of a guidance method; on its own it is plain ancestral sampling."""
 
-    needs_conditional = True  # does it use ε_c (one network input per forbidden class)?
+    # the predictions it combines, as diffusers' guiders declare ``_input_predictions``: "uncond" (ε_u) and
+    # "forbidden" (one ε_c per forbidden class) for a class-conditional or pair model; "empty", "prompt" and
+    # "negative" (the raw text branches ε_∅, ε_p, ε_n) for Stable Diffusion (``dng sd``)
+    inputs: tuple[str, ...] = ("uncond", "forbidden")
     needs_update = False  # does the sampler call ``update`` after each step?
     tracks_posterior = False  # does ``posterior`` return p(c | x_t, …, x_T)?
-    prompt_branches = False  # text-to-image only: eps_u = ε_∅, eps_c = [ε_prompt, ε_negative] (raw branches)
 
     def start(self, x_T: torch.Tensor, num_classes: int) -> State:
         return {}
@@ -70,7 +72,7 @@ class Guidance:
 class NoGuidance(Guidance):
     """Plain ancestral sampling: ε̃ = ε_u."""
 
-    needs_conditional = False
+    inputs = ("uncond",)
 
     def __call__(self, eps_u: torch.Tensor, eps_c: torch.Tensor | None, step: int, state: State):
         return eps_u, eps_u.new_zeros(eps_u.shape[0])
@@ -293,7 +295,7 @@ class _PromptBranches(Guidance):
     """Text-to-image methods defined on the raw branches ε_∅ (empty prompt), ε_p (prompt) and ε_n
     (negative prompt / safety concept) with the classifier-free scale w, as diffusers' pipelines are."""
 
-    prompt_branches = True
+    inputs = ("empty", "prompt", "negative")  # the sampler's eps_u = ε_∅, eps_c = [ε_p, ε_n]
 
     def __init__(self, cfg_scale: float = 7.5):
         self.cfg_scale = _check_finite_nonneg("cfg_scale", cfg_scale)
@@ -308,8 +310,6 @@ class ReplacedNegativePrompt(_PromptBranches):
     negative prompt REPLACES the unconditional branch, ε̃ = ε_n + w (ε_p - ε_n); w ≤ 1: ε̃ = ε_p.
     The DNG paper's NP instead keeps ε_∅ and pushes from a third branch (``NegativePrompting``)."""
 
-    needs_conditional = True
-
     def __call__(self, eps_u, eps_c, step, state):
         eps_p, eps_n = eps_c[0], eps_c[1]
         w = self.cfg_scale
@@ -321,8 +321,6 @@ class ContrastiveCFGPrompt(_PromptBranches):
     """Contrastive CFG on the raw text branches, as their ``ddim_np_ccfg`` solver (``dng sd`` only): the prompt
     with CCFG's positive term w·2σ(+τ̂‖ε_p − ε_∅‖²)(ε_p − ε_∅) (``naive_positive``: plain CFG w(ε_p − ε_∅)), the
     negative prompt with its negative term −w·2σ(−τ̂‖ε_n − ε_∅‖²)(ε_n − ε_∅)."""
-
-    needs_conditional = True
 
     def __init__(self, cfg_scale: float = 7.5, tau: float = 0.2, naive_positive: bool = False):
         super().__init__(cfg_scale)

@@ -54,15 +54,19 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_ddpm(name_or_path: str | Path):
     """A UNet2DModel from a diffusers folder (config.json + weights, see ``unet_weights_file``), or a shipped
     one by name ("mnist")."""
-    from diffusers import UNet2DModel
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.set_verbosity_error()
     path = resolve(name_or_path, "ddpm")
     if not (path / "config.json").is_file():
         raise UserError(f"model path {str(path)!r} is not a checkpoint folder: expected config.json and "
                         f"diffusion_pytorch_model.safetensors (a save_pretrained folder) or a shipped name ({', '.join(SHIPPED)})")
-    weights = unet_weights_file(path)
+    return load_unet(path, unet_weights_file(path))
+
+
+def load_unet(path: Path, weights: Path):
+    """A UNet2DModel from a diffusers folder and its weights file (as ``spec.ModelSpec`` resolved them)."""
+    from diffusers import UNet2DModel
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
     try:
         if weights.name == UNET_WEIGHTS[0]:
             unet = UNet2DModel.from_pretrained(str(path), use_safetensors=True, local_files_only=True,
@@ -371,11 +375,12 @@ class PairEps:
 def load_model(model: ModelSpec, device: torch.device):
     """The network(s) of a resolved model: one UNet, or (unconditional, {class: UNet}) in pair mode."""
     if model.kind == "conditional":
-        return load_ddpm(model.path).to(device)
+        return load_unet(model.path, model.weights["model.path"]).to(device)
     if model.kind == "random":
         return build_unet(thawed(model.unet), seed=model.seed).eval().requires_grad_(False).to(device)
-    uncond = load_ddpm(model.unconditional).to(device)
-    return uncond, {c: load_ddpm(p).to(device) for c, p in model.forbidden_models.items()}
+    uncond = load_unet(model.unconditional, model.weights["model.unconditional"]).to(device)
+    return uncond, {c: load_unet(p, model.weights[f"model.forbidden_models.{c}"]).to(device)
+                    for c, p in model.forbidden_models.items()}
 
 
 def make_eps_fn(network, model: ModelSpec, forbidden: list[int], guidance, label: int | None = None,
@@ -383,7 +388,7 @@ def make_eps_fn(network, model: ModelSpec, forbidden: list[int], guidance, label
                 precision: str = "fp32", backend: str = "torch"):
     speed = dict(channels_last=channels_last, compile=compile, max_batch=max_batch, precision=precision,
                  backend=backend)
-    classes = list(forbidden) if guidance.needs_conditional else []
+    classes = list(forbidden) if "forbidden" in guidance.inputs else []
     if model.kind == "pair":
         uncond, per_class = network
         missing = [c for c in classes if c not in per_class]

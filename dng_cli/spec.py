@@ -276,6 +276,7 @@ class ModelSpec:
     name: str | None
     kind: str                                     # conditional | pair | random
     folders: Mapping[str, Path]                   # config key -> checkpoint folder ("model.path", "model.unconditional", …)
+    weights: Mapping[str, Path]                   # config key -> that folder's weights file (``unet_weights_file``)
     forbidden_models: Mapping[int, Path]          # pair: class -> its model's folder
     unet: Mapping[str, Any] | None                # random: the architecture
     seed: int | None                              # random: the weights' seed
@@ -377,7 +378,7 @@ class RunSpec:
                 weights["dataset"] = data_hash
         for key, folder in model.folders.items():
             name = {"model.path": "ddpm", "model.unconditional": "unconditional"}.get(key)
-            weights[name or f"class_{key.rsplit('.', 1)[1]}"] = weights_hash(folder, key)
+            weights[name or f"class_{key.rsplit('.', 1)[1]}"] = sha256_file(model.weights[key])
         identity = runs.identity(self.plain_config(), weights, lambda _: schedule_keys(thawed(model.scheduler_config)))
         return MappingProxyType(identity)
 
@@ -392,8 +393,8 @@ def resolve_run(cfg: DictConfig, scored: bool = True) -> RunSpec:
     from dng_cli.validate import check_types
 
     method = build_guidance(plain(cfg.method))
-    if method.prompt_branches:
-        allowed = ", ".join(k for k, v in METHODS.items() if not v.prompt_branches)
+    if "prompt" in method.inputs:
+        allowed = ", ".join(k for k, v in METHODS.items() if "prompt" not in v.inputs)
         raise UserError(f"method {cfg.method.name} is for dng sd only (it guides with a text prompt's branches): "
                         f"allowed here are {allowed}")
     dataset = dataset_spec(cfg.dataset)
@@ -572,6 +573,7 @@ def model_spec(model_cfg: DictConfig, dataset: DatasetSpec | None = None, classi
                                 f"with config.json) nor a shipped name ({', '.join(SHIPPED)})")
             raise UserError(f"model path {str(value)!r} is not a checkpoint folder (save_pretrained folder with config.json)")
         configs[key] = json.loads((path / "config.json").read_text())
+    weights = {key: weights_file(path, key) for key, path in folders.items()}
     if kind == "random":
         configs = {"model.unet": plain(model_cfg.unet)}
     null_label = model_cfg.get("null_label", "last")
@@ -585,6 +587,7 @@ def model_spec(model_cfg: DictConfig, dataset: DatasetSpec | None = None, classi
     forbidden_models = ({int(c): folders[f"model.forbidden_models.{c}"] for c in model_cfg.forbidden_models}
                         if kind == "pair" else {})
     return ModelSpec(name=model_cfg.get("name"), kind=str(kind), folders=MappingProxyType(folders),
+                     weights=MappingProxyType(weights),
                      forbidden_models=MappingProxyType(forbidden_models),
                      unet=frozen(plain(model_cfg.unet)) if kind == "random" else None,
                      seed=int(model_cfg.seed) if kind == "random" else None, null_label=null_label,
@@ -658,11 +661,11 @@ def schedule_of(model: dict) -> dict:
     return schedule_keys(scheduler_config(model_cfg, model_folders(model_cfg)))
 
 
-def weights_hash(folder: Path, key: str) -> str:
-    """sha256 of a UNet folder's weights file (safetensors, .bin or .pt: ``unet_weights_file``)."""
+def weights_file(folder: Path, key: str) -> Path:
+    """A UNet folder's weights file (safetensors, .bin or .pt: ``unet_weights_file``); errors name the config key."""
     if not folder.is_dir():
         raise UserError(f"{key}: checkpoint folder {str(folder)!r} not found")
     try:
-        return sha256_file(unet_weights_file(folder))
+        return unet_weights_file(folder)
     except UserError as err:
         raise UserError(f"{key}: {err}") from None

@@ -103,3 +103,25 @@ def test_the_page_in_a_real_browser(folder, browser):
     assert names == sorted(names, key=str.lower) or names == sorted(names)
     assert errors == []  # nor while sorting
     page.close()
+
+
+def test_the_committed_compare_renders_and_gives_the_readme_its_screenshot(tmp_path, browser):
+    """report.html of a committed compare alone (docs/results/matched_safety/mnist_ccfg_pilot_bam): no console
+    errors, every image decodes, the claims are on the page. With DNG_SCREENSHOT=<png> the page is photographed
+    there (the README's picture: DNG_SCREENSHOT=docs/images/report.png pytest tests/test_report_html.py -k committed)."""
+    import os
+
+    root = tmp_path / "compare"
+    shutil.copytree(COMPARE, root)
+    cli.main(["report", str(root)])
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors = []
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.goto((root / "report.html").as_uri())
+    widths = page.evaluate("Promise.all(Array.from(document.images).map(i => i.decode().then(() => i.naturalWidth)))")
+    assert widths and all(w > 0 for w in widths) and errors == []
+    assert "ccfg − dng" in page.content()
+    if os.environ.get("DNG_SCREENSHOT"):
+        page.screenshot(path=os.environ["DNG_SCREENSHOT"], full_page=False)
+    page.close()

@@ -68,3 +68,19 @@ def test_a_bad_config_fails_in_the_resolve(compose):
         spec.resolve_run(compose("evaluate", ["forbidden=[12]"]))
     with pytest.raises(UserError, match="model.path='/nowhere' is not a checkpoint folder"):
         spec.resolve_run(compose("evaluate", ["model.path=/nowhere"]))
+
+
+@pytest.mark.parametrize("command", ["evaluate", "sample"])
+def test_no_config_resolution_after_the_spec(command):
+    """scripts/config_walk.py follows the config through a real run: once resolve_run has returned, nothing
+    resolves a name, source or format again (the spec's own lazy identity aside)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "config_walk.py"
+    loader = importlib.util.spec_from_file_location("config_walk", path)
+    walk = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(walk)
+    result = walk.walk(walk.trace(command), f"dng_cli.commands.{command}")
+    assert result["resolution_after_resolve_run"] == [], result["path"]
+    assert any(step.startswith("dng_cli.spec.resolve_run") for step in result["path"])

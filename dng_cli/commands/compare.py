@@ -47,14 +47,18 @@ INCEPTION_METRICS = ("fid_inception", "kid_inception")  # compared whenever metr
 
 
 def method_config(name: str) -> DictConfig:
-    """configs/method/<name>.yaml with its same-group ``defaults`` parents merged in."""
+    """configs/method/<name>.yaml as Hydra composes it (its ``defaults`` parents merged in)."""
     root = resources.files("dng_cli.configs") / "method"
     if not (root / f"{name}.yaml").is_file():
         options = sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
         raise UserError(f"methods entry {name!r} is unknown: allowed are {', '.join(options)}")
-    conf = OmegaConf.create((root / f"{name}.yaml").read_text())
-    parents = [d for d in conf.pop("defaults", []) if d != "_self_"]
-    return OmegaConf.merge(*(method_config(p) for p in parents), conf) if parents else conf
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():  # inside the running command: its own config search path
+        return compose("evaluate", overrides=[f"method={name}"]).method
+    with initialize_config_module("dng_cli.configs", version_base="1.3"):
+        return compose("evaluate", overrides=[f"method={name}"]).method
 
 
 def method_of(cfg: DictConfig, name: str) -> DictConfig:

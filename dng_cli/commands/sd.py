@@ -10,7 +10,7 @@ unconditional part and the negative prompt the forbidden class:
 
 Methods defined on the raw branches (``method=negative_prompt``: diffusers' replaced-branch negative
 prompt; ``method=sld_weak|medium|strong|max``: diffusers' ``StableDiffusionPipelineSafe``) get
-ε_∅ and [ε_p, ε_n] instead (``Guidance.prompt_branches``).
+ε_∅ and [ε_p, ε_n] instead (their ``Guidance.inputs`` name the prompt branches).
 
 Sampling is DDPM ancestral on the latent with the model's own β schedule and prediction type (read
 from its scheduler/scheduler_config.json; v- and x₀-predictions are converted to ε), respaced: the
@@ -129,7 +129,7 @@ class PromptEps:
     """eps_fn for SD, one batched UNet forward of [z; z; z] with the embeddings of "", prompt, negative.
 
     Default: ε_u = ε_∅ + w (ε_p - ε_∅) (the prompt with classifier-free guidance), ε_c = ε_n.
-    ``branches=True`` (methods with ``prompt_branches``): ε_u = ε_∅, ε_c = [ε_p, ε_n]."""
+    ``branches=True`` (methods whose ``inputs`` are the prompt branches): ε_u = ε_∅, ε_c = [ε_p, ε_n]."""
 
     def __init__(self, unet, embeddings: torch.Tensor, cfg_scale: float, branches: bool = False):
         self.unet, self.embeddings, self.cfg_scale = unet, embeddings, cfg_scale  # embeddings: [3, L, D]
@@ -151,12 +151,12 @@ def setup(sd: StableDiffusion, cfg: DictConfig, device: torch.device) -> Samplin
     """The SD model as a ``sampler.SamplingSetup``: the same ``sampler.generate`` path as ``dng sample``."""
     method = OmegaConf.to_container(cfg.method, resolve=True)
     guidance_cls = METHODS.get(method.get("name"))
-    if guidance_cls is not None and guidance_cls.prompt_branches:
+    if guidance_cls is not None and "prompt" in guidance_cls.inputs:
         method["cfg_scale"] = float(cfg.cfg_scale)
     guidance = build_guidance(method)
     emb = encode(sd, ["", str(cfg.prompt), str(cfg.negative_prompt)], device)
     schedule = respaced(NoiseSchedule.from_scheduler(sd.scheduler_config), cfg.sampler)
-    eps_fn = as_epsilon(PromptEps(sd.unet, emb, float(cfg.cfg_scale), branches=guidance.prompt_branches), schedule,
+    eps_fn = as_epsilon(PromptEps(sd.unet, emb, float(cfg.cfg_scale), branches="prompt" in guidance.inputs), schedule,
                         str(sd.scheduler_config.get("prediction_type", "epsilon")))
     size = int(sd.unet.config.sample_size)
     return SamplingSetup(eps_fn, schedule, guidance, (int(sd.unet.config.in_channels), size, size), device,

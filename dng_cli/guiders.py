@@ -1,0 +1,151 @@
+"""Dynamic Negative Guidance as a diffusers guider (``diffusers.guiders.BaseGuidance``), for modular pipelines
+and any loop that follows the guiders protocol. Importable without Hydra::
+
+    from dng_cli.guiders import DynamicNegativeGuidance
+
+    guider = DynamicNegativeGuidance(guidance_scale=10.0, prior=0.1)   # settings as configs/method/dng.yaml
+    for i, t in enumerate(scheduler.timesteps):
+        guider.set_state(i, len(scheduler.timesteps), t)
+        guider.observe(latents, scheduler)          # the latents this step starts from: the posterior update
+        batches = guider.prepare_inputs({"class_labels": (None, null_labels, forbidden_labels)})
+        for b in batches:                            # one denoiser call per prediction the guider asks for
+            b.noise_pred = unet(latents, t, class_labels=b.class_labels).sample
+        noise_pred = guider(batches).pred
+        latents = scheduler.step(noise_pred, t, latents, generator=generator).prev_sample
+
+The predictions (``_input_predictions``): ``pred_uncond`` (ε_u), ``pred_negative`` (ε_c, the forbidden class or
+concept) and, with ``cfg_scale`` set (text-to-image), ``pred_cond`` (the prompt): then ε_u is the classifier-free
+prediction ε_∅ + w (ε_p − ε_∅), as ``dng sd`` and the paper's Stable Diffusion experiments use. A data tuple is
+(cond, uncond, negative), so a loop block passes a third input beside diffusers' (cond, uncond) pairs.
+
+DNG (Koulischer et al., ICLR 2025) guides with ε̃ = ε_u − λ p/(1 − p) (ε_c − ε_u), where p = p(c | x_t, …, x_T) is
+tracked along the chain: after each step x_t → x' the guider updates log p with the Gaussian transition ratio
+N(x'; μ_c, σ²)/N(x'; μ_u, σ²) of the UNguided means of that step, exactly as ``dng_cli.guidance``
+(same clamping, same ``offset`` per original timestep). In a diffusers loop it sees x' only when the next step
+starts, so the update runs in ``observe`` from the means it stored in ``forward``; ``posterior`` and ``scale``
+hold p and λ_t per sample after each call (diagnostics). The chain's coefficients come from the scheduler
+(``alphas_cumprod``, ``previous_timestep``, ``config.variance_type``: a DDPM-type ancestral sampler).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
+
+from dng_cli.guidance import DynamicNegativeGuidance as _DNG
+from dng_cli.guidance import StepInfo
+
+
+class DynamicNegativeGuidance(BaseGuidance):
+    """DNG as a guider; settings as ``dng_cli.guidance.DynamicNegativeGuidance`` (λ ``guidance_scale``, ``prior``,
+    ``temperature``, ``offset`` per original timestep, ``p_min``/``p_max``, ``update_variance``), plus
+    ``cfg_scale`` (None: no prompt branch, class-conditional models) and diffusers' ``start``/``stop``/``enabled``
+    (outside [start, stop) of the steps: no negative guidance, the posterior is still tracked)."""
+
+    _input_predictions = ["pred_cond", "pred_uncond", "pred_negative"]
+
+    @register_to_config
+    def __init__(self, guidance_scale: float = 10.0, prior: float = 0.1, temperature: float = 1.0, offset: float = 0.0,
+                 p_min: float = 1e-6, p_max: float = 0.99, update_variance: str = "sampled",
+                 cfg_scale: float | None = None, start: float = 0.0, stop: float = 1.0, enabled: bool = True):
+        super().__init__(start, stop, enabled)
+        self.method = _DNG(guidance_scale=guidance_scale, prior=prior, temperature=temperature, offset=offset,
+                           p_min=p_min, p_max=p_max, update_variance=update_variance)
+        self.cfg_scale = cfg_scale
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the tracked posterior: the next ``observe`` starts a new chain at the prior."""
+        self._chain = None      # {"log_posterior": [B, 1]} of the chain being sampled
+        self._last = None       # what the step just taken needs for the update: x_t, ε_u, ε_c, its coefficients
+        self.posterior = None   # p per sample after the latest update, [B]
+        self.scale = None       # λ_t per sample of the latest ``forward``, [B]
+
+    # ------------------------------------------------------------------------------------- the protocol
+    @property
+    def num_conditions(self) -> int:
+        return 3 if self.cfg_scale is not None else 2
+
+    @property
+    def is_conditional(self) -> bool:
+        return self._count_prepared == 1
+
+    def _predictions(self) -> list[tuple[int, str]]:
+        named = list(enumerate(self._input_predictions))
+        return named if self.cfg_scale is not None else named[1:]
+
+    def prepare_inputs(self, data: dict) -> list:
+        """One batch per prediction: a data tuple is (cond, uncond, negative); a tensor goes to every batch."""
+        return [self._prepare_batch(data, index, name) for index, name in self._predictions()]
+
+    def prepare_inputs_from_block_state(self, data, input_fields: dict) -> list:
+        return [self._prepare_batch_from_block_state(input_fields, data, index, name)
+                for index, name in self._predictions()]
+
+    def _guiding(self) -> bool:
+        if not self._enabled:
+            return False
+        if self._num_inference_steps is None:
+            return True
+        return int(self._start * self._num_inference_steps) <= self._step < int(self._stop * self._num_inference_steps)
+
+    # --------------------------------------------------------------------------------- the posterior
+    def observe(self, latents: torch.Tensor, scheduler) -> None:
+        """The latents x this step starts from: at the first step the posterior starts at the prior, later it is
+        updated with the step that led to x (its unguided means, stored by ``forward``). Call it after
+        ``set_state`` and before the denoiser runs. ``scheduler``: the one stepping the chain (its chain and
+        timesteps give μ and σ² of each step)."""
+        if self._chain is None or self._step == 0:
+            self._chain = self.method.start(latents, 1)
+            self._last = None
+        elif self._last is not None:
+            x_t, eps_u, eps_c, coef = self._last
+            mu_u = (x_t - coef["c_eps"] * eps_u) * coef["c_x"]
+            mu_c = (x_t - coef["c_eps"] * eps_c) * coef["c_x"]
+            self.method.update(self._chain, StepInfo(latents, mu_u, mu_c.unsqueeze(0), coef["variance"],
+                                                     coef["variance_small"], coef["span"], coef["precision"],
+                                                     coef["precision_small"]))
+            self._last = None
+        self._scheduler, self._latents = scheduler, latents
+        self.posterior = self.method.posterior(self._chain)[:, 0]
+
+    def forward(self, pred_uncond: torch.Tensor, pred_negative: torch.Tensor,
+                pred_cond: torch.Tensor | None = None) -> GuiderOutput:
+        if self._chain is None:
+            raise RuntimeError("DynamicNegativeGuidance needs guider.observe(latents, scheduler) at every step, "
+                               "before the denoiser runs: it tracks the posterior on the latents")
+        eps_u = pred_uncond if self.cfg_scale is None else pred_uncond + self.cfg_scale * (pred_cond - pred_uncond)
+        if self._guiding():
+            pred, self.scale = self.method(eps_u, pred_negative.unsqueeze(0), self._step, self._chain)
+        else:
+            pred, self.scale = eps_u, eps_u.new_zeros(eps_u.shape[0])
+        self._last = (self._latents, eps_u, pred_negative, _step_coefficients(self._scheduler, self._timestep))
+        return GuiderOutput(pred=pred, pred_cond=pred_cond if pred_cond is not None else pred_negative,
+                            pred_uncond=eps_u)
+
+
+def _step_coefficients(scheduler, timestep) -> dict:
+    """μ(ε) = (x − c_eps ε) c_x of the DDPM step from ``timestep`` to the scheduler's previous timestep, its
+    variances (σ² as the scheduler draws with, β̃) and the summed precisions of the original timesteps it spans."""
+    abar = scheduler.alphas_cumprod.double()
+    t = int(timestep)
+    prev = int(scheduler.previous_timestep(t))
+    abar_t, abar_prev = float(abar[t]), float(abar[prev]) if prev >= 0 else 1.0
+    beta = 1.0 - abar_t / abar_prev
+    small = (1.0 - abar_prev) / (1.0 - abar_t) * beta
+    large_kind = str(getattr(scheduler.config, "variance_type", "fixed_small")) == "fixed_large"
+    betas = scheduler.betas.double()
+    originals = range(prev + 1, t + 1)  # the original timesteps (prev, t] this step spans
+
+    def beta_small(s: int) -> float:
+        before = float(abar[s - 1]) if s > 0 else 1.0
+        return (1.0 - before) / (1.0 - float(abar[s])) * float(betas[s])
+
+    precision_small = sum(1.0 / beta_small(s) for s in originals if s > 0)
+    precision_large = sum(1.0 / float(betas[s]) for s in originals if s > 0)  # step 0 ends without noise
+    return {"c_x": (1.0 - beta) ** -0.5, "c_eps": beta / math.sqrt(1.0 - abar_t),
+            "variance": beta if large_kind else small, "variance_small": small, "span": (prev, t),
+            "precision": precision_large if large_kind else precision_small, "precision_small": precision_small}

@@ -1,0 +1,167 @@
+"""DNG as a diffusers guider (dng_cli.guiders): inside a loop that follows diffusers' guiders protocol, with
+diffusers' own DDPMScheduler stepping the chain, it gives the samples and the posterior of dng_cli's sampler."""
+
+import json
+
+import pytest
+import torch
+
+from dng_cli import guidance
+from dng_cli.guiders import DynamicNegativeGuidance
+from dng_cli.models import ClassConditionalEps, load_ddpm
+from dng_cli.sampler import randn, sample
+from dng_cli.schedule import NoiseSchedule
+from dng_cli.spec import resolve
+
+SEEDS, STEPS, FORBIDDEN = [0, 1, 2, 3], 10, 0
+SETTINGS = dict(guidance_scale=10.0, prior=0.1, temperature=1.0, offset=0.0, p_min=1e-6, p_max=0.99)
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    unet = load_ddpm("mnist")
+    conf = json.loads((resolve("mnist", "ddpm") / "scheduler_config.json").read_text())
+    return unet, conf
+
+
+def ours(unet, conf, settings, steps=STEPS):
+    schedule = NoiseSchedule.from_scheduler(conf).respace(steps)
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    x_T = randn((len(SEEDS), 1, 28, 28), gens)
+    with torch.inference_mode():
+        out = sample(ClassConditionalEps(unet, [FORBIDDEN]), schedule, guidance.DynamicNegativeGuidance(**settings),
+                     x_T, generator=gens, progress=False)
+    return out, schedule
+
+
+def diffusers_loop(unet, conf, guider, timesteps, labels=None):
+    """The guiders protocol as diffusers' modular denoise loops run it, plus ``observe`` (the latents) for DNG;
+    ``labels``: the data tuple of class labels (default: DNG's (None, null, forbidden))."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(conf)
+    scheduler.set_timesteps(timesteps=timesteps)
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    latents = randn((len(SEEDS), 1, 28, 28), gens)
+    null = torch.full((len(SEEDS),), 10)
+    forbidden = torch.full((len(SEEDS),), FORBIDDEN)
+    posteriors = []
+    with torch.inference_mode():
+        for i, t in enumerate(scheduler.timesteps):
+            guider.set_state(i, len(scheduler.timesteps), t)
+            if hasattr(guider, "observe"):
+                guider.observe(latents, scheduler)
+                if i > 0:
+                    posteriors.append(guider.posterior.clone())
+            batches = guider.prepare_inputs({"class_labels": labels(null, forbidden) if labels else (None, null, forbidden)})
+            for b in batches:
+                guider.prepare_models(unet)
+                b.noise_pred = unet(latents, t.expand(len(SEEDS)), class_labels=b.class_labels).sample
+                guider.cleanup_models(unet)
+            pred = guider(batches).pred
+            latents = scheduler.step(pred, t, latents, generator=gens).prev_sample
+    return latents, torch.stack(posteriors) if posteriors else None
+
+
+def test_the_dng_guider_in_a_diffusers_loop_equals_the_sampler(mnist):
+    unet, conf = mnist
+    out, schedule = ours(unet, conf, SETTINGS)
+    guider = DynamicNegativeGuidance(**SETTINGS)
+    assert guider.num_conditions == 2
+    latents, posteriors = diffusers_loop(unet, conf, guider, schedule.timesteps.flip(0).tolist())
+    image_diff = float((latents - out.images).abs().max())
+    posterior_diff = float((posteriors - out.posterior[:-1]).abs().max())
+    print(f"max |Δx_0| {image_diff:.2e}, max |Δp| {posterior_diff:.2e}")
+    assert image_diff < 1e-3 and posterior_diff < 1e-4
+    assert float((out.posterior - SETTINGS["prior"]).abs().max()) > 0.05  # the posterior did move from the prior
+
+
+def test_the_offset_and_the_large_variance_follow_the_original_timesteps(mnist):
+    unet, conf = mnist
+    settings = {**SETTINGS, "guidance_scale": 2.0, "offset": 1e-4}  # a drift of ≈ 0.5 in log p per step
+    conf_large = {**conf, "variance_type": "fixed_large"}
+    schedule = NoiseSchedule.from_scheduler(conf).respace(STEPS)
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    with torch.inference_mode():
+        out = sample(ClassConditionalEps(unet, [FORBIDDEN]), schedule, guidance.DynamicNegativeGuidance(**settings),
+                     randn((len(SEEDS), 1, 28, 28), gens), generator=gens, progress=False, variance="large")
+    latents, posteriors = diffusers_loop(unet, conf_large, DynamicNegativeGuidance(**settings),
+                                         schedule.timesteps.flip(0).tolist())
+    assert float((posteriors - out.posterior[:-1]).abs().max()) < 1e-4
+    assert torch.allclose(latents, out.images, rtol=1e-3, atol=1e-3)  # |x_0| reaches hundreds at 10 large steps
+
+
+def test_save_pretrained_round_trip_gives_identical_outputs(mnist, tmp_path):
+    unet, conf = mnist
+    guider = DynamicNegativeGuidance(guidance_scale=7.0, prior=0.2, temperature=0.5, offset=0.01, stop=0.8)
+    guider.save_pretrained(tmp_path / "guider")
+    again = DynamicNegativeGuidance.from_pretrained(tmp_path / "guider")
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(again.config) == public(guider.config) and again.config.stop == 0.8
+    timesteps = NoiseSchedule.from_scheduler(conf).respace(STEPS).timesteps.flip(0).tolist()
+    a, pa = diffusers_loop(unet, conf, guider, timesteps)
+    b, pb = diffusers_loop(unet, conf, again, timesteps)
+    assert torch.equal(a, b) and torch.equal(pa, pb)
+
+
+def test_with_a_prompt_branch_the_unconditional_prediction_is_classifier_free():
+    guider = DynamicNegativeGuidance(cfg_scale=7.5, guidance_scale=2.0, prior=0.3)
+    assert guider.num_conditions == 3
+    batches = guider.prepare_inputs({"prompt_embeds": (torch.ones(1), torch.zeros(1), -torch.ones(1))})
+    assert [b.__guidance_identifier__ for b in batches] == ["pred_cond", "pred_uncond", "pred_negative"]
+    assert [float(b.prompt_embeds) for b in batches] == [1.0, 0.0, -1.0]
+
+    class Chain:  # the latents' chain: any DDPM scheduler
+        alphas_cumprod = torch.linspace(0.99, 0.01, 10).double()
+        betas = torch.full((10,), 0.05)
+        config = type("C", (), {"variance_type": "fixed_small"})
+
+        @staticmethod
+        def previous_timestep(t):
+            return t - 1
+
+    x = torch.randn(2, 4, 8, 8)
+    e0, ep, en = torch.randn(3, 2, 4, 8, 8)
+    guider.set_state(0, 10, torch.tensor(9))
+    guider.observe(x, Chain)
+    for b, e in zip(batches, (ep, e0, en)):
+        b.noise_pred = e
+    pred = guider(batches).pred
+    eps_u = e0 + 7.5 * (ep - e0)
+    w = 2.0 * 0.3 / 0.7
+    assert torch.allclose(pred, eps_u - w * (en - eps_u), atol=1e-5)
+    assert torch.allclose(guider.scale, torch.full((2,), w))
+
+
+def test_forward_without_observe_is_one_clear_error():
+    guider = DynamicNegativeGuidance()
+    with pytest.raises(RuntimeError, match="observe"):
+        guider.forward(torch.zeros(1), torch.zeros(1))
+
+
+def test_np_is_diffusers_classifier_free_guidance_with_the_forbidden_class_as_its_unconditional_branch(mnist):
+    """The mapping docs/diffusers.md states instead of a new class: the paper's NP, ε_u − λ(ε_c − ε_u), is
+    ClassifierFreeGuidance(guidance_scale=1 + λ) fed (cond, uncond) = (null label, forbidden class)."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    unet, conf = mnist
+    schedule = NoiseSchedule.from_scheduler(conf).respace(STEPS)
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    with torch.inference_mode():
+        out = sample(ClassConditionalEps(unet, [FORBIDDEN]), schedule, guidance.NegativePrompting(guidance_scale=2.0),
+                     randn((len(SEEDS), 1, 28, 28), gens), generator=gens, progress=False)
+    latents, _ = diffusers_loop(unet, conf, ClassifierFreeGuidance(guidance_scale=3.0), schedule.timesteps.flip(0).tolist(),
+                                labels=lambda null, forbidden: (null, forbidden))
+    assert float((latents - out.images).abs().max()) < 1e-3
+
+
+def test_the_docs_example_runs_and_tracks_the_posterior():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "diffusers.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1).replace("print(", "result = (")
+    scope: dict = {}
+    exec(compile(code, "docs/diffusers.md", "exec"), scope)
+    assert scope["x"].shape == (8, 1, 28, 28) and torch.isfinite(scope["x"]).all()
+    assert scope["guider"].posterior.shape == (8,) and scope["guider"].scale.shape == (8,)
