@@ -162,3 +162,28 @@ def test_a_compare_is_a_parent_run_with_its_grid_points_as_children(compose, tmp
     key = f"{claim['metric']}.{claim['method']}-{claim['reference']}.t{claim['target']:g}.diff"
     assert parent[0].data.metrics[key] == pytest.approx(claim["diff"])
     assert {a.path for a in client.list_artifacts(parent[0].info.run_id)} >= {"compare.md"}
+
+
+def test_training_logs_loss_ema_and_lr_per_step(compose, tiny_mnist, tmp_path):
+    """dng train ddpm/classifier with logger=csv: the loss, its EMA and the LR every log_every steps, read back."""
+    from dng_cli.commands import train
+
+    out = tmp_path / "ddpm"
+    cfg = compose("train_ddpm", [f"dataset.root={tiny_mnist}", "model=tiny_random", "steps=6", "log_every=2",
+                                 "batch_size=8", "checkpoint_every=6", "progress=false", f"output_dir={out}",
+                                 "logger=csv"])
+    train.run_ddpm(cfg, out)
+    rows = list(csv.DictReader((out / "csv" / "metrics.csv").open()))
+    steps = {name: [int(r["step"]) for r in rows if r["name"] == name] for name in ("loss", "loss_ema", "lr")}
+    assert steps == {"loss": [2, 4, 6], "loss_ema": [2, 4, 6], "lr": [2, 4, 6]}
+    assert all(float(r["value"]) > 0 for r in rows)
+    params = json.loads((out / "csv" / "params.json").read_text())["params"]
+    assert params["steps"] == 6 and not any(k.startswith("logger") for k in params)
+
+    out = tmp_path / "clf"
+    cfg = compose("train_classifier", [f"dataset.root={tiny_mnist}", "epochs=1", "batch_size=16", "width=4",
+                                       "log_every=1", "progress=false", f"output_dir={out}", "logger=csv"])
+    result = train.run_classifier(cfg, out)
+    rows = list(csv.DictReader((out / "csv" / "metrics.csv").open()))
+    assert [r for r in rows if r["name"] == "loss"] and float(
+        [r for r in rows if r["name"] == "test_accuracy"][0]["value"]) == pytest.approx(result["test_accuracy"])

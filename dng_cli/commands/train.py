@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from dng_cli import UserError
+from dng_cli import UserError, trackers
 from dng_cli.commands.common import entry
 from dng_cli.io import atomic_save
 from dng_cli.pipeline import hardware, setup_torch
@@ -136,6 +136,7 @@ def _run_ddpm(cfg: DictConfig, out: Path) -> dict:
     if cfg.resume:
         step, loss_value, wall_before, resumed_changes = resume(ckpt, model, ema, opt, settings)
     batches = Batches(len(images), int(cfg.batch_size), int(cfg.seed))
+    tracked = tracker(cfg, out, "train-ddpm")
     bar = tqdm(total=int(cfg.steps), initial=step, disable=not cfg.progress, desc="train ddpm")
     running = None
     while step < cfg.steps:
@@ -167,12 +168,27 @@ def _run_ddpm(cfg: DictConfig, out: Path) -> dict:
         bar.set_postfix(loss=f"{running:.4f}")
         if step % cfg.log_every == 0:
             log.info("step %d loss %.5f (ema %.5f) lr %.2e", step, loss_value, running, opt.param_groups[0]["lr"])
+            if tracked is not None:
+                tracked.metrics({"loss": loss_value, "loss_ema": running, "lr": opt.param_groups[0]["lr"]}, step=step)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             wall = wall_before + time.time() - t_start
             save_checkpoint(ckpt, model, ema, opt, step, loss_value, wall, settings)
             _save_ema(out, ema, cfg, step, running, wall, len(images), classes, init, resumed_changes)
     bar.close()
+    if tracked is not None:
+        tracked.metrics({"final_loss_ema": running if running is not None else loss_value}, step=step)
+        tracked.end()
     return {"step": step, "loss": loss_value, "output_dir": str(out)}
+
+
+def tracker(cfg: DictConfig, out: Path, command: str):
+    """The run's trackers (``logger=``), or None: training logs its loss, EMA loss and LR every ``log_every`` steps.
+    A tracker's failure is one warning (``trackers.Run``), never a failed training."""
+    logger = trackers.config_of(cfg)
+    if not logger:
+        return None
+    params = trackers.flatten({k: v for k, v in plain(cfg).items() if k != "logger"})
+    return trackers.Run(logger, command, out, out.name, params, {"command": command, "folder": str(out.resolve())})
 
 
 def resume(ckpt: Path, model, ema, opt, settings: dict) -> tuple[int, float, float, dict]:
@@ -267,6 +283,7 @@ def _run_classifier(cfg: DictConfig, out: Path) -> dict:
     total = batches.per_epoch * int(cfg.epochs)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total)
     t_start = time.time()
+    tracked = tracker(cfg, out, "train-classifier")
     bar = tqdm(range(total), disable=not cfg.progress, desc="train classifier")
     for step in bar:
         g = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + step)
@@ -283,9 +300,14 @@ def _run_classifier(cfg: DictConfig, out: Path) -> dict:
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        if tracked is not None and (step + 1) % int(cfg.get("log_every", 50)) == 0:
+            tracked.metrics({"loss": loss.item(), "lr": opt.param_groups[0]["lr"]}, step=step + 1)
     model.eval()
     accuracy = float((classify(model, xt, batch_size=1000)[0] == yt).double().mean())
     log.info("test accuracy %.4f", accuracy)
+    if tracked is not None:
+        tracked.metrics({"test_accuracy": accuracy}, step=total)
+        tracked.end()
     card = {"kind": "classifier", "test_accuracy": accuracy, "epochs": int(cfg.epochs), "steps": total,
             "data": {"dataset": cfg.dataset.name, "train_images": len(x), "test_images": len(xt)},
             "wall_time_s": round(time.time() - t_start, 1), "hardware": hardware(), "config": plain(cfg)}
