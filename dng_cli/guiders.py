@@ -1,5 +1,6 @@
-"""Dynamic Negative Guidance as a diffusers guider (``diffusers.guiders.BaseGuidance``), for modular pipelines
-and any loop that follows the guiders protocol. Importable without Hydra::
+"""Dynamic Negative Guidance (and Safe Latent Diffusion, ``SafeLatentGuidance``) as diffusers guiders
+(``diffusers.guiders.BaseGuidance``), for modular pipelines and any loop that follows the guiders protocol.
+Importable without Hydra::
 
     from dng_cli.guiders import DynamicNegativeGuidance
 
@@ -36,35 +37,21 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
 from dng_cli.guidance import DynamicNegativeGuidance as _DNG
+from dng_cli.guidance import SafeLatentDiffusion as _SLD
 from dng_cli.guidance import StepInfo
 
 
-class DynamicNegativeGuidance(BaseGuidance):
-    """DNG as a guider; settings as ``dng_cli.guidance.DynamicNegativeGuidance`` (λ ``guidance_scale``, ``prior``,
-    ``temperature``, ``offset`` per original timestep, ``p_min``/``p_max``, ``update_variance``), plus
-    ``cfg_scale`` (None: no prompt branch, class-conditional models) and diffusers' ``start``/``stop``/``enabled``
-    (outside [start, stop) of the steps: no negative guidance, the posterior is still tracked)."""
+class _MethodGuider(BaseGuidance):
+    """A ``dng_cli.guidance`` method as a guider: the predictions (cond, uncond, negative), the classifier-free ε_u
+    with ``cfg_scale``, and diffusers' start/stop/enabled."""
 
     _input_predictions = ["pred_cond", "pred_uncond", "pred_negative"]
 
-    @register_to_config
-    def __init__(self, guidance_scale: float = 10.0, prior: float = 0.1, temperature: float = 1.0, offset: float = 0.0,
-                 p_min: float = 1e-6, p_max: float = 0.99, update_variance: str = "sampled",
-                 cfg_scale: float | None = None, start: float = 0.0, stop: float = 1.0, enabled: bool = True):
+    def __init__(self, cfg_scale: float | None, start: float, stop: float, enabled: bool):
         super().__init__(start, stop, enabled)
-        self.method = _DNG(guidance_scale=guidance_scale, prior=prior, temperature=temperature, offset=offset,
-                           p_min=p_min, p_max=p_max, update_variance=update_variance)
         self.cfg_scale = cfg_scale
-        self.reset()
+        self.scale = None  # λ_t per sample of the latest ``forward``, [B]
 
-    def reset(self) -> None:
-        """Forget the tracked posterior: the next ``observe`` starts a new chain at the prior."""
-        self._chain = None      # {"log_posterior": [B, 1]} of the chain being sampled
-        self._last = None       # what the step just taken needs for the update: x_t, ε_u, ε_c, its coefficients
-        self.posterior = None   # p per sample after the latest update, [B]
-        self.scale = None       # λ_t per sample of the latest ``forward``, [B]
-
-    # ------------------------------------------------------------------------------------- the protocol
     @property
     def num_conditions(self) -> int:
         return 3 if self.cfg_scale is not None else 2
@@ -92,6 +79,32 @@ class DynamicNegativeGuidance(BaseGuidance):
             return True
         return int(self._start * self._num_inference_steps) <= self._step < int(self._stop * self._num_inference_steps)
 
+    def _unconditional(self, pred_uncond, pred_cond):
+        return pred_uncond if self.cfg_scale is None else pred_uncond + self.cfg_scale * (pred_cond - pred_uncond)
+
+
+class DynamicNegativeGuidance(_MethodGuider):
+    """DNG as a guider; settings as ``dng_cli.guidance.DynamicNegativeGuidance`` (λ ``guidance_scale``, ``prior``,
+    ``temperature``, ``offset`` per original timestep, ``p_min``/``p_max``, ``update_variance``), plus
+    ``cfg_scale`` (None: no prompt branch, class-conditional models) and diffusers' ``start``/``stop``/``enabled``
+    (outside [start, stop) of the steps: no negative guidance, the posterior is still tracked)."""
+
+    @register_to_config
+    def __init__(self, guidance_scale: float = 10.0, prior: float = 0.1, temperature: float = 1.0, offset: float = 0.0,
+                 p_min: float = 1e-6, p_max: float = 0.99, update_variance: str = "sampled",
+                 cfg_scale: float | None = None, start: float = 0.0, stop: float = 1.0, enabled: bool = True):
+        super().__init__(cfg_scale, start, stop, enabled)
+        self.method = _DNG(guidance_scale=guidance_scale, prior=prior, temperature=temperature, offset=offset,
+                           p_min=p_min, p_max=p_max, update_variance=update_variance)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the tracked posterior: the next ``observe`` starts a new chain at the prior."""
+        self._chain = None      # {"log_posterior": [B, 1]} of the chain being sampled
+        self._last = None       # what the step just taken needs for the update: x_t, ε_u, ε_c, its coefficients
+        self.posterior = None   # p per sample after the latest update, [B]
+        self.scale = None
+
     # --------------------------------------------------------------------------------- the posterior
     def observe(self, latents: torch.Tensor, scheduler) -> None:
         """The latents x this step starts from: at the first step the posterior starts at the prior, later it is
@@ -117,12 +130,40 @@ class DynamicNegativeGuidance(BaseGuidance):
         if self._chain is None:
             raise RuntimeError("DynamicNegativeGuidance needs guider.observe(latents, scheduler) at every step, "
                                "before the denoiser runs: it tracks the posterior on the latents")
-        eps_u = pred_uncond if self.cfg_scale is None else pred_uncond + self.cfg_scale * (pred_cond - pred_uncond)
+        eps_u = self._unconditional(pred_uncond, pred_cond)
         if self._guiding():
             pred, self.scale = self.method(eps_u, pred_negative.unsqueeze(0), self._step, self._chain)
         else:
             pred, self.scale = eps_u, eps_u.new_zeros(eps_u.shape[0])
         self._last = (self._latents, eps_u, pred_negative, _step_coefficients(self._scheduler, self._timestep))
+        return GuiderOutput(pred=pred, pred_cond=pred_cond if pred_cond is not None else pred_negative,
+                            pred_uncond=eps_u)
+
+
+class SafeLatentGuidance(_MethodGuider):
+    """Safe Latent Diffusion (Schramowski et al., CVPR 2023) as a guider, as ``dng_cli.guidance.SafeLatentDiffusion``
+    (``guidance_scale`` λ, ``threshold``, ``scale``, ``momentum_scale``, ``momentum_beta``, ``warmup_steps``) and
+    diffusers' deprecated ``StableDiffusionPipelineSafe``; ``cfg_scale`` as for DNG. Its momentum is kept across
+    the steps of a chain (reset at step 0); outside [start, stop) it is still updated, the guidance not applied."""
+
+    @register_to_config
+    def __init__(self, guidance_scale: float = 1.0, threshold: float = 0.04, scale: float = 100.0,
+                 momentum_scale: float = 0.2, momentum_beta: float = 0.1, warmup_steps: int = 0,
+                 cfg_scale: float | None = None, start: float = 0.0, stop: float = 1.0, enabled: bool = True):
+        super().__init__(cfg_scale, start, stop, enabled)
+        self.method = _SLD(guidance_scale=guidance_scale, threshold=threshold, scale=scale,
+                           momentum_scale=momentum_scale, momentum_beta=momentum_beta, warmup_steps=warmup_steps)
+        self._state = None
+
+    def forward(self, pred_uncond: torch.Tensor, pred_negative: torch.Tensor,
+                pred_cond: torch.Tensor | None = None) -> GuiderOutput:
+        eps_u = self._unconditional(pred_uncond, pred_cond)
+        if self._state is None or self._step == 0:
+            self._state = self.method.start(eps_u, 1)
+        pred, scale = self.method(eps_u, pred_negative.unsqueeze(0), self._step or 0, self._state)
+        if not self._guiding():
+            pred, scale = eps_u, eps_u.new_zeros(eps_u.shape[0])
+        self.scale = scale
         return GuiderOutput(pred=pred, pred_cond=pred_cond if pred_cond is not None else pred_negative,
                             pred_uncond=eps_u)
 

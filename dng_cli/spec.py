@@ -628,8 +628,8 @@ def classifier_spec(value, dataset: DatasetSpec | None) -> dict:
                     raise UserError(f"model.classifier={str(value)!r} does not fit dataset={dataset.name}: "
                                     f"its {field_} is {conf[field_]}, the dataset's is {want}")
             check_trained_on("model.classifier", str(value), "classifier", dataset)
-    else:
-        classifier_weights_hash(src)  # the file / weights exist (it is checked on a batch later)
+    elif src["kind"] == "target" and src["weights"] is not None and not Path(str(src["weights"])).expanduser().is_file():
+        raise UserError(f"model.classifier.weights={str(src['weights'])!r} is not a file")  # hashed once, in the identity
     return src
 
 

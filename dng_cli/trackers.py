@@ -24,8 +24,8 @@ from typing import Any
 from dng_cli import one_line
 
 log = logging.getLogger(__name__)
-TRACKERS = ("csv", "tensorboard", "mlflow", "wandb")
-EXTRAS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+TRACKERS = ("csv", "tensorboard", "mlflow", "wandb", "aim")
+EXTRAS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "aim": "aim"}
 _parent: contextvars.ContextVar[dict | None] = contextvars.ContextVar("dng_tracker_parent", default=None)
 
 
@@ -256,6 +256,43 @@ class Run:
 
     def _end_wandb(self, run):
         run.finish()
+
+    # ---------------------------------------------------------------------------------------------- aim
+    def _start_aim(self, cfg, params, tags):
+        from aim import Run as AimRun
+
+        repo = Path(cfg.get("repo") or Path.cwd() / "outputs" / "aim")
+        repo.mkdir(parents=True, exist_ok=True)
+        run = AimRun(repo=str(repo), experiment=self.experiment, system_tracking_interval=None,
+                     log_system_params=False, capture_terminal_logs=False)
+        run.name = self.name
+        run["hparams"] = {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+                          for k, v in params.items()}
+        run["tags"] = {k: str(v) for k, v in tags.items()}
+        parent = _parent.get()
+        if parent:
+            run["parent"] = parent["name"]
+        return {"run": run, "repo": repo}
+
+    def _metrics_aim(self, b, values, step):
+        for k, v in values.items():
+            b["run"].track(float(v), name=k, step=step or 0)
+
+    def _series_aim(self, b, name, values):
+        for i, v in enumerate(values):
+            b["run"].track(float(v), name=name, step=i)
+
+    def _image_aim(self, b, name, path):
+        from aim import Image
+
+        b["run"].track(Image(str(path)), name=name)
+
+    def _artifact_aim(self, b, path):
+        b["run"][f"artifact.{path.stem}"] = path.read_text() if path.suffix in (".md", ".csv", ".json") else str(path)
+
+    def _end_aim(self, b):
+        b["run"].close()
+        log.info("aim: run %s in experiment %s — aim up --repo %s", b["run"].hash, self.experiment, b["repo"])
 
 
 def config_of(cfg) -> dict:

@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--out", default="outputs/ccfg_tau")
     args = ap.parse_args()
     from dng_cli.models import ClassConditionalEps, classify, load_classifier, load_ddpm
-    from dng_cli.pipeline import to_uint8
+    from dng_cli.sampler import to_uint8
 
     t0 = time.time()
     c = FORBIDDEN[args.dataset]

@@ -24,7 +24,7 @@ from dng_cli import metrics
 from dng_cli.data import load_tensors
 from dng_cli.models import ClassConditionalEps, classify, load_classifier, load_ddpm
 from dng_cli.spec import SHIPPED, resolve
-from dng_cli.pipeline import to_uint8
+from dng_cli.sampler import to_uint8
 from dng_cli.sampler import randn, sample
 from dng_cli.schedule import NoiseSchedule
 

@@ -19,7 +19,7 @@ import torchvision.transforms.functional as TF
 
 from dng_cli import metrics
 from dng_cli.data import load_tensors
-from dng_cli.pipeline import to_uint8
+from dng_cli.sampler import to_uint8
 
 
 def main() -> None:

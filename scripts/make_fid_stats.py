@@ -18,7 +18,7 @@ from dng_cli import metrics
 from dng_cli.data import load_tensors
 from dng_cli.models import load_classifier
 from dng_cli.spec import SHIPPED, resolve
-from dng_cli.pipeline import to_uint8
+from dng_cli.sampler import to_uint8
 
 
 def main() -> None:

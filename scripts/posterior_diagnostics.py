@@ -178,7 +178,7 @@ def main() -> None:
         label = lambda images: model.component(images) == 0  # noqa: E731
     else:
         from dng_cli.models import ClassConditionalEps, load_classifier, load_ddpm
-        from dng_cli.pipeline import to_uint8
+        from dng_cli.sampler import to_uint8
 
         n = args.n or 200
         eps_fn = ClassConditionalEps(load_ddpm("mnist"), [0], channels_last=True, max_batch=128)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dng_cli import guidance
-from dng_cli.guiders import DynamicNegativeGuidance
+from dng_cli.guiders import DynamicNegativeGuidance, SafeLatentGuidance
 from dng_cli.models import ClassConditionalEps, load_ddpm
 from dng_cli.sampler import randn, sample
 from dng_cli.schedule import NoiseSchedule
@@ -165,3 +165,59 @@ def test_the_docs_example_runs_and_tracks_the_posterior():
     exec(compile(code, "docs/diffusers.md", "exec"), scope)
     assert scope["x"].shape == (8, 1, 28, 28) and torch.isfinite(scope["x"]).all()
     assert scope["guider"].posterior.shape == (8,) and scope["guider"].scale.shape == (8,)
+
+
+def test_the_sld_guider_in_a_diffusers_loop_equals_the_sampler(mnist, tmp_path):
+    unet, conf = mnist
+    settings = dict(guidance_scale=2.0, threshold=0.04, scale=100.0, momentum_scale=0.2, momentum_beta=0.1,
+                    warmup_steps=2)
+    schedule = NoiseSchedule.from_scheduler(conf).respace(STEPS)
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    with torch.inference_mode():
+        out = sample(ClassConditionalEps(unet, [FORBIDDEN]), schedule, guidance.SafeLatentDiffusion(**settings),
+                     randn((len(SEEDS), 1, 28, 28), gens), generator=gens, progress=False)
+    guider = SafeLatentGuidance(**settings)
+    timesteps = schedule.timesteps.flip(0).tolist()
+    latents, _ = diffusers_loop(unet, conf, guider, timesteps)
+    assert float((latents - out.images).abs().max()) < 1e-3
+    guider.save_pretrained(tmp_path / "sld")
+    again, _ = diffusers_loop(unet, conf, SafeLatentGuidance.from_pretrained(tmp_path / "sld"), timesteps)
+    assert torch.equal(again, latents)
+    plain, _ = diffusers_loop(unet, conf, SafeLatentGuidance(**{**settings, "guidance_scale": 0.0}), timesteps)
+    assert float((plain - latents).abs().max()) > 1e-2  # the guidance did change the samples
+
+
+def test_with_a_prompt_the_dng_guider_equals_dng_sd(compose):
+    """Text-to-image: the guider with cfg_scale, fed (prompt, "", negative) embeddings in a guiders-protocol loop
+    over diffusers' DDPMScheduler, gives `dng sd method=dng`'s latents (tiny random Stable Diffusion, offline)."""
+    pytest.importorskip("transformers")
+    from diffusers import DDPMScheduler
+
+    from dng_cli.commands import sd
+    from dng_cli.sampler import generate_all
+    from dng_cli.spec import plain
+
+    w, steps, seeds = 3.0, 4, [0, 1]
+    comps = sd.tiny_random(0)
+    cfg = compose("sd", ["sd_model=tiny_random", "prompt=a cat", "negative_prompt=a dog", "method=dng",
+                         f"sampler.steps={steps}", f"cfg_scale={w}"])
+    gen = sd.setup(comps, cfg, torch.device("cpu"))
+    out = generate_all(gen, seeds, len(seeds), progress=False)
+
+    guider = DynamicNegativeGuidance(**{k: v for k, v in plain(cfg.method).items() if k != "name"}, cfg_scale=w)
+    assert guider.num_conditions == 3
+    scheduler = DDPMScheduler(**comps.scheduler_config, clip_sample=False, variance_type="fixed_small")
+    scheduler.set_timesteps(timesteps=gen.schedule.timesteps.flip(0).tolist())
+    emb_0, emb_p, emb_n = (e.unsqueeze(0).repeat(len(seeds), 1, 1) for e in sd.encode(comps, ["", "a cat", "a dog"], "cpu"))
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    latents = randn((len(seeds), *gen.shape), gens)
+    with torch.inference_mode():
+        for i, t in enumerate(scheduler.timesteps):
+            guider.set_state(i, steps, t)
+            guider.observe(latents, scheduler)
+            batches = guider.prepare_inputs({"encoder_hidden_states": (emb_p, emb_0, emb_n)})
+            for b in batches:
+                b.noise_pred = comps.unet(latents, t, encoder_hidden_states=b.encoder_hidden_states).sample
+            latents = scheduler.step(guider(batches).pred, t, latents, generator=gens).prev_sample
+    assert float((latents - out.images).abs().max()) < 1e-3
+    assert torch.allclose(guider.posterior, out.posterior[-2], atol=1e-4)

@@ -13,7 +13,7 @@ from dng_cli import trackers
 
 BASE = ["model=tiny_random", "n_samples=6", "sampler.steps=3", "sampler.batch_size=6", "sampler.progress=false",
         "method=dng"]
-pytest.importorskip("mlflow", reason='the tracker tests need mlflow, tensorboard and wandb: pip install -e ".[test]"')
+pytest.importorskip("mlflow", reason='the tracker tests need mlflow, tensorboard, wandb and aim: pip install -e ".[test]"')
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,8 @@ def tracked(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("trackers")
     uri = (root / "mlruns").as_uri()
-    result = evaluate.run(compose_cfg("evaluate", BASE + ["logger=many_loggers", f"logger.mlflow.tracking_uri={uri}"]),
-                          root / "run")
+    result = evaluate.run(compose_cfg("evaluate", BASE + ["logger=many_loggers", f"logger.mlflow.tracking_uri={uri}",
+                                                        f"logger.aim.repo={root / 'aim'}"]), root / "run")
     return root, uri, result
 
 
@@ -68,6 +68,28 @@ def test_mlflow(tracked):
     assert [m.step for m in history] == [0, 1, 2]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "images")} == {"images/samples.png",
                                                                                  "images/histogram.png"}
+
+
+def test_aim(tracked):
+    """Read back with Aim's own SDK. A finished run is not in the repository's index until Aim's indexer runs, so it
+    is opened by its hash (read_only=False: from its own chunks, as ``aim runs ls`` lists it)."""
+    from aim import Repo, Run
+    from aim.storage.context import Context
+
+    root, _, result = tracked
+    (run_hash,) = Repo.from_path(str(root / "aim")).list_all_runs()
+    run = Run(run_hash=run_hash, repo=str(root / "aim"), read_only=False)
+    try:
+        assert run.experiment == "dng-evaluate" and run.name == "run"
+        assert run["hparams"]["method.name"] == "dng" and run["tags"]["fingerprint"] == result["fingerprint"]
+        values = {m.name: m.values.values_list() for m in run.metrics()}
+        assert {k: v[0] for k, v in values.items() if k in trackers.numbers(result)} == trackers.numbers(result)
+        assert len(values["posterior_mean"]) == 3
+        for name in ("samples", "histogram"):
+            (image,) = run.get_image_sequence(name, Context({})).values.values_list()
+            assert image.to_pil_image().size[0] > 0
+    finally:
+        run.close()
 
 
 def wandb_records(path):
