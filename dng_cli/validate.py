@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from importlib import resources
@@ -148,117 +147,6 @@ def _values(parser, line: str) -> list[str]:
         raise UserError(f"{key}: {one_line(err)}") from None
 
 
-# ------------------------------------------------------------------------------- declared types
-# Every scalar option with its type and range, checked for every command whose config has the key
-# (one mechanism instead of a check per call site). (type, low, high, low inclusive?); None = open.
-INT, FLOAT, BOOL, BOOL_AUTO = "an integer", "a number", "true or false", "true, false or auto"
-SEED_LIMIT = 2 ** 63  # seeds are int64 (torch.Generator.manual_seed, the seeds arrays in samples.npz)
-SPEC: dict[str, tuple] = {
-    "n_samples": (INT, 1), "seed": (INT, 0, SEED_LIMIT), "sampler.seed": (INT, 0, SEED_LIMIT), "pilot_seed": (INT, 0, SEED_LIMIT), "batch_size": (INT, 1), "steps": (INT, 1), "epochs": (INT, 1),
-    "checkpoint_every": (INT, 1), "log_every": (INT, 1), "warmup_steps": (INT, 0), "width": (INT, 1),
-    "feature_dim": (INT, 1), "shift": (INT, 0), "max_train": (INT, 1), "num_threads": (INT, 1),
-    "lr": (FLOAT, 0.0, None, False), "weight_decay": (FLOAT, 0.0), "grad_clip": (FLOAT, 0.0),
-    "ema_decay": (FLOAT, 0.0, 1.0), "label_dropout": (FLOAT, 0.0, 1.0), "cfg_scale": (FLOAT, 0.0),
-    "resume": (BOOL,), "conditional": (BOOL,), "progress": (BOOL,), "skip_existing": (BOOL,), "overwrite": (BOOL,), "save_samples": (BOOL,),
-    "sampler.steps": (INT, 1), "sampler.batch_size": (INT, 1), "sampler.seed": (INT, 0),
-    "sampler.max_batch": (INT, 1), "sampler.num_threads": (INT, 1),
-    "sampler.channels_last": (BOOL_AUTO,), "sampler.compile": (BOOL,), "sampler.progress": (BOOL,),
-    "method.guidance_scale": (FLOAT, 0.0), "method.prior": (FLOAT,), "method.temperature": (FLOAT, 0.0),
-    "method.offset": (FLOAT,), "method.p_min": (FLOAT,), "method.p_max": (FLOAT,), "method.threshold": (FLOAT,),
-    "method.scale": (FLOAT, 0.0), "method.momentum_scale": (FLOAT, 0.0), "method.momentum_beta": (FLOAT,),
-    "method.warmup_steps": (INT, 0), "method.tau": (FLOAT, 0.0), "metrics.kl_smoothing": (FLOAT, 0.0, None, False),
-    "dataset.channels": (INT, 1), "dataset.image_size": (INT, 1), "dataset.num_classes": (INT, 2),
-    "pilot_n": (INT, 1), "pilot_seed": (INT, 0), "max_probes": (INT, 2), "tolerance": (FLOAT, 0.0, None, False),
-    "bootstrap": (INT, 0), "bootstrap_seed": (INT, 0), "grid_extend": (INT, 0), "band_factor": (FLOAT, 1.0, None, False),
-    "grid_max_ratio": (FLOAT, 1.0, None, False),
-    "scale_min": (FLOAT, 0.0, None, False), "scale_max": (FLOAT, 0.0, None, False),
-}
-DEVICES = "cpu, cuda, cuda:<index>, auto"
-
-
-def check_types(cfg: DictConfig) -> None:
-    """Each declared option present in ``cfg`` has its type and lies in its range (null allowed
-    where the shipped config's default is null)."""
-    from omegaconf import OmegaConf
-
-    for key, (kind, *bounds) in SPEC.items():
-        if OmegaConf.select(cfg, key, default="<absent>", throw_on_missing=False) == "<absent>":
-            continue
-        if OmegaConf.is_missing(cfg, key):
-            continue
-        value = OmegaConf.select(cfg, key)
-        if value is None and key.split(".")[-1] in ("max_batch", "num_threads", "max_train", "grad_clip"):
-            continue
-        _check_value(key, value, kind, *bounds)
-    _check_fits(cfg)
-    for key in ("sampler.device", "device"):
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and not _device_ok(value):
-            raise UserError(f"{key}={value!r} is invalid: allowed are {DEVICES}")
-        if isinstance(value, str) and value.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise UserError(f"{key}={value!r} is unavailable: no CUDA device here (use cpu or auto)")
-
-
-def available_memory() -> int | None:
-    """Bytes this machine can still give (MemAvailable, Linux), None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _check_fits(cfg: DictConfig) -> None:
-    """Seeds stay int64 (seed + n_samples ≤ 2^63), and a run's samples fit in memory before anything is allocated:
-    the images (uint8 and float), per-step posteriors and scales and the classifier's features of every sample are
-    held until the result is written — on a shared node an unbounded n_samples would take a neighbour's memory."""
-    from omegaconf import OmegaConf
-
-    for n_key, seed_key in (("n_samples", "seed"), ("pilot_n", "pilot_seed")):
-        n, seed = OmegaConf.select(cfg, n_key, default=None), OmegaConf.select(cfg, seed_key, default=0) or 0
-        if not isinstance(n, int) or isinstance(n, bool) or not isinstance(seed, int):
-            continue
-        if seed + n > SEED_LIMIT:
-            raise UserError(f"{seed_key}={seed} with {n_key}={n} runs past 2^63 (seeds are int64): use "
-                            f"{seed_key} <= {SEED_LIMIT - n}")
-        channels = OmegaConf.select(cfg, "dataset.channels", default=1) or 1
-        size = OmegaConf.select(cfg, "dataset.image_size", default=28) or 28
-        steps = OmegaConf.select(cfg, "sampler.steps", default=50) or 50
-        if not all(isinstance(v, int) for v in (channels, size, steps)):
-            continue
-        per_sample = channels * size * size * 5 + steps * 12 + 4096
-        avail = available_memory()
-        if avail is not None and n * per_sample > avail // 2:
-            raise UserError(f"{n_key}={n} needs ≈ {n * per_sample / 1e9:.1f} GB to hold its samples and this machine "
-                            f"has {avail / 1e9:.1f} GB available: at most {avail // 2 // per_sample} fit in one run (split it into "
-                            f"runs of that many: {seed_key}=0, then {seed_key}=<that many>, ...)")
-
-
-def _check_value(key: str, value, kind: str, low=None, high=None, low_inclusive: bool = True) -> None:
-    ok = {INT: isinstance(value, int) and not isinstance(value, bool),
-          FLOAT: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-          BOOL: isinstance(value, bool), BOOL_AUTO: isinstance(value, bool) or value == "auto"}[kind]
-    if not ok:
-        raise UserError(f"{key}={value!r} is invalid: it must be {kind}")
-    if low is not None and (value < low or value == low and not low_inclusive):
-        raise UserError(f"{key}={value!r} is invalid: it must be {'>=' if low_inclusive else '>'} {low}")
-    if high is not None and value >= high:
-        raise UserError(f"{key}={value!r} is invalid: it must be < {high}")
-
-
-def _device_ok(value) -> bool:
-    if not isinstance(value, str):
-        return False
-    if value in ("cpu", "cuda", "auto", "mps"):
-        return True
-    return value.startswith("cuda:") and value[5:].isdigit()
-
-
 def check_output_location(config_name: str, overrides: list[str], multirun: bool) -> None:
     """The run (or sweep) folder must be creatable: every existing ancestor a writable folder."""
     try:
@@ -307,6 +195,8 @@ def check_one(config_name: str, overrides: list[str], validator: Validator | Non
         key = getattr(err, "full_key", None)
         raise UserError(f"{key} has no value: set it with {key}=..." if key and "Missing" in type(err).__name__
                         else str(err).strip().splitlines()[0]) from None
+    from dng_cli.spec import check_types  # here, not at import: the CLI front stays light (no torch)
+
     check_types(cfg)
     if validator is not None:
         validator(cfg)

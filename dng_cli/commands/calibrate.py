@@ -20,7 +20,7 @@ from dng_cli.io import write_json
 from dng_cli.models import load_model
 from dng_cli.pipeline import setup_torch
 from dng_cli.spec import plain
-from dng_cli.validate import check_types
+from dng_cli.spec import check_types
 
 log = logging.getLogger(__name__)
 SEARCH_KEYS = ("target_forbidden", "pilot_n", "pilot_seed", "scale_min", "scale_max", "scale_start", "tolerance",

@@ -40,7 +40,7 @@ from dng_cli.pipeline import setup_torch
 from dng_cli.sampler import SamplingSetup, as_epsilon, generate_all, to_uint8
 from dng_cli.schedule import NoiseSchedule, check_prediction_type
 from dng_cli.spec import plain, respaced
-from dng_cli.validate import check_types
+from dng_cli.spec import check_types
 
 log = logging.getLogger(__name__)
 

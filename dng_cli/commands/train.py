@@ -26,7 +26,7 @@ from dng_cli.pipeline import hardware, setup_torch
 from dng_cli.data import load_dataset
 from dng_cli.io import recover_folder
 from dng_cli.runs import RunLock
-from dng_cli.validate import check_types
+from dng_cli.spec import check_types
 from dng_cli.models import Classifier, build_unet, classify, load_ddpm
 from dng_cli.spec import dataset_spec, plain, resolve
 from dng_cli.schedule import NoiseSchedule
