@@ -257,7 +257,7 @@ SPEC: dict[str, tuple] = {
     "lr": (FLOAT, 0.0, None, False), "weight_decay": (FLOAT, 0.0), "grad_clip": (FLOAT, 0.0),
     "ema_decay": (FLOAT, 0.0, 1.0), "label_dropout": (FLOAT, 0.0, 1.0), "cfg_scale": (FLOAT, 0.0),
     "resume": (BOOL,), "conditional": (BOOL,), "progress": (BOOL,), "skip_existing": (BOOL,), "overwrite": (BOOL,), "save_samples": (BOOL,),
-    "sampler.steps": (INT, 1), "sampler.batch_size": (INT, 1), "sampler.seed": (INT, 0),
+    "sampler.steps": (INT, 1), "sampler.batch_size": (INT, 1),
     "sampler.max_batch": (INT, 1), "sampler.num_threads": (INT, 1),
     "sampler.channels_last": (BOOL_AUTO,), "sampler.compile": (BOOL,), "sampler.progress": (BOOL,),
     "method.guidance_scale": (FLOAT, 0.0), "method.prior": (FLOAT,), "method.temperature": (FLOAT, 0.0),
@@ -265,7 +265,7 @@ SPEC: dict[str, tuple] = {
     "method.scale": (FLOAT, 0.0), "method.momentum_scale": (FLOAT, 0.0), "method.momentum_beta": (FLOAT,),
     "method.warmup_steps": (INT, 0), "method.tau": (FLOAT, 0.0), "metrics.kl_smoothing": (FLOAT, 0.0, None, False),
     "dataset.channels": (INT, 1), "dataset.image_size": (INT, 1), "dataset.num_classes": (INT, 2),
-    "pilot_n": (INT, 1), "pilot_seed": (INT, 0), "max_probes": (INT, 2), "tolerance": (FLOAT, 0.0, None, False),
+    "pilot_n": (INT, 1), "max_probes": (INT, 2), "tolerance": (FLOAT, 0.0, None, False),
     "bootstrap": (INT, 0), "bootstrap_seed": (INT, 0), "grid_extend": (INT, 0), "band_factor": (FLOAT, 1.0, None, False),
     "grid_max_ratio": (FLOAT, 1.0, None, False),
     "scale_min": (FLOAT, 0.0, None, False), "scale_max": (FLOAT, 0.0, None, False),
@@ -316,7 +316,7 @@ def _check_seeds_and_memory(cfg: DictConfig) -> None:
     held until the result is written — on a shared node an unbounded n_samples would take a neighbour's memory."""
     from omegaconf import OmegaConf
 
-    for n_key, seed_key in (("n_samples", "seed"), ("pilot_n", "pilot_seed")):
+    for n_key, seed_key in (("n_samples", "seed"), ("n_samples", "sampler.seed"), ("pilot_n", "pilot_seed")):
         n, seed = OmegaConf.select(cfg, n_key, default=None), OmegaConf.select(cfg, seed_key, default=0) or 0
         if not isinstance(n, int) or isinstance(n, bool) or not isinstance(seed, int):
             continue

@@ -52,6 +52,8 @@ CASES = [
     # --- sizes and seeds: refused before anything is allocated
     ("evaluate", T + ["n_samples=1000000000"], "n_samples=1000000000 needs"),
     ("evaluate", T + ["seed=9223372036854775807"], "seed=9223372036854775807"),
+    ("evaluate", T + ["sampler.seed=9223372036854775807"], "sampler.seed=9223372036854775807 with n_samples="),
+    ("evaluate", T + ["sampler.seed=9223372036854775808"], "sampler.seed=9223372036854775808 is invalid: it must be <"),
     ("evaluate", T + ["seed=9223372036854775000", "n_samples=2000"], "runs past 2^63"),
     ("calibrate", T + ["pilot_seed=9223372036854775800", "pilot_n=300"], "runs past 2^63"),
     # --- sampler values
