@@ -26,7 +26,19 @@ SLOW_MODULES = {"test_report_html", "test_faults", "test_sweep", "test_benchmark
 SLOW_TESTS = {"test_compare_end_to_end_on_the_tiny_model", "test_turning_inception_on_rescores_the_saved_samples_without_sampling",
               "test_evaluate_reports_inception_fid_next_to_the_classifier_fid", "test_real_inception_weights_when_installed",
               "test_cli_refusal_keeps_the_folder_consistent", "test_an_a_a_comparison_comes_out_unresolved",
-              "test_the_inception_graph_equals_the_torchscript_inception"}
+              "test_the_inception_graph_equals_the_torchscript_inception",
+              # >= 2.5 s each in `pytest -m "not slow" --durations=25` (2026-12-05): compares, trackers' shared run,
+              # daemons' watcher, the diffusers docs example
+              "test_compare_grid_existing_reanalyses_without_sampling",
+              "test_compare_method_overrides_reach_every_result_and_the_table",
+              "test_compare_shares_one_pilot_set_per_method_across_targets",
+              "test_compare_logs_each_probe_under_the_compared_methods_name",
+              "test_a_compare_is_a_parent_run_with_its_grid_points_as_children",
+              "test_the_docs_example_runs_and_tracks_the_posterior", "test_evaluate_reports_kid_beside_inception_fid",
+              "test_report_never_puts_two_models_or_seed_sets_on_one_front",
+              "test_csv", "test_tensorboard", "test_mlflow", "test_wandb_offline", "test_aim",
+              "test_the_watcher_ends_the_daemons_when_their_session_is_killed",
+              "test_a_second_process_waits_for_the_cluster_lock_and_gets_it_when_the_holder_dies"}
 
 
 def pytest_xdist_auto_num_workers(config):
