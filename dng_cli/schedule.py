@@ -66,6 +66,28 @@ class NoiseSchedule:
         raise UserError(f"scheduler beta_schedule={kind!r} is not supported: allowed are linear, scaled_linear, "
                         f"squaredcos_cap_v2 (or trained_betas)")
 
+    @classmethod
+    def shared(cls, configs: "dict[str, dict | None]") -> "tuple[dict, NoiseSchedule]":
+        """The one chain several model folders were trained with ({config key: its scheduler_config.json, None
+        when unreadable}): each must be a valid scheduler config and, for a pair, all must give the same β.
+        Returns the first config and its chain; every fault is one ``UserError`` naming the config key."""
+        chains = {}
+        for key, conf in configs.items():
+            if not isinstance(conf, dict):
+                raise UserError(f"{key}: its scheduler_config.json is not a JSON object")
+            try:
+                chains[key] = cls.from_scheduler(conf)
+            except UserError as err:
+                raise UserError(f"{key}: {err}") from None
+            except (TypeError, ValueError) as err:
+                raise UserError(f"{key}: its scheduler_config.json is invalid ({type(err).__name__}: {err})") from None
+        (first_key, first), *_ = chains.items()
+        for key, chain in chains.items():
+            if len(chain) != len(first) or not torch.allclose(chain.betas, first.betas):
+                raise UserError(f"{key} was trained with another noise schedule than {first_key} "
+                                f"(their scheduler_config.json differ): a pair must share one")
+        return configs[first_key], first
+
     def scheduler_config(self, **extra) -> dict:
         """This chain as a diffusers ``DDPMScheduler`` config (what a model folder's scheduler_config.json holds):
         linear when it is one, else ``trained_betas``. ``extra``: e.g. ``prediction_type``."""

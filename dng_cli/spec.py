@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dng_cli import UserError, runs
-from dng_cli.io import read_json_object, sha256_file
+from dng_cli.io import sha256_file
 from dng_cli.guidance import METHODS, build_guidance
 from dng_cli.schedule import VARIANCES, NoiseSchedule, check_prediction_type
 
@@ -659,14 +659,14 @@ def scheduler_config(model_cfg, folders: Mapping[str, Path]) -> dict:
     if model_cfg.get("kind") == "random":
         conf = model_cfg.get("scheduler") or {}
         return dict(plain(conf) if isinstance(conf, DictConfig) else conf)
-    configs = {k: read_json_object(f / "scheduler_config.json") if (f / "scheduler_config.json").is_file() else {}
-               for k, f in folders.items()}
-    first_key, first = next(iter(configs.items()))
-    for key, conf in configs.items():
-        if not torch.allclose(NoiseSchedule.from_scheduler(conf).betas, NoiseSchedule.from_scheduler(first).betas):
-            raise UserError(f"{key} was trained with another noise schedule than {first_key} "
-                            f"(their scheduler_config.json differ): a pair must share one")
-    return first
+    configs = {}
+    for key, folder in folders.items():
+        path = folder / "scheduler_config.json"
+        try:
+            configs[key] = json.loads(path.read_bytes().decode("utf-8")) if path.is_file() else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"{key}: {str(path)!r} is not readable JSON ({type(err).__name__})") from None
+    return NoiseSchedule.shared(configs)[0]
 
 
 def model_spec(model_cfg: DictConfig, dataset: DatasetSpec | None = None, classifier: bool = False) -> ModelSpec:

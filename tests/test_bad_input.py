@@ -463,3 +463,24 @@ def test_report_on_a_metrics_file_names_its_folder(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and len(err.splitlines()) == 1, err
     assert "is a file" in err and f"dng report '{run}'" in err, err
+
+
+@pytest.mark.parametrize("content,match", [
+    ("[1, 2", "scheduler_config.json' is not readable JSON (JSONDecodeError)"),
+    ('["a"]', "its scheduler_config.json is not a JSON object"),
+    ('{"num_train_timesteps": "x"}', "its scheduler_config.json is invalid (ValueError"),
+    ('{"trained_betas": "abc"}', "its scheduler_config.json is invalid (TypeError"),
+    ('{"beta_schedule": "weird"}', "beta_schedule='weird' is not supported"),
+])
+def test_an_unreadable_scheduler_config_is_one_line_naming_the_folder_key(capsys, tmp_path, content, match):
+    import shutil
+
+    from dng_cli.spec import resolve
+
+    own = tmp_path / "unet"
+    shutil.copytree(resolve("mnist", "ddpm"), own)
+    (own / "scheduler_config.json").write_text(content)
+    err = _one_line_failure(capsys, ["evaluate", f"model.path={own}", "n_samples=2", "sampler.steps=1",
+                                     f"hydra.run.dir={tmp_path / 'run'}"])
+    assert err.startswith("dng: error: model.path: ") and match in err, err
+    assert not (tmp_path / "run").exists()
