@@ -8,5 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 export DNG_NATIVE_BF16=0
+# a new machine starts without outputs/: resume from the finished units committed so far (save_progress.sh)
+if [ ! -d outputs/issue44/headline_mnist ] && [ -d docs/results/matched_safety/headline_mnist_progress ]; then
+    mkdir -p outputs/issue44 && cp -r docs/results/matched_safety/headline_mnist_progress outputs/issue44/headline_mnist
+fi
 exec nice -n 10 dng compare "methods=[np,sld,ccfg,dng]" "targets=[0.01]" "method_overrides={ccfg:{tau:0.025}}" \
     n_samples=2600 pilot_n=300 sampler.backend=onnxruntime tolerance=0.5 sampler.progress=false hydra.run.dir=outputs/issue44/headline_mnist
