@@ -98,9 +98,6 @@ def identity_weights(identity: dict) -> dict:
     return {k[len("weights."):]: v for k, v in identity.items() if k.startswith("weights.")}
 
 
-fingerprint = io.fingerprint
-
-
 def samples_fingerprint(identity: dict) -> str:
     """The fingerprint of what drew the samples: the identity without the metric settings and the
     classifier, which only score them. Stored in samples.npz and metrics.json."""

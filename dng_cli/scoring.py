@@ -38,25 +38,26 @@ def fid_scores(feats: torch.Tensor, stats: dict, forbidden: list[int], prefix: s
             f"{prefix}_full_se": metrics.fid_se(feats, full)}
 
 
-def fid_reference(run: spec.RunSpec, net, key: str, kid: bool = False) -> dict:
-    """Per-class reference accumulators: shipped, cached, or computed from the dataset (then cached). With
+def fid_reference(d: spec.DatasetSpec, split: str, cache_dir, net, key: str, kid: bool = False,
+                  data_hash: str | None = None, rebuild: bool = False) -> dict:
+    """Per-class reference accumulators of ``split``: shipped, cached in ``cache_dir``, or computed from the dataset
+    (then cached there; ``rebuild``: always computed, as ``scripts/make_fid_stats.py`` writes the shipped ones). With
     ``kid``, also the KID reference (every reference feature and its per-class kernel sums, ``<name>-kid.npz``)
-    under the key "kid"; a cache made before KID is completed by one more pass over the data."""
+    under the key "kid"; a cache made before KID is completed by one more pass over the data. ``data_hash``: a
+    dataset of your own is named by its content too (``RunSpec.identity["weights.dataset"]``)."""
     from dng_cli.data import load_dataset
 
-    d, m = run.dataset, run.metrics
-    data_hash = run.identity.get("weights.dataset")  # a dataset of your own: named by its content too
-    name = f"{d.name}-{m.split}{'-' + data_hash[:12] if data_hash else ''}-{key}.npz"
-    candidates = [spec.SHIPPED[d.name] / "fid" / name] if d.name in spec.SHIPPED else []
-    candidates.append(Path(m.cache_dir) / name)
-    for path in candidates:
+    name = reference_name(d.name, split, key, data_hash)
+    candidates = [spec.SHIPPED[d.name] / "fid" / name] if d.name in spec.SHIPPED and not rebuild else []
+    candidates.append(Path(cache_dir) / name)
+    for path in candidates if not rebuild else []:
         kid_path = path.with_name(path.stem + "-kid.npz")
         if path.is_file() and (not kid or kid_path.is_file()):
             return {**metrics.load_stats(path), **({"kid": metrics.load_kid_reference(kid_path)} if kid else {})}
-    images, labels = load_dataset(d, m.split)
+    images, labels = load_dataset(d, split)
     big = int(getattr(net, "num_features", 0)) > 512  # Inception: 299x299 inputs, small batches
     log.info("computing FID reference statistics %s: %d %s images, once (then cached in %s)%s", name, len(images),
-             m.split, candidates[-1].parent, " — Inception runs at ~16 images/s on 2 CPU cores (MNIST's 10000 test "
+             split, candidates[-1].parent, " — Inception runs at ~16 images/s on 2 CPU cores (MNIST's 10000 test "
              "images: ~10 min); progress and ETA below" if big else "")
     features: list | None = [] if kid else None
     stats = metrics.per_class_stats(net, to_uint8(images), labels, d.num_classes,
@@ -71,6 +72,11 @@ def fid_reference(run: spec.RunSpec, net, key: str, kid: bool = False) -> dict:
     return stats
 
 
+def reference_name(dataset: str, split: str, key: str, data_hash: str | None = None) -> str:
+    """The file name of a reference: ``<dataset>-<split>[-<data hash[:12]>]-<features key>.npz``."""
+    return f"{dataset}-{split}{'-' + data_hash[:12] if data_hash else ''}-{key}.npz"
+
+
 class Scorer:
     """Everything ``run`` measures on finished uint8 samples: forbidden rate, class balance, FID on the
     classifier's features and, with metrics.fid.features=inception, Inception FID."""
@@ -81,12 +87,15 @@ class Scorer:
         self.classifier = classifier_of(run)  # a classifier of your own runs on one batch here
         clf_net = metrics.feature_network("classifier", self.classifier)
         self.fid_key = "classifier-" + run.identity["weights.classifier"][:12]
-        self.stats = fid_reference(run, clf_net, self.fid_key)
+        data_hash = run.identity.get("weights.dataset")
+        self.stats = fid_reference(run.dataset, run.metrics.split, run.metrics.cache_dir, clf_net, self.fid_key,
+                                   data_hash=data_hash)
         self.inception = None
         if run.metrics.features == "inception":
             inc_net = metrics.feature_network("inception", None, run.metrics.inception_weights, run.metrics.backend)
             inc_key = metrics.features_key("inception", net=inc_net)
-            inc_stats = fid_reference(run, inc_net, inc_key, kid=True)
+            inc_stats = fid_reference(run.dataset, run.metrics.split, run.metrics.cache_dir, inc_net, inc_key,
+                                      kid=True, data_hash=data_hash)
             self.inception = (inc_net, inc_key, inc_stats)
             self.kid_reference = metrics.KidReference(inc_stats["kid"], self.forbidden)
 

@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dng_cli import UserError, runs
-from dng_cli.io import sha256_file
+from dng_cli.io import fingerprint, sha256_file
 from dng_cli.guidance import METHODS, build_guidance
 from dng_cli.schedule import VARIANCES, NoiseSchedule, check_prediction_type
 
@@ -138,8 +138,6 @@ def classifier_source(value) -> dict:
 def classifier_weights_hash(value) -> str:
     """The classifier's identity in a result: sha256 of this project's model.safetensors (as always), of a
     TorchScript file, or of a target's description and weights file, with the input transform."""
-    from dng_cli.io import fingerprint
-
     src = classifier_source(value)
     if src["kind"] == "folder":
         path = Path(src["path"]) / "model.safetensors"
@@ -496,7 +494,7 @@ class RunSpec:
 
     @property
     def fingerprint(self) -> str:
-        return runs.fingerprint(dict(self.identity))
+        return fingerprint(dict(self.identity))
 
 
 # ------------------------------------------------------------------------------------ resolving
@@ -762,7 +760,7 @@ def schedule_keys(conf: dict) -> dict:
     if conf.get("trained_betas") is None and conf.get("beta_schedule", "linear") == "linear" and pred == "epsilon":
         return {"sampler.num_train_timesteps": float(len(schedule)), "sampler.beta_start": float(conf.get("beta_start", 1e-4)),
                 "sampler.beta_end": float(conf.get("beta_end", 0.02))}
-    return {"schedule.betas": runs.fingerprint(schedule.betas.tolist()), "schedule.prediction_type": pred}
+    return {"schedule.betas": fingerprint(schedule.betas.tolist()), "schedule.prediction_type": pred}
 
 
 def schedule_of(model: dict) -> dict:

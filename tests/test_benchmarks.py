@@ -146,3 +146,33 @@ def test_bench_backends_tiny(tmp_path):
         for batch, r in res[b].items():
             assert r["evals_per_s"] > 0 and r["ratio"] == pytest.approx(r["evals_per_s"] / res["torch"][batch]["evals_per_s"], rel=1e-2)
     assert out["gflop_per_eval"] > 0 and out["versions"]["onnxruntime"]
+
+
+def test_make_fid_stats_writes_the_reference_evaluate_looks_up(tmp_path, tiny_mnist, compose):
+    """scripts/make_fid_stats.py goes through evaluate's own producer (scoring.fid_reference): its file has the name
+    a run's Scorer looks up, and holds the per-class sums of the split's classifier features."""
+    import importlib.util
+
+    import numpy as np
+    import torch
+
+    from dng_cli import metrics, scoring
+    from dng_cli.models import load_classifier
+    from dng_cli.sampler import to_uint8
+    from dng_cli.spec import dataset_spec, resolve_run
+
+    loader = importlib.util.spec_from_file_location("make_fid_stats", REPO / "scripts" / "make_fid_stats.py")
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    path = module.main(["--dataset", "mnist", "--root", str(tiny_mnist), "--split", "test", "--out", str(tmp_path)])
+    run = resolve_run(compose("evaluate", [f"dataset.root={tiny_mnist}"]))
+    key = "classifier-" + run.identity["weights.classifier"][:12]  # what scoring.Scorer names the reference
+    assert path.name == scoring.reference_name("mnist", "test", key) and path.is_file()
+    from dng_cli.data import load_tensors
+
+    images, labels = load_tensors("mnist", str(tiny_mnist), "test")
+    with torch.inference_mode():
+        feats = metrics.ClassifierFeatures(load_classifier("mnist"))(to_uint8(images)).double()
+    stats = metrics.load_stats(path)
+    np.testing.assert_allclose(stats["sum"].sum(0), feats.sum(0).numpy(), rtol=1e-5)
+    assert int(stats["n"].sum()) == len(images)

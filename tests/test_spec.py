@@ -33,7 +33,7 @@ def test_a_run_resolves_its_config_once_and_passes_the_spec_down(compose, tmp_pa
     assert [s for s in seen if s[0] == "resolve_run"] == [("resolve_run", "DictConfig")]
     below = [s for s in seen if s[0] != "resolve_run"]
     assert ("build", "RunSpec") in below and ("classifier_of", "RunSpec") in below
-    assert all(kind in ("RunSpec", "ModelSpec") for _, kind in below), below
+    assert all(kind in ("RunSpec", "ModelSpec", "DatasetSpec") for _, kind in below), below
 
 
 def test_below_the_spec_no_module_reads_a_config():
@@ -58,7 +58,7 @@ def test_the_spec_is_frozen_and_resolved(compose):
     assert run.sampler.device == ("cuda" if torch.cuda.is_available() else "cpu")  # auto decided
     assert run.sampler.precision in ("fp32", "bf16") and len(run.schedule) == 50 and run.forbidden == (0,)
     again = dict(spec.resolve_run(compose("evaluate", ["method=np", "sampler.device=auto", "sampler.precision=auto"])).identity)
-    assert dict(run.identity) == again and run.fingerprint == spec.runs.fingerprint(again)
+    assert dict(run.identity) == again and run.fingerprint == spec.fingerprint(again)
 
 
 def test_a_bad_config_fails_in_the_resolve(compose):
