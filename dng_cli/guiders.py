@@ -24,13 +24,12 @@ tracked along the chain: after each step x_t → x' the guider updates log p wit
 N(x'; μ_c, σ²)/N(x'; μ_u, σ²) of the UNguided means of that step, exactly as ``dng_cli.guidance``
 (same clamping, same ``offset`` per original timestep). In a diffusers loop it sees x' only when the next step
 starts, so the update runs in ``observe`` from the means it stored in ``forward``; ``posterior`` and ``scale``
-hold p and λ_t per sample after each call (diagnostics). The chain's coefficients come from the scheduler
-(``alphas_cumprod``, ``previous_timestep``, ``config.variance_type``: a DDPM-type ancestral sampler).
+hold p and λ_t per sample after each call (diagnostics). The chain's coefficients come from the scheduler's
+config (β schedule, ``variance_type``: a DDPM-type ancestral sampler) and its ``timesteps``, through the
+sampler's own ``NoiseSchedule``, once per chain.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from diffusers.configuration_utils import register_to_config
@@ -39,6 +38,7 @@ from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 from dng_cli.guidance import DynamicNegativeGuidance as _DNG
 from dng_cli.guidance import SafeLatentDiffusion as _SLD
 from dng_cli.guidance import StepInfo
+from dng_cli.schedule import NoiseSchedule
 
 
 class _MethodGuider(BaseGuidance):
@@ -102,6 +102,7 @@ class DynamicNegativeGuidance(_MethodGuider):
         """Forget the tracked posterior: the next ``observe`` starts a new chain at the prior."""
         self._chain = None      # {"log_posterior": [B, 1]} of the chain being sampled
         self._last = None       # what the step just taken needs for the update: x_t, ε_u, ε_c, its coefficients
+        self._coefficients = None  # per timestep of the chain: its step's coefficients (``_chain_coefficients``)
         self.posterior = None   # p per sample after the latest update, [B]
         self.scale = None
 
@@ -113,6 +114,7 @@ class DynamicNegativeGuidance(_MethodGuider):
         timesteps give μ and σ² of each step)."""
         if self._chain is None or self._step == 0:
             self._chain = self.method.start(latents, 1)
+            self._coefficients = _chain_coefficients(scheduler)  # once per chain, not per step
             self._last = None
         elif self._last is not None:
             x_t, eps_u, eps_c, coef = self._last
@@ -122,7 +124,7 @@ class DynamicNegativeGuidance(_MethodGuider):
                                                      coef["variance_small"], coef["span"], coef["precision"],
                                                      coef["precision_small"]))
             self._last = None
-        self._scheduler, self._latents = scheduler, latents
+        self._latents = latents
         self.posterior = self.method.posterior(self._chain)[:, 0]
 
     def forward(self, pred_uncond: torch.Tensor, pred_negative: torch.Tensor,
@@ -135,7 +137,7 @@ class DynamicNegativeGuidance(_MethodGuider):
             pred, self.scale = self.method(eps_u, pred_negative.unsqueeze(0), self._step, self._chain)
         else:
             pred, self.scale = eps_u, eps_u.new_zeros(eps_u.shape[0])
-        self._last = (self._latents, eps_u, pred_negative, _step_coefficients(self._scheduler, self._timestep))
+        self._last = (self._latents, eps_u, pred_negative, self._coefficients[int(self._timestep)])
         return GuiderOutput(pred=pred, pred_cond=pred_cond if pred_cond is not None else pred_negative,
                             pred_uncond=eps_u)
 
@@ -168,25 +170,15 @@ class SafeLatentGuidance(_MethodGuider):
                             pred_uncond=eps_u)
 
 
-def _step_coefficients(scheduler, timestep) -> dict:
-    """μ(ε) = (x − c_eps ε) c_x of the DDPM step from ``timestep`` to the scheduler's previous timestep, its
-    variances (σ² as the scheduler draws with, β̃) and the summed precisions of the original timesteps it spans."""
-    abar = scheduler.alphas_cumprod.double()
-    t = int(timestep)
-    prev = int(scheduler.previous_timestep(t))
-    abar_t, abar_prev = float(abar[t]), float(abar[prev]) if prev >= 0 else 1.0
-    beta = 1.0 - abar_t / abar_prev
-    small = (1.0 - abar_prev) / (1.0 - abar_t) * beta
-    large_kind = str(getattr(scheduler.config, "variance_type", "fixed_small")) == "fixed_large"
-    betas = scheduler.betas.double()
-    originals = range(prev + 1, t + 1)  # the original timesteps (prev, t] this step spans
-
-    def beta_small(s: int) -> float:
-        before = float(abar[s - 1]) if s > 0 else 1.0
-        return (1.0 - before) / (1.0 - float(abar[s])) * float(betas[s])
-
-    precision_small = sum(1.0 / beta_small(s) for s in originals if s > 0)
-    precision_large = sum(1.0 / float(betas[s]) for s in originals if s > 0)  # step 0 ends without noise
-    return {"c_x": (1.0 - beta) ** -0.5, "c_eps": beta / math.sqrt(1.0 - abar_t),
-            "variance": beta if large_kind else small, "variance_small": small, "span": (prev, t),
-            "precision": precision_large if large_kind else precision_small, "precision_small": precision_small}
+def _chain_coefficients(scheduler) -> dict[int, dict]:
+    """Per timestep of the scheduler's chain: μ(ε) = (x − c_eps ε) c_x of the DDPM step to its previous timestep,
+    the variances (σ² as the scheduler draws with, β̃), the original timesteps it spans and their summed
+    precisions — from the sampler's own ``NoiseSchedule`` of the scheduler's config at its timesteps."""
+    kind = "large" if str(getattr(scheduler.config, "variance_type", "fixed_small")) == "fixed_large" else "small"
+    chain = NoiseSchedule.from_scheduler(scheduler).keep(sorted(int(t) for t in scheduler.timesteps))
+    betas, abar = chain.betas.tolist(), chain.alphas_cumprod.tolist()
+    var, var_small = chain.variances(kind).tolist(), chain.variances("small").tolist()
+    prec, prec_small = chain.span_precision(kind).tolist(), chain.span_precision("small").tolist()
+    return {t: {"c_x": (1.0 - betas[k]) ** -0.5, "c_eps": betas[k] / (1.0 - abar[k]) ** 0.5, "variance": var[k],
+                "variance_small": var_small[k], "span": span, "precision": prec[k], "precision_small": prec_small[k]}
+            for k, (t, span) in enumerate(zip(chain.timesteps.tolist(), chain.timestep_spans()))}

@@ -112,6 +112,12 @@ class NoiseSchedule:
         idx = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()
         if steps == 1:
             idx = torch.tensor([T - 1])
+        return self.keep(idx)
+
+    def keep(self, idx) -> "NoiseSchedule":
+        """The chain that keeps ᾱ at the increasing positions ``idx`` of this one (β' rebuilt): ``respace``'s, or a
+        scheduler's own timesteps (``dng_cli.guiders``)."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
         abar = self.alphas_cumprod[idx]
         abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
         return NoiseSchedule(self.timesteps[idx], 1.0 - abar / abar_prev, abar, self.num_train_timesteps,

@@ -111,19 +111,14 @@ def test_with_a_prompt_branch_the_unconditional_prediction_is_classifier_free():
     assert [b.__guidance_identifier__ for b in batches] == ["pred_cond", "pred_uncond", "pred_negative"]
     assert [float(b.prompt_embeds) for b in batches] == [1.0, 0.0, -1.0]
 
-    class Chain:  # the latents' chain: any DDPM scheduler
-        alphas_cumprod = torch.linspace(0.99, 0.01, 10).double()
-        betas = torch.full((10,), 0.05)
-        config = type("C", (), {"variance_type": "fixed_small"})
+    from diffusers import DDPMScheduler
 
-        @staticmethod
-        def previous_timestep(t):
-            return t - 1
-
+    chain = DDPMScheduler(num_train_timesteps=10)  # the latents' chain: any DDPM scheduler
+    chain.set_timesteps(10)
     x = torch.randn(2, 4, 8, 8)
     e0, ep, en = torch.randn(3, 2, 4, 8, 8)
     guider.set_state(0, 10, torch.tensor(9))
-    guider.observe(x, Chain)
+    guider.observe(x, chain)
     for b, e in zip(batches, (ep, e0, en)):
         b.noise_pred = e
     pred = guider(batches).pred

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dng_cli import UserError, calibration, matching, metrics, runs, scoring, spec, trackers
+from dng_cli import UserError, calibration, matching, metrics, runs, scoring, spec, trackers, validate
 from dng_cli.progress import duration
 from dng_cli.commands import evaluate, report
 from dng_cli.commands.calibrate import calibrate_method, check_search, run_cfg
@@ -52,13 +52,12 @@ def method_config(name: str) -> DictConfig:
     if not (root / f"{name}.yaml").is_file():
         options = sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
         raise UserError(f"methods entry {name!r} is unknown: allowed are {', '.join(options)}")
-    from hydra import compose, initialize_config_module
+    from hydra import compose
     from hydra.core.global_hydra import GlobalHydra
 
     if GlobalHydra.instance().is_initialized():  # inside the running command: its own config search path
         return compose("evaluate", overrides=[f"method={name}"]).method
-    with initialize_config_module("dng_cli.configs", version_base="1.3"):
-        return compose("evaluate", overrides=[f"method={name}"]).method
+    return validate.compose("evaluate", [f"method={name}"]).method
 
 
 def method_of(cfg: DictConfig, name: str) -> DictConfig:

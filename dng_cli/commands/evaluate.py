@@ -54,7 +54,7 @@ def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
                 partial.clear()
             drawn = pipeline.draw(run, device, partial, network)
             scores, preds = scorer(drawn.images)
-            result = fresh_result(run, drawn, scores, preds, scorer.forbidden)
+            result = fresh_result(run, drawn, scores, preds, scorer.forbidden, folder.samples_fp)
             commit(run, folder, result, scorer, folder.samples_fp, drawn)
             partial.clear()
             return result
@@ -67,10 +67,9 @@ def run(cfg: DictConfig, output_dir: Path, network=None) -> dict:
 
 
 def fresh_result(run: spec.RunSpec, drawn: pipeline.Drawn, scores: dict, preds: torch.Tensor,
-                 forbidden: list[int]) -> dict:
-    """What metrics.json holds for samples drawn by this run."""
+                 forbidden: list[int], samples_fp: str) -> dict:
+    """What metrics.json holds for samples drawn by this run (``samples_fp``: their fingerprint)."""
     n, post = run.n_samples, drawn.posterior
-    identity = dict(run.identity)
     return {
         "method": run.method_name,
         "label": run.label,
@@ -89,10 +88,10 @@ def fresh_result(run: spec.RunSpec, drawn: pipeline.Drawn, scores: dict, preds: 
         "precision": run.sampler.precision,
         "backend": drawn.backend,
         "noise": runs.NOISE,
-        "samples": {"fingerprint": runs.samples_fingerprint(identity), "saved": run.save_samples},
+        "samples": {"fingerprint": samples_fp, "saved": run.save_samples},
         "config": run.plain_config(),
         "fingerprint": run.fingerprint,
-        "weights": runs.identity_weights(identity),
+        "weights": runs.identity_weights(dict(run.identity)),
     }
 
 
