@@ -1,6 +1,7 @@
-"""Dynamic Negative Guidance (and Safe Latent Diffusion, ``SafeLatentGuidance``) as diffusers guiders
-(``diffusers.guiders.BaseGuidance``), for modular pipelines and any loop that follows the guiders protocol.
-Importable without Hydra::
+"""Dynamic Negative Guidance (and Negative Prompting, ``NegativePromptGuidance``, and Safe Latent Diffusion,
+``SafeLatentGuidance``) as diffusers guiders (``diffusers.guiders.BaseGuidance``), for modular pipelines and any
+loop that follows the guiders protocol; ``NegativeConceptSDXLBlocks`` / ``NegativeConceptDenoiseStep`` are SDXL's
+modular blocks with the negative concept as a third input (docs/diffusers.md). Importable without Hydra::
 
     from dng_cli.guiders import DynamicNegativeGuidance
 
@@ -36,6 +37,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
 from dng_cli.guidance import DynamicNegativeGuidance as _DNG
+from dng_cli.guidance import NegativePrompting as _NP
 from dng_cli.guidance import SafeLatentDiffusion as _SLD
 from dng_cli.guidance import StepInfo
 from dng_cli.schedule import NoiseSchedule
@@ -142,6 +144,29 @@ class DynamicNegativeGuidance(_MethodGuider):
                             pred_uncond=eps_u)
 
 
+class NegativePromptGuidance(_MethodGuider):
+    """Negative Prompting with a constant scale, ε̃ = ε_u − λ (ε_n − ε_u), as ``dng_cli.guidance.NegativePrompting``.
+    Without ``cfg_scale`` (class-conditional) it equals diffusers' ``ClassifierFreeGuidance(guidance_scale=1 + λ)``
+    fed (null, forbidden); with a prompt (``cfg_scale``: ε_u = ε_∅ + w (ε_p − ε_∅)) it needs the three predictions,
+    which no stock guider combines this way (diffusers' ``negative_prompt`` *replaces* ε_∅ by ε_n)."""
+
+    @register_to_config
+    def __init__(self, guidance_scale: float = 1.0, cfg_scale: float | None = None, start: float = 0.0,
+                 stop: float = 1.0, enabled: bool = True):
+        super().__init__(cfg_scale, start, stop, enabled)
+        self.method = _NP(guidance_scale=guidance_scale)
+
+    def forward(self, pred_uncond: torch.Tensor, pred_negative: torch.Tensor,
+                pred_cond: torch.Tensor | None = None) -> GuiderOutput:
+        eps_u = self._unconditional(pred_uncond, pred_cond)
+        if self._guiding():
+            pred, self.scale = self.method(eps_u, pred_negative.unsqueeze(0), self._step or 0, None)
+        else:
+            pred, self.scale = eps_u, eps_u.new_zeros(eps_u.shape[0])
+        return GuiderOutput(pred=pred, pred_cond=pred_cond if pred_cond is not None else pred_negative,
+                            pred_uncond=eps_u)
+
+
 class SafeLatentGuidance(_MethodGuider):
     """Safe Latent Diffusion (Schramowski et al., CVPR 2023) as a guider, as ``dng_cli.guidance.SafeLatentDiffusion``
     (``guidance_scale`` λ, ``threshold``, ``scale``, ``momentum_scale``, ``momentum_beta``, ``warmup_steps``) and
@@ -182,3 +207,141 @@ def _chain_coefficients(scheduler) -> dict[int, dict]:
     return {t: {"c_x": (1.0 - betas[k]) ** -0.5, "c_eps": betas[k] / (1.0 - abar[k]) ** 0.5, "variance": var[k],
                 "variance_small": var_small[k], "span": span, "precision": prec[k], "precision_small": prec_small[k]}
             for k, (t, span) in enumerate(zip(chain.timesteps.tolist(), chain.timestep_spans()))}
+
+
+# ------------------------------------------------------------------------------------ modular pipelines (SDXL)
+# diffusers' stock loop denoiser hands a guider (cond, uncond) pairs; DNG, NP and SLD also need the negative concept's
+# prediction, and DNG the latents each step starts from. These blocks add both and are otherwise SDXL's own.
+from diffusers.modular_pipelines import SequentialPipelineBlocks  # noqa: E402
+from diffusers.modular_pipelines.modular_pipeline_utils import InputParam, OutputParam  # noqa: E402
+from diffusers.modular_pipelines.stable_diffusion_xl.before_denoise import (  # noqa: E402
+    StableDiffusionXLInputStep,
+)
+from diffusers.modular_pipelines.stable_diffusion_xl.decoders import StableDiffusionXLDecodeStep  # noqa: E402
+from diffusers.modular_pipelines.stable_diffusion_xl.denoise import (  # noqa: E402
+    StableDiffusionXLDenoiseLoopWrapper,
+    StableDiffusionXLLoopAfterDenoiser,
+    StableDiffusionXLLoopBeforeDenoiser,
+    StableDiffusionXLLoopDenoiser,
+)
+from diffusers.modular_pipelines.stable_diffusion_xl.encoders import StableDiffusionXLTextEncoderStep  # noqa: E402
+from diffusers.modular_pipelines.stable_diffusion_xl.modular_blocks_stable_diffusion_xl import (  # noqa: E402
+    StableDiffusionXLBeforeDenoiseStep,
+)
+
+_CONCEPT_INPUTS = ("concept_prompt_embeds", "concept_pooled_prompt_embeds", "concept_add_time_ids")
+
+
+class NegativeConceptTextEncoderStep(StableDiffusionXLTextEncoderStep):
+    """Encodes ``negative_concept`` (the class or concept to steer away from) with the pipeline's text encoders, as
+    SDXL encodes its prompt: ``concept_prompt_embeds`` and ``concept_pooled_prompt_embeds``, one row per concept."""
+
+    @property
+    def description(self) -> str:
+        return "Text encoder step for the negative concept of DNG, NP or SLD (dng_cli.guiders)"
+
+    @property
+    def inputs(self) -> list[InputParam]:
+        return [InputParam("negative_concept", required=True, type_hint=str,
+                           description="the class or concept to remove, e.g. 'a dog'"),
+                InputParam("clip_skip")]
+
+    @property
+    def intermediate_outputs(self) -> list[OutputParam]:
+        return [OutputParam("concept_prompt_embeds", type_hint=torch.Tensor),
+                OutputParam("concept_pooled_prompt_embeds", type_hint=torch.Tensor)]
+
+    @torch.no_grad()
+    def __call__(self, components, state):
+        block_state = self.get_block_state(state)
+        embeds, _, pooled, _ = self.encode_prompt(components, block_state.negative_concept, None,
+                                                  components._execution_device, 1, False,
+                                                  clip_skip=block_state.clip_skip)
+        block_state.concept_prompt_embeds, block_state.concept_pooled_prompt_embeds = embeds, pooled
+        self.set_block_state(state, block_state)
+        return components, state
+
+
+class NegativeConceptLoopDenoiser(StableDiffusionXLLoopDenoiser):
+    """SDXL's loop denoiser with the negative concept as a third input: each guider input is a (cond, uncond,
+    negative) tuple (a stock two-prediction guider reads the first two, as before), and a guider with ``observe``
+    (DNG) sees the latents of each step before the denoiser runs. The concept's embeddings (one row, or one per
+    sample) are repeated to the batch; its time ids default to the prompt's."""
+
+    @property
+    def inputs(self) -> list[InputParam]:
+        names = ("latents", "prompt_embeds", "negative_prompt_embeds", "add_time_ids", "negative_add_time_ids",
+                 "pooled_prompt_embeds", "negative_pooled_prompt_embeds", "ip_adapter_embeds",
+                 "negative_ip_adapter_embeds", *_CONCEPT_INPUTS)
+        return [*super().inputs, *(InputParam(n) for n in names)]
+
+    @torch.no_grad()
+    def __call__(self, components, block_state, i: int, t):
+        s, guider = block_state, components.guider
+        batch = s.prompt_embeds.shape[0]
+        concept = {n: _to_batch(getattr(s, n, None), batch, n) for n in _CONCEPT_INPUTS}
+        if concept["concept_prompt_embeds"] is None and _asks_negative(guider):
+            raise ValueError(f"{type(guider).__name__} needs the negative concept: add NegativeConceptTextEncoderStep"
+                             " (input negative_concept) or pass concept_prompt_embeds")
+        guider_inputs = {
+            "prompt_embeds": (s.prompt_embeds, s.negative_prompt_embeds, concept["concept_prompt_embeds"]),
+            "time_ids": (s.add_time_ids, s.negative_add_time_ids,
+                         concept["concept_add_time_ids"] if concept["concept_add_time_ids"] is not None
+                         else s.add_time_ids),
+            "text_embeds": (s.pooled_prompt_embeds, s.negative_pooled_prompt_embeds,
+                            concept["concept_pooled_prompt_embeds"]),
+            "image_embeds": (s.ip_adapter_embeds, s.negative_ip_adapter_embeds, s.negative_ip_adapter_embeds),
+        }
+        guider.set_state(step=i, num_inference_steps=s.num_inference_steps, timestep=t)
+        if hasattr(guider, "observe"):
+            guider.observe(s.latents, components.scheduler)
+        batches = guider.prepare_inputs(guider_inputs)
+        for b in batches:
+            guider.prepare_models(components.unet)
+            kwargs = {name: getattr(b, name) for name in guider_inputs}
+            embeds = kwargs.pop("prompt_embeds")
+            added = {k: v for k, v in kwargs.items() if v is not None}
+            b.noise_pred = components.unet(s.scaled_latents, t, encoder_hidden_states=embeds,
+                                           timestep_cond=s.timestep_cond, cross_attention_kwargs=s.cross_attention_kwargs,
+                                           added_cond_kwargs=added or None, return_dict=False)[0]
+            guider.cleanup_models(components.unet)
+        s.noise_pred = guider(batches)[0]
+        return components, s
+
+
+def _asks_negative(guider) -> bool:
+    return "pred_negative" in getattr(guider, "_input_predictions", ())
+
+
+def _to_batch(x: torch.Tensor | None, batch: int, name: str) -> torch.Tensor | None:
+    if x is None or x.shape[0] == batch:
+        return x
+    if x.shape[0] != 1:
+        raise ValueError(f"{name} has {x.shape[0]} rows; give one (for every sample) or one per sample ({batch})")
+    return x.expand(batch, *x.shape[1:])
+
+
+class NegativeConceptDenoiseStep(StableDiffusionXLDenoiseLoopWrapper):
+    """SDXL's denoise loop (text-to-image and image-to-image) with ``NegativeConceptLoopDenoiser`` in the middle."""
+
+    block_classes = [StableDiffusionXLLoopBeforeDenoiser, NegativeConceptLoopDenoiser,
+                     StableDiffusionXLLoopAfterDenoiser]
+    block_names = ["before_denoiser", "denoiser", "after_denoiser"]
+
+    @property
+    def description(self) -> str:
+        return "SDXL's denoise loop, its guider fed (cond, uncond, negative concept) and the latents (dng_cli.guiders)"
+
+
+class NegativeConceptSDXLBlocks(SequentialPipelineBlocks):
+    """Stable Diffusion XL text-to-image with a negative concept: SDXL's own blocks plus
+    ``NegativeConceptTextEncoderStep`` and ``NegativeConceptDenoiseStep``. Inputs as SDXL's (``prompt``,
+    ``num_inference_steps``, ``generator``, …) plus ``negative_concept``; the guider decides the method."""
+
+    block_classes = [StableDiffusionXLTextEncoderStep, NegativeConceptTextEncoderStep, StableDiffusionXLInputStep,
+                     StableDiffusionXLBeforeDenoiseStep, NegativeConceptDenoiseStep, StableDiffusionXLDecodeStep]
+    block_names = ["text_encoder", "concept_text_encoder", "input", "before_denoise", "denoise", "decode"]
+
+    @property
+    def description(self) -> str:
+        return "SDXL text-to-image with DNG, NP or SLD away from a negative concept (dng_cli.guiders)"
