@@ -38,7 +38,13 @@ SLOW_TESTS = {"test_compare_end_to_end_on_the_tiny_model", "test_turning_incepti
               "test_report_never_puts_two_models_or_seed_sets_on_one_front",
               "test_csv", "test_tensorboard", "test_mlflow", "test_wandb_offline", "test_aim",
               "test_the_watcher_ends_the_daemons_when_their_session_is_killed",
-              "test_a_second_process_waits_for_the_cluster_lock_and_gets_it_when_the_holder_dies"}
+              "test_a_second_process_waits_for_the_cluster_lock_and_gets_it_when_the_holder_dies",
+              # >= 1.4 s each in the same listing after the collection was cut from 6.8 s to 3.2 s (issue 43's 60 s)
+              "test_compare_bootstraps_kid_from_the_saved_inception_features",
+              "test_the_sld_guider_in_a_diffusers_loop_equals_the_sampler",
+              "test_training_lowers_the_loss_and_uses_the_null_label",
+              "test_calibrate_command_caches_probes_and_refuses_unreachable",
+              "test_default_sample_two_steps", "test_fashion_mnist_samples_two_steps_with_its_class_names"}
 
 
 def pytest_xdist_auto_num_workers(config):

