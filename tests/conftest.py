@@ -44,7 +44,8 @@ SLOW_TESTS = {"test_compare_end_to_end_on_the_tiny_model", "test_turning_incepti
               "test_the_sld_guider_in_a_diffusers_loop_equals_the_sampler",
               "test_training_lowers_the_loss_and_uses_the_null_label",
               "test_calibrate_command_caches_probes_and_refuses_unreachable",
-              "test_default_sample_two_steps", "test_fashion_mnist_samples_two_steps_with_its_class_names"}
+              "test_default_sample_two_steps", "test_fashion_mnist_samples_two_steps_with_its_class_names",
+              "test_a_compares_plan_measures_the_backend_it_will_sample_with"}
 
 
 def pytest_xdist_auto_num_workers(config):

@@ -236,3 +236,22 @@ def test_a_compare_decides_auto_once_for_all_its_methods(compose, monkeypatch):
     assert compare.one_backend(compose("compare", tiny + ["sampler.backend=torch"])).sampler.backend == "torch"
     assert compare.one_backend(compose("compare", tiny + ["sampler.backend=onnxruntime"]),
                                launcher=True).sampler.backend == "onnxruntime"  # an explicit backend is kept
+
+
+def test_a_compares_plan_measures_the_backend_it_will_sample_with(compose, monkeypatch, cache):
+    """The plan's hours come from the throughput of the compare's own backend (issue 44: "whatever backend is
+    active"), not from eager torch when the compare samples on a graph backend."""
+    from dng_cli.commands import compare
+    from dng_cli.models import load_model
+    from dng_cli.spec import model_spec
+
+    used = []
+    real = backends.network
+    monkeypatch.setattr(backends, "network", lambda unet, backend: used.append(backend) or real(unet, backend))
+    cfg = compose("compare", ["model=tiny_random", "sampler.backend=onnxruntime", "sampler.batch_size=4"])
+    unet = load_model(model_spec(cfg.model), torch.device("cpu"))
+    assert compare.evals_per_second(unet, cfg) > 0 and used == ["onnxruntime"]
+    line, _ = compare.plan_line(cfg, ["dng"], [0.01], 123.0)
+    assert "123 network evals/s measured here (onnxruntime)" in line
+    torch_cfg = compose("compare", ["model=tiny_random", "sampler.backend=torch", "sampler.batch_size=4"])
+    assert compare.evals_per_second(unet, torch_cfg) > 0 and used == ["onnxruntime"]  # torch: the module itself

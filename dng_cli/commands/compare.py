@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dng_cli import UserError, calibration, matching, metrics, runs, scoring, spec, trackers, validate
+from dng_cli import UserError, backends, calibration, matching, metrics, runs, scoring, spec, trackers, validate
 from dng_cli.progress import duration
 from dng_cli.commands import evaluate, report
 from dng_cli.commands.calibrate import calibrate_method, check_search, run_cfg
@@ -339,18 +339,21 @@ def evaluate_point(cfg: DictConfig, name: str, scale: float, output_dir: Path, n
 
 
 def evals_per_second(network, cfg: DictConfig) -> float | None:
-    """The denoiser's throughput here, from two timed forwards of one sampler batch (after a warm-up)."""
+    """The denoiser's throughput here on the compare's backend (``sampler.backend``, decided by ``one_backend``),
+    from two timed forwards of one sampler batch (after a warm-up; a graph's export is cached for the sampling)."""
     unet = network[0] if isinstance(network, tuple) else network
     try:
         b, c, size = int(cfg.sampler.batch_size), int(cfg.dataset.channels), int(cfg.dataset.image_size)
         device = next(unet.parameters()).device
+        backend = str(cfg.sampler.get("backend", "torch"))
+        net = unet if backend in ("torch", "auto") or device.type != "cpu" else backends.network(unet, backend)[0]
         x, t = torch.randn(b, c, size, size, device=device), torch.full((b,), 500, device=device, dtype=torch.long)
         labels = torch.zeros(b, dtype=torch.long, device=device) if unet.config.get("num_class_embeds") else None
         with torch.inference_mode():
-            unet(x, t, class_labels=labels)
+            net(x, t, class_labels=labels)
             start = time.perf_counter()
             for _ in range(2):
-                unet(x, t, class_labels=labels)
+                net(x, t, class_labels=labels)
         return 2 * b / (time.perf_counter() - start)
     except Exception:  # a network this estimate does not know how to call: no hours, the plan still prints
         return None
@@ -365,7 +368,8 @@ def plan_line(cfg: DictConfig, names: list[str], targets: list[float], rate: flo
     points = first + 2 * m * k  # bracketing and gap filling: about two more per method and target
     samples = probes * pilot + points * n
     evals = samples * steps * 2  # ε_u and ε_c per sample and step
-    hours = f", ≈ {evals / rate / 3600:.1f} h at the {rate:.0f} network evals/s measured here" if rate else ""
+    hours = (f", ≈ {evals / rate / 3600:.1f} h at the {rate:.0f} network evals/s measured here "
+             f"({cfg.sampler.get('backend', 'torch')})" if rate else "")
     return (f"plan: {m} method(s) × {k} target(s) at N = {n}: pilot ≤ {probes} probes × {pilot} samples, grid ≈ "
             f"{points} points × {n} (first wave {first}, then bracketing and gap filling) = ≈ {samples} samples, "
             f"{evals / 1e6:.1f} M network evaluations{hours} (finished units in the folder are reused; "
