@@ -84,6 +84,18 @@ class _MethodGuider(BaseGuidance):
     def _unconditional(self, pred_uncond, pred_cond):
         return pred_uncond if self.cfg_scale is None else pred_uncond + self.cfg_scale * (pred_cond - pred_uncond)
 
+    def _guide(self, eps_u, pred_negative, pred_cond, state, always: bool = False) -> GuiderOutput:
+        """The method's ε̃ where it guides (enabled, in [start, stop)), else ε_u with scale 0; ``always``: the
+        method runs every step (SLD's momentum), its output used only where it guides."""
+        guiding = self._guiding()
+        if guiding or always:
+            pred, scale = self.method(eps_u, pred_negative.unsqueeze(0), self._step or 0, state)
+        if not guiding:
+            pred, scale = eps_u, eps_u.new_zeros(eps_u.shape[0])
+        self.scale = scale
+        return GuiderOutput(pred=pred, pred_cond=pred_cond if pred_cond is not None else pred_negative,
+                            pred_uncond=eps_u)
+
 
 class DynamicNegativeGuidance(_MethodGuider):
     """DNG as a guider; settings as ``dng_cli.guidance.DynamicNegativeGuidance`` (λ ``guidance_scale``, ``prior``,
@@ -135,13 +147,8 @@ class DynamicNegativeGuidance(_MethodGuider):
             raise RuntimeError("DynamicNegativeGuidance needs guider.observe(latents, scheduler) at every step, "
                                "before the denoiser runs: it tracks the posterior on the latents")
         eps_u = self._unconditional(pred_uncond, pred_cond)
-        if self._guiding():
-            pred, self.scale = self.method(eps_u, pred_negative.unsqueeze(0), self._step, self._chain)
-        else:
-            pred, self.scale = eps_u, eps_u.new_zeros(eps_u.shape[0])
         self._last = (self._latents, eps_u, pred_negative, self._coefficients[int(self._timestep)])
-        return GuiderOutput(pred=pred, pred_cond=pred_cond if pred_cond is not None else pred_negative,
-                            pred_uncond=eps_u)
+        return self._guide(eps_u, pred_negative, pred_cond, self._chain)
 
 
 class NegativePromptGuidance(_MethodGuider):
@@ -158,13 +165,7 @@ class NegativePromptGuidance(_MethodGuider):
 
     def forward(self, pred_uncond: torch.Tensor, pred_negative: torch.Tensor,
                 pred_cond: torch.Tensor | None = None) -> GuiderOutput:
-        eps_u = self._unconditional(pred_uncond, pred_cond)
-        if self._guiding():
-            pred, self.scale = self.method(eps_u, pred_negative.unsqueeze(0), self._step or 0, None)
-        else:
-            pred, self.scale = eps_u, eps_u.new_zeros(eps_u.shape[0])
-        return GuiderOutput(pred=pred, pred_cond=pred_cond if pred_cond is not None else pred_negative,
-                            pred_uncond=eps_u)
+        return self._guide(self._unconditional(pred_uncond, pred_cond), pred_negative, pred_cond, None)
 
 
 class SafeLatentGuidance(_MethodGuider):
@@ -187,12 +188,7 @@ class SafeLatentGuidance(_MethodGuider):
         eps_u = self._unconditional(pred_uncond, pred_cond)
         if self._state is None or self._step == 0:
             self._state = self.method.start(eps_u, 1)
-        pred, scale = self.method(eps_u, pred_negative.unsqueeze(0), self._step or 0, self._state)
-        if not self._guiding():
-            pred, scale = eps_u, eps_u.new_zeros(eps_u.shape[0])
-        self.scale = scale
-        return GuiderOutput(pred=pred, pred_cond=pred_cond if pred_cond is not None else pred_negative,
-                            pred_uncond=eps_u)
+        return self._guide(eps_u, pred_negative, pred_cond, self._state, always=True)
 
 
 def _chain_coefficients(scheduler) -> dict[int, dict]:

@@ -345,8 +345,8 @@ def evals_per_second(network, cfg: DictConfig) -> float | None:
     try:
         b, c, size = int(cfg.sampler.batch_size), int(cfg.dataset.channels), int(cfg.dataset.image_size)
         device = next(unet.parameters()).device
-        backend = str(cfg.sampler.get("backend", "torch"))
-        net = unet if backend in ("torch", "auto") or device.type != "cpu" else backends.network(unet, backend)[0]
+        backend = str(cfg.sampler.get("backend", "torch"))  # resolved by one_backend: never auto here
+        net = unet if backend == "torch" else backends.network(unet, backend)[0]  # as models.Network runs it
         x, t = torch.randn(b, c, size, size, device=device), torch.full((b,), 500, device=device, dtype=torch.long)
         labels = torch.zeros(b, dtype=torch.long, device=device) if unet.config.get("num_class_embeds") else None
         with torch.inference_mode():
