@@ -328,6 +328,11 @@ def test_the_sdxl_blocks_with_a_negative_concept_run_dng_end_to_end_and_match_a_
                                     added_cond_kwargs={"text_embeds": b.text_embeds, "time_ids": b.time_ids}).sample
             x = scheduler.step(ref(batches).pred, t, x, generator=gens).prev_sample
     assert torch.allclose(x, latents, atol=1e-5) and torch.allclose(ref.posterior, guider.posterior, atol=1e-6)
+    # (last: it re-runs the pipeline) the concept is encoded as SDXL's own text encoder step encodes a prompt
+    as_prompt = pipe(prompt="a dog", negative_concept="a cat", num_inference_steps=1, height=16, width=16,
+                     output=["prompt_embeds", "pooled_prompt_embeds"])
+    assert torch.equal(state.get("concept_prompt_embeds"), as_prompt["prompt_embeds"])
+    assert torch.equal(state.get("concept_pooled_prompt_embeds"), as_prompt["pooled_prompt_embeds"])
 
 
 def test_the_negative_concept_loop_refuses_a_missing_concept_in_one_line():
